@@ -1,1 +1,25 @@
-//! placeholder
+//! basalt-engine: the block graph on top of the reactors.
+//!
+//! Nodes ([`Node`] for the control plane, [`NodeQueue`] per reactor for the data plane), child
+//! roles, permissions and image locking, the typed option tree ([`Opts`]) behind every way a
+//! user names an image, format probing, and [`Queue`], which pads and splits requests so that
+//! each node only sees the alignment and transfer sizes it declared. [`Backend`] is the
+//! user-facing handle with bounds and permission checks.
+
+mod backend;
+mod error;
+mod graph;
+mod io;
+pub mod lock;
+mod node;
+mod options;
+pub mod probe;
+mod queue;
+
+pub use backend::Backend;
+pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
+pub use graph::{read_head, take_prealloc, AioMode, BlockDriver, CreateOptDesc, DriverKind, Graph, OpenFlags, Registry};
+pub use io::{IoDone, IoFuture, SlotKind};
+pub use node::{BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, WriteFlags, ZeroFlags};
+pub use options::{parse_bool, parse_number, parse_size, OptValue, Opts};
+pub use queue::Queue;
