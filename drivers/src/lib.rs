@@ -1,1 +1,20 @@
-//! placeholder
+//! basalt-drivers: protocol (leaf) drivers, one module each.
+//!
+//! - [`null`]: `null-co` and `null-aio`, devices that store nothing.
+//! - [`file`]: `file` (regular files) and `host_device` (block devices), over io_uring with a
+//!   thread-pool fallback.
+//!
+//! [`drivers`] is the explicit registration list.
+
+pub mod file;
+pub mod null;
+
+use basalt_engine::BlockDriver;
+
+pub(crate) use basalt_engine::json_filename;
+
+/// The protocol drivers, for the registry.
+pub fn drivers() -> Vec<&'static dyn BlockDriver> {
+    vec![&file::FILE, &file::HOST_DEVICE, &null::NULL_CO, &null::NULL_AIO]
+}
+

@@ -252,6 +252,24 @@ impl Opts {
     }
 }
 
+/// QEMU's `json:{...}` filename for an option tree: `"driver"` first, then the other keys in
+/// order, nested objects for children, with `", "` and `": "` separators as QEMU prints them.
+pub fn json_filename(opts: &Opts) -> String {
+    format!("json:{}", qemu_json(&opts.to_json()))
+}
+
+fn qemu_json(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort_by_key(|k| (k.as_str() != "driver", k.as_str()));
+            let parts: Vec<String> = keys.iter().map(|k| format!("{}: {}", Value::String((*k).clone()), qemu_json(&m[*k]))).collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
 fn flatten(out: &mut BTreeMap<String, OptValue>, prefix: &str, obj: &serde_json::Map<String, Value>) -> BlockResult<()> {
     for (k, v) in obj {
         let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };

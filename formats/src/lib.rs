@@ -1,1 +1,18 @@
-//! placeholder
+//! basalt-formats: image formats, one folder each, each behind a cargo feature, and the
+//! registry through which a program learns every driver it can use.
+//!
+//! Only `raw` is here so far. Formats Basalt recognises but cannot open yet are refused by the
+//! engine's probe table with a clear error, never mistaken for raw.
+
+#[cfg(feature = "raw")]
+pub mod raw;
+
+use basalt_engine::{BlockDriver, Registry};
+
+/// Every driver: protocols first, then formats. Registration is this explicit list.
+pub fn registry() -> Registry {
+    let mut d: Vec<&'static dyn BlockDriver> = basalt_drivers::drivers();
+    #[cfg(feature = "raw")]
+    d.push(&raw::RAW);
+    Registry::new(d)
+}
