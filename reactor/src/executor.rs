@@ -89,10 +89,14 @@ impl Executor {
         }
     }
 
-    /// Poll up to `budget` ready tasks; returns how many were polled.
+    /// Poll up to `budget` of the tasks ready when called; returns how many were polled. Tasks
+    /// woken meanwhile (a `yield_now`, a task waking another) wait for the next turn, so that
+    /// a yield lets the reactor reap completions and run pollers before the task runs again.
     pub(crate) fn run_ready(&self, budget: usize) -> usize {
         let mut n = 0;
-        while n < budget {
+        let mut entries = self.ready.borrow().len().min(budget);
+        while entries > 0 {
+            entries -= 1;
             let Some(slot) = self.ready.borrow_mut().pop_front() else { break };
             let (fut, gen) = {
                 let mut tasks = self.tasks.borrow_mut();

@@ -189,6 +189,12 @@ pub struct Reactor {
     ring: Option<Ring>,
     pool: Option<DmaPool>,
     pollers: RefCell<Vec<Option<Poller>>>,
+    /// The poller being run (its entry is taken out meanwhile), and whether it asked to be
+    /// removed while running.
+    poller_running: Cell<Option<usize>>,
+    poller_removed: Cell<bool>,
+    /// Thread-pool jobs submitted and not yet reported back; they may use parked buffers.
+    blocking_in_flight: Cell<usize>,
     deferred: RefCell<Vec<(SlotId, i64)>>,
     eventfd_buf: Box<[u8; 8]>,
     eventfd_armed: Cell<bool>,
@@ -256,6 +262,9 @@ impl Reactor {
             ring,
             pool,
             pollers: RefCell::new(Vec::new()),
+            poller_running: Cell::new(None),
+            poller_removed: Cell::new(false),
+            blocking_in_flight: Cell::new(0),
             deferred: RefCell::new(Vec::with_capacity(256)),
             eventfd_buf: Box::new([0; 8]),
             eventfd_armed: Cell::new(false),
@@ -349,10 +358,7 @@ impl Reactor {
             self.exec.schedule(w);
             work += 1;
         }
-        while let Some((slot, res)) = self.remote.completions.pop() {
-            self.slots.complete(SlotId(slot), res);
-            work += 1;
-        }
+        work += self.drain_completions();
         work += self.reap();
         // Deferred completions (completed "on the next turn", as a bottom half).
         let n = self.deferred.borrow().len();
@@ -368,9 +374,12 @@ impl Reactor {
         for i in 0..np {
             let p = self.pollers.borrow_mut()[i].take();
             if let Some(mut p) = p {
+                self.poller_running.set(Some(i));
                 work += p();
+                self.poller_running.set(None);
+                let removed = self.poller_removed.replace(false);
                 let mut ps = self.pollers.borrow_mut();
-                if ps[i].is_none() {
+                if ps[i].is_none() && !removed {
                     ps[i] = Some(p);
                 }
             }
@@ -386,14 +395,23 @@ impl Reactor {
         work
     }
 
+    /// Deliver what the thread pool finished.
+    fn drain_completions(&self) -> usize {
+        let mut n = 0;
+        while let Some((slot, res)) = self.remote.completions.pop() {
+            self.blocking_in_flight.set(self.blocking_in_flight.get() - 1);
+            self.slots.complete(SlotId(slot), res);
+            n += 1;
+        }
+        n
+    }
+
     fn reap(&self) -> usize {
         let Some(ring) = &self.ring else { return 0 };
-        ring.reap(|ud, res| {
-            if ud == uring::EVENTFD_TAG {
-                self.eventfd_armed.set(false);
-            } else {
-                self.slots.complete(SlotId(ud as u32), i64::from(res));
-            }
+        ring.reap(|ud, res| match ud {
+            uring::EVENTFD_TAG => self.eventfd_armed.set(false),
+            uring::CANCEL_TAG => {}
+            _ => self.slots.complete(SlotId(ud as u32), i64::from(res)),
         })
     }
 
@@ -440,14 +458,26 @@ impl Reactor {
 impl Drop for Reactor {
     fn drop(&mut self) {
         self.exec.clear();
-        // Let in-flight kernel operations finish before their buffers go away.
+        // No buffer parked in a slot may go away while the kernel or a thread-pool job can still
+        // write it. Kernel operations are cancelled (one parked on an idle pipe or socket would
+        // never end) and reaped; thread-pool jobs are finite system calls and are waited for.
+        let deadline = Instant::now() + Duration::from_secs(10);
         if let Some(r) = &self.ring {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let armed = usize::from(self.eventfd_armed.get());
-            while r.in_kernel() > armed && Instant::now() < deadline {
+            r.cancel_all();
+            while r.in_kernel() > 0 && Instant::now() < deadline {
                 r.wait(Some(Duration::from_millis(10)));
                 self.enter(|| self.reap());
             }
+        }
+        while self.blocking_in_flight.get() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            self.enter(|| self.drain_completions());
+        }
+        let in_kernel = self.ring.as_ref().map_or(0, |r| r.in_kernel());
+        if in_kernel > 0 || self.blocking_in_flight.get() > 0 {
+            // Still in use after the deadline: leak the buffers rather than free live memory.
+            std::mem::forget(std::mem::replace(&mut self.slots, Slots::new()));
+            std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new([0; 8])));
         }
         // The ring must go before the pool it has registered.
         self.ring = None;
@@ -584,6 +614,7 @@ pub fn uring_fallocate(fd: UringFd, mode: i32, off: u64, len: u64) -> SlotFuture
 pub fn blocking(job: impl FnOnce() -> i64 + Send + 'static, buf: Option<IoBuf>) -> SlotFuture {
     with_current(|r| {
         let id = r.slots.alloc(buf);
+        r.blocking_in_flight.set(r.blocking_in_flight.get() + 1);
         let remote = r.remote.clone();
         crate::blocking::submit(Box::new(move || {
             let res = job();
@@ -606,6 +637,9 @@ pub fn add_poller(p: impl FnMut() -> usize + 'static) -> usize {
 /// Unregister a poller.
 pub fn remove_poller(id: usize) {
     with_current(|r| {
+        if r.poller_running.get() == Some(id) {
+            r.poller_removed.set(true);
+        }
         if let Some(p) = r.pollers.borrow_mut().get_mut(id) {
             *p = None;
         }

@@ -16,6 +16,8 @@ use crate::slots::SlotId;
 
 /// User data of the reactor's own eventfd read; never a slot id (slot ids are 32-bit).
 pub(crate) const EVENTFD_TAG: u64 = u64::MAX;
+/// User data of the cancel-everything request made at shutdown; never a slot id either.
+pub(crate) const CANCEL_TAG: u64 = u64::MAX - 1;
 
 /// What the ring of a reactor can do, found by probing at start.
 #[derive(Clone, Copy, Debug, Default)]
@@ -130,12 +132,24 @@ impl Ring {
         self.in_kernel.set(self.in_kernel.get() + 1);
     }
 
-    /// Submit what was queued this turn.
+    /// Submit what was queued this turn. Also enters the kernel when the CQ has overflowed:
+    /// completions it held back reach the CQ only on an enter, and a busy-polling reactor
+    /// makes no other.
     pub(crate) fn flush(&self) {
-        if self.unsubmitted.get() > 0 {
-            let _ = self.ring.borrow().submit();
+        let mut ring = self.ring.borrow_mut();
+        if self.unsubmitted.get() > 0 || ring.submission().cq_overflow() {
+            // `submit` adds GETEVENTS when the overflow flag is set, which flushes the backlog.
+            let _ = ring.submit();
             self.unsubmitted.set(0);
         }
+    }
+
+    /// Ask the kernel to cancel every request in flight (at shutdown: a read parked on an idle
+    /// pipe or socket would otherwise never complete). Requests already running complete as
+    /// usual; either way each still posts its CQE.
+    pub(crate) fn cancel_all(&self) {
+        self.push(opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL_TAG));
+        self.flush();
     }
 
     /// Reap completions; `on` gets (user_data, result). Returns how many were reaped.

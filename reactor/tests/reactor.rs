@@ -768,6 +768,35 @@ fn shutdown_with_an_abandoned_read_is_prompt() {
     assert_eq!(read_fd(rfd, &mut b), Ok(1));
 }
 
+#[test]
+fn shutdown_waits_for_blocking_jobs_that_use_a_buffer() {
+    let rt = runtime(small());
+    let (started_tx, started_rx) = mpsc::channel();
+    let finished = Arc::new(AtomicU32::new(0));
+    let f2 = finished.clone();
+    rt.handle(0).spawn(move || async move {
+        // A pool buffer: freeing it early would hand it back to a pool that is then unmapped.
+        let mut buf = IoBuf::new(BS);
+        let addr = buf.as_mut_ptr() as usize;
+        let _ = blocking(
+            move || {
+                let _ = started_tx.send(());
+                std::thread::sleep(Duration::from_millis(100));
+                // SAFETY: the buffer is parked in the slot until this job's completion is
+                // delivered, and a reactor being dropped waits for that.
+                unsafe { std::ptr::write_bytes(addr as *mut u8, 0xCD, BS) };
+                f2.store(1, Ordering::SeqCst);
+                0
+            },
+            Some(buf),
+        )
+        .await;
+    });
+    started_rx.recv_timeout(DEADLINE).expect("blocking job did not start");
+    drop(rt);
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the reactor went away while a job still used its buffer");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Executor: join handles, yields, pollers
 // ---------------------------------------------------------------------------------------------
@@ -844,8 +873,11 @@ fn pollers_run_each_turn_and_can_remove_themselves() {
             o2.set(o2.get() + 1);
             0
         });
+        let mut runs_per_yield = Vec::new();
         for _ in 0..10 {
+            let before = other.get();
             yield_now().await;
+            runs_per_yield.push(other.get() - before);
         }
         remove_poller(id2);
         let other_at_removal = other.get();
@@ -853,11 +885,12 @@ fn pollers_run_each_turn_and_can_remove_themselves() {
             yield_now().await;
         }
         sleep(Duration::from_millis(5)).await;
-        (runs.get(), other_at_removal, other.get())
+        (runs.get(), runs_per_yield, other_at_removal, other.get())
     });
-    let (runs, other_at_removal, other_end) = out;
+    let (runs, runs_per_yield, other_at_removal, other_end) = out;
     assert_eq!(runs, 3, "a poller that removed itself kept running");
-    assert!(other_at_removal >= 10);
+    assert_eq!(runs_per_yield, [1; 10], "each yield_now lets the pollers run once");
+    assert_eq!(other_at_removal, 10);
     assert_eq!(other_end, other_at_removal, "a removed poller kept running");
 }
 

@@ -1,0 +1,1 @@
+//! The benchmark loop shared by `basalt-img bench` and `basalt-bench`.
