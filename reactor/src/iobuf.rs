@@ -239,9 +239,7 @@ impl DmaPool {
         // Pinning is best effort: RLIMIT_MEMLOCK may forbid it; io_uring registration pins anyway.
         let _ = map.lock();
         let free = (MIN_CLASS_SHIFT..=MAX_CLASS_SHIFT).map(|s| ArrayQueue::new((size >> s).max(1))).collect();
-        Ok(DmaPool {
-            shared: Arc::new(PoolShared { map, bump: AtomicUsize::new(0), free, hugepages, registered_in: reactor }),
-        })
+        Ok(DmaPool { shared: Arc::new(PoolShared { map, bump: AtomicUsize::new(0), free, hugepages, registered_in: reactor }) })
     }
 
     /// Whether the region is hugepage-backed.

@@ -20,9 +20,9 @@ mod uring;
 pub use executor::JoinHandle;
 pub use iobuf::{DmaPool, IoBuf, IOBUF_ALIGN};
 pub use reactor::{
-    add_poller, blocking, current_handle, current_id, current_stats, live_tasks, register_file, remove_poller, slot_alloc, slot_complete,
-    slot_complete_deferred, slots_pending, spawn_local, unregister_file, uring_fallocate, uring_features, uring_fsync, uring_rw,
-    yield_now, Reactor, ReactorConfig, ReactorHandle, ReactorStats, UringMode,
+    add_poller, blocking, current_handle, current_id, current_stats, live_tasks, register_file, remove_poller, slot_alloc,
+    slot_complete, slot_complete_deferred, slots_pending, spawn_local, unregister_file, uring_fallocate, uring_features,
+    uring_fsync, uring_rw, yield_now, Reactor, ReactorConfig, ReactorHandle, ReactorStats, UringMode,
 };
 pub use runtime::{Runtime, RuntimeConfig};
 pub use slots::{SlotFuture, SlotId};

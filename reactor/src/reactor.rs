@@ -349,7 +349,10 @@ impl Reactor {
         let mut work = 0;
         let mut st = self.stats.get();
         st.turns += 1;
-        while let Some(m) = self.remote.msgs.pop() {
+        // Only the messages queued when the turn starts: one that sends a message to its own
+        // reactor must not keep this loop going and starve completions, timers and tasks.
+        for _ in 0..self.remote.msgs.len() {
+            let Some(m) = self.remote.msgs.pop() else { break };
             m();
             st.messages += 1;
             work += 1;

@@ -214,7 +214,15 @@ macro_rules! with_fd {
 }
 
 /// Build the SQE for a read (`write == false`) or write of `len` bytes at `ptr`.
-pub(crate) fn rw_entry(fd: UringFd, write: bool, ptr: *mut u8, len: u32, off: u64, fixed: Option<u16>, id: SlotId) -> squeue::Entry {
+pub(crate) fn rw_entry(
+    fd: UringFd,
+    write: bool,
+    ptr: *mut u8,
+    len: u32,
+    off: u64,
+    fixed: Option<u16>,
+    id: SlotId,
+) -> squeue::Entry {
     let e = with_fd!(fd, f => match (write, fixed) {
         (false, None) => opcode::Read::new(f, ptr, len).offset(off).build(),
         (true, None) => opcode::Write::new(f, ptr, len).offset(off).build(),

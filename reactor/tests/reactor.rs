@@ -238,6 +238,40 @@ fn cross_core_messages_ping_pong() {
     assert!(after[1] - before[1] >= u64::from(HOPS / 2), "reactor 1 counted {} messages", after[1] - before[1]);
 }
 
+/// Hops a self-reposting message may make before the test calls it a livelock.
+const REPOST_LIMIT: u32 = 200_000;
+
+/// A message that sends itself to its own reactor again until `stop` is set (or the limit).
+fn repost(h: ReactorHandle, stop: Arc<AtomicU32>, hops: Arc<AtomicU32>) {
+    let n = hops.fetch_add(1, Ordering::Relaxed) + 1;
+    if stop.load(Ordering::Relaxed) == 0 && n < REPOST_LIMIT {
+        let h2 = h.clone();
+        h.send(move || repost(h2, stop, hops));
+    }
+}
+
+#[test]
+fn a_message_reposting_itself_does_not_starve_the_reactor() {
+    let rt = runtime(small());
+    let (hops, stop_seen_after) = run_on(&rt, 0, || async {
+        let stop = Arc::new(AtomicU32::new(0));
+        let hops = Arc::new(AtomicU32::new(0));
+        let (s2, h2) = (stop.clone(), hops.clone());
+        let me = current_handle();
+        me.clone().send(move || repost(me, s2, h2));
+        // Timers, tasks and I/O must still get turns while the chain runs.
+        sleep(Duration::from_millis(20)).await;
+        stop.store(1, Ordering::Relaxed);
+        let at_stop = hops.load(Ordering::Relaxed);
+        // Let the chain notice the flag.
+        sleep(Duration::from_millis(5)).await;
+        (hops.load(Ordering::Relaxed), at_stop)
+    });
+    assert!(stop_seen_after > 0, "the chain should have run while the task slept");
+    assert!(hops < REPOST_LIMIT, "a self-reposting message ran {hops} times in a row, starving timers and tasks");
+    assert!(hops <= stop_seen_after + 1, "the chain stops one hop after the flag: {stop_seen_after} -> {hops}");
+}
+
 #[test]
 fn wakers_fired_from_other_reactors_and_threads() {
     let rt = Runtime::new(RuntimeConfig { reactor: small(), ..RuntimeConfig::cores(2, false) }).unwrap();
@@ -901,10 +935,12 @@ fn spawn_from_another_thread_and_current_handle() {
     let (tx, rx) = mpsc::channel();
     rt.handle(0).spawn(move || async move {
         let h = current_handle();
-        let _ = tx.send((current_id(), h.id()));
+        // Buffers from the reactor's pool are aligned whatever their size.
+        let aligned = [1, 100, 4096, 5000, 1 << 20].iter().all(|&n| IoBuf::new(n).as_ptr() as usize & (IOBUF_ALIGN - 1) == 0);
+        let _ = tx.send((current_id(), h.id(), aligned));
     });
-    let (cur, hid) = rx.recv_timeout(DEADLINE).unwrap();
+    let (cur, hid, aligned) = rx.recv_timeout(DEADLINE).unwrap();
     assert_eq!(cur, Some(id));
     assert_eq!(hid, id);
-    assert!(IOBUF_ALIGN.is_power_of_two());
+    assert!(aligned);
 }
