@@ -88,7 +88,8 @@ impl Opts {
 
     /// Parse a JSON object (the part after `json:`), flattening nested objects to dotted keys.
     pub fn parse_json(s: &str) -> BlockResult<Opts> {
-        let v: Value = serde_json::from_str(s).map_err(|e| BlockError::option(format!("Could not parse the JSON options: {e}")))?;
+        let v: Value =
+            serde_json::from_str(s).map_err(|e| BlockError::option(format!("Could not parse the JSON options: {e}")))?;
         Opts::from_json(&v)
     }
 
@@ -159,8 +160,9 @@ impl Opts {
         match self.map.remove(key) {
             None => Ok(default),
             Some(OptValue::Bool(b)) => Ok(b),
-            Some(v) => parse_bool(&v.as_text())
-                .ok_or_else(|| BlockError::option(format!("Parameter '{key}' expects 'on' or 'off'"))),
+            Some(v) => {
+                parse_bool(&v.as_text()).ok_or_else(|| BlockError::option(format!("Parameter '{key}' expects 'on' or 'off'")))
+            }
         }
     }
 
@@ -171,7 +173,8 @@ impl Opts {
             Some(OptValue::Int(i)) if i >= 0 => Ok(i as u64),
             Some(v) => {
                 let t = v.as_text();
-                parse_number(&t).ok_or_else(|| BlockError::option(format!("Parameter '{key}' expects a non-negative number below 2^64")))
+                parse_number(&t)
+                    .ok_or_else(|| BlockError::option(format!("Parameter '{key}' expects a non-negative number below 2^64")))
             }
         }
     }
@@ -220,6 +223,11 @@ impl Opts {
         }
     }
 
+    /// Merge `other` in at the root (later values win).
+    pub fn insert_sub_root(&mut self, other: Opts) {
+        self.map.extend(other.map);
+    }
+
     /// Error unless everything was consumed: QEMU's wording for a leftover option.
     pub fn expect_empty(&self, what: &str, driver: &str) -> BlockResult<()> {
         match self.map.keys().next() {
@@ -263,7 +271,8 @@ fn qemu_json(v: &Value) -> String {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort_by_key(|k| (k.as_str() != "driver", k.as_str()));
-            let parts: Vec<String> = keys.iter().map(|k| format!("{}: {}", Value::String((*k).clone()), qemu_json(&m[*k]))).collect();
+            let parts: Vec<String> =
+                keys.iter().map(|k| format!("{}: {}", Value::String((*k).clone()), qemu_json(&m[*k]))).collect();
             format!("{{{}}}", parts.join(", "))
         }
         other => other.to_string(),
@@ -358,9 +367,11 @@ mod tests {
     #[test]
     fn keyval_and_json_give_the_same_tree() {
         let a = Opts::parse_keyval("driver=raw,file.driver=file,file.filename=a,,b.img,file.locking=off", None).unwrap();
-        let b = Opts::from_filename(r#"json:{"driver":"raw","file":{"driver":"file","filename":"a,b.img","locking":"off"}}"#).unwrap();
+        let b = Opts::from_filename(r#"json:{"driver":"raw","file":{"driver":"file","filename":"a,b.img","locking":"off"}}"#)
+            .unwrap();
         assert_eq!(a, b);
-        let c = Opts::parse_json(r#"{"driver":"raw","file.driver":"file","file.filename":"a,b.img","file.locking":"off"}"#).unwrap();
+        let c =
+            Opts::parse_json(r#"{"driver":"raw","file.driver":"file","file.filename":"a,b.img","file.locking":"off"}"#).unwrap();
         assert_eq!(a, c);
     }
 

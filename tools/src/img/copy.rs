@@ -1,0 +1,269 @@
+//! The copy engine behind `basalt-img convert`: several workers copy chunks of the sources into
+//! the target, skipping holes the source reports through block status and, within data,
+//! granules that are all zero (`-S`), so the target stays sparse.
+//!
+//! Each worker claims the next chunk (up to the buffer size, never across two sources), asks
+//! the source what it holds, reads only the data parts into its buffer, and writes the runs of
+//! data and zeroes it finds. Zero runs are skipped when the target is known to read as zeroes,
+//! else written with `write_zeroes` (unmap allowed). Without `-W` the writes happen in order:
+//! a worker waits for every earlier chunk to be written before writing its own.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use basalt_engine::{Backend, IoStatus, WriteFlags, ZeroFlags};
+use basalt_reactor::{spawn_local, IoBuf};
+
+/// How to copy.
+#[derive(Clone, Debug)]
+pub struct CopyOpts {
+    /// Parallel workers (`-m`).
+    pub workers: usize,
+    /// Writes may complete out of order (`-W`).
+    pub out_of_order: bool,
+    /// Zero-detection granule in bytes (`-S`); 0 writes everything.
+    pub sparse_size: u64,
+    /// The target already reads as zeroes.
+    pub target_zero: bool,
+    /// Keep going on read errors, writing zeroes (`--salvage`).
+    pub salvage: bool,
+    /// Bytes per second at most (`-r`), 0 for no limit.
+    pub rate: u64,
+    /// Bytes per chunk.
+    pub chunk: u64,
+}
+
+/// Why a copy failed: the byte and the error, as qemu-img reports them.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source at this offset.
+    Read(u64, IoStatus),
+    /// Writing the target at this offset.
+    Write(u64, IoStatus),
+}
+
+impl std::fmt::Display for CopyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyError::Read(o, e) => write!(f, "error while reading at byte {o}: {e}"),
+            CopyError::Write(o, e) => write!(f, "error while writing at byte {o}: {e}"),
+        }
+    }
+}
+
+struct Shared {
+    sources: Vec<Backend>,
+    bases: Vec<u64>,
+    total: u64,
+    target: Backend,
+    o: CopyOpts,
+    next_claim: Cell<u64>,
+    next_seq: Cell<u64>,
+    written_seq: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+    done_bytes: Cell<u64>,
+    error: RefCell<Option<CopyError>>,
+    start: Instant,
+    progress: Box<dyn Fn(u64, u64)>,
+}
+
+/// Copy the concatenation of `sources` into `target` from offset 0. `progress(done, total)` is
+/// called as chunks complete.
+pub async fn copy(sources: Vec<Backend>, target: Backend, o: CopyOpts, progress: Box<dyn Fn(u64, u64)>) -> Result<(), CopyError> {
+    let mut bases = Vec::with_capacity(sources.len());
+    let mut total = 0;
+    for s in &sources {
+        bases.push(total);
+        total += s.size();
+    }
+    let workers = o.workers.max(1);
+    let sh = Rc::new(Shared {
+        sources,
+        bases,
+        total,
+        target,
+        o,
+        next_claim: Cell::new(0),
+        next_seq: Cell::new(0),
+        written_seq: Cell::new(0),
+        waiters: RefCell::new(Vec::new()),
+        done_bytes: Cell::new(0),
+        error: RefCell::new(None),
+        start: Instant::now(),
+        progress,
+    });
+    (sh.progress)(0, total);
+    let handles: Vec<_> = (0..workers).map(|_| spawn_local(worker(sh.clone()))).collect();
+    for h in handles {
+        h.await;
+    }
+    let err = sh.error.borrow_mut().take();
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+impl Shared {
+    /// Claim the next chunk: (sequence, source index, offset in source, length).
+    fn claim(&self) -> Option<(u64, usize, u64, u64)> {
+        if self.error.borrow().is_some() {
+            return None;
+        }
+        let at = self.next_claim.get();
+        if at >= self.total {
+            return None;
+        }
+        let idx = self.bases.iter().rposition(|b| *b <= at).unwrap_or(0);
+        let src_end = self.bases[idx] + self.sources[idx].size();
+        let len = self.o.chunk.min(src_end - at);
+        if len == 0 {
+            // An empty source: skip it.
+            self.next_claim.set(src_end.max(at + 1).min(self.total));
+            return self.claim();
+        }
+        self.next_claim.set(at + len);
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        Some((seq, idx, at - self.bases[idx], len))
+    }
+
+    async fn wait_turn(&self, seq: u64) {
+        std::future::poll_fn(|cx| {
+            if self.written_seq.get() == seq || self.error.borrow().is_some() {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn finish_turn(&self) {
+        self.written_seq.set(self.written_seq.get() + 1);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    fn fail(&self, e: CopyError) {
+        let mut err = self.error.borrow_mut();
+        if err.is_none() {
+            *err = Some(e);
+        }
+        drop(err);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+async fn worker(sh: Rc<Shared>) {
+    let mut buf = Some(IoBuf::new(sh.o.chunk as usize));
+    // Per-granule "is zero" marks for the current chunk.
+    let mut zero = Vec::new();
+    while let Some((seq, idx, off, len)) = sh.claim() {
+        let global = sh.bases[idx] + off;
+        let src = &sh.sources[idx];
+        let mut b = buf.take().expect("worker buffer");
+        b.reset(len as usize);
+        // Known-zero ranges (holes) of this chunk, relative to its start.
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        let mut failed = false;
+        while at < len {
+            let (n, is_zero) = match src.block_status(off + at, len - at).await {
+                Ok(st) => (st.len.min(len - at), st.zero && !st.data),
+                Err(_) => (len - at, false),
+            };
+            if is_zero {
+                holes.push((at, n));
+                b[at as usize..(at + n) as usize].fill(0);
+            } else {
+                b.set_window(at as usize, n as usize);
+                let d = src.read(off + at, b).await;
+                b = d.buf.expect("read returns its buffer");
+                b.reset(len as usize);
+                if let Err(e) = d.res {
+                    if sh.o.salvage {
+                        eprintln!("basalt-img: warning: error while reading offset {}: {e}", global + at);
+                        b[at as usize..(at + n) as usize].fill(0);
+                    } else {
+                        sh.fail(CopyError::Read(global + at, e));
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            at += n;
+        }
+        if failed {
+            break;
+        }
+        // Runs of data and zeroes, at granule resolution.
+        let g = if sh.o.sparse_size == 0 { len } else { sh.o.sparse_size };
+        zero.clear();
+        let mut p = 0;
+        while p < len {
+            let gend = ((global + p) / g + 1) * g - global;
+            let e = gend.min(len);
+            let in_hole = holes.iter().any(|(s, n)| p >= *s && e <= s + n);
+            let z = sh.o.sparse_size > 0 && (in_hole || b[p as usize..e as usize].iter().all(|&x| x == 0));
+            zero.push((p, e, z));
+            p = e;
+        }
+        if !sh.o.out_of_order {
+            sh.wait_turn(seq).await;
+            if sh.error.borrow().is_some() {
+                break;
+            }
+        }
+        let mut i = 0;
+        while i < zero.len() {
+            let (s, _, z) = zero[i];
+            let mut j = i;
+            while j + 1 < zero.len() && zero[j + 1].2 == z {
+                j += 1;
+            }
+            let e = zero[j].1;
+            if z {
+                if !sh.o.target_zero {
+                    let d = sh.target.write_zeroes(global + s, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await;
+                    if let Err(err) = d.res {
+                        sh.fail(CopyError::Write(global + s, err));
+                        failed = true;
+                        break;
+                    }
+                }
+            } else {
+                b.set_window(s as usize, (e - s) as usize);
+                let d = sh.target.write(global + s, b, WriteFlags::default()).await;
+                b = d.buf.expect("write returns its buffer");
+                b.reset(len as usize);
+                if let Err(err) = d.res {
+                    sh.fail(CopyError::Write(global + s, err));
+                    failed = true;
+                    break;
+                }
+            }
+            i = j + 1;
+        }
+        buf = Some(b);
+        if !sh.o.out_of_order {
+            sh.finish_turn();
+        }
+        if failed {
+            break;
+        }
+        let done = sh.done_bytes.get() + len;
+        sh.done_bytes.set(done);
+        (sh.progress)(done, sh.total);
+        if sh.o.rate > 0 {
+            let due = sh.start + Duration::from_secs_f64(done as f64 / sh.o.rate as f64);
+            basalt_reactor::sleep_until(due).await;
+        }
+    }
+}
