@@ -334,10 +334,10 @@ pub async fn read_head(node: &Arc<dyn Node>) -> BlockResult<Vec<u8>> {
     Ok(head)
 }
 
-/// Parse a `preallocation` create option.
+/// Parse a `preallocation` create option (with QEMU's create-time wording for a bad value).
 pub fn take_prealloc(opts: &mut Opts) -> BlockResult<Prealloc> {
     match opts.take_str("preallocation") {
         None => Ok(Prealloc::Off),
-        Some(s) => Prealloc::parse(&s),
+        Some(s) => Prealloc::parse(&s).map_err(|_| BlockError::option(format!("invalid parameter value: {s}"))),
     }
 }

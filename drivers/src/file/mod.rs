@@ -55,8 +55,8 @@ struct FileNode {
 
 const CREATE_OPTS: &[CreateOptDesc] = &[
     CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
-    CreateOptDesc { name: "preallocation", kind: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
     CreateOptDesc { name: "nocow", kind: "bool", help: "Turn off copy-on-write (valid only on btrfs)" },
+    CreateOptDesc { name: "preallocation", kind: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
     CreateOptDesc { name: "extent_size_hint", kind: "size", help: "Extent size hint for the image file, 0 to disable" },
 ];
 
@@ -201,7 +201,9 @@ fn create_file(path: &str, size: u64, prealloc: Prealloc) -> BlockResult<()> {
         .map_err(|e| e.context(format!("Could not create '{path}'")))?;
     let raw = fd.as_raw_fd();
     sys::ftruncate(raw, 0).map_err(|e| BlockError::io(format!("Could not resize file '{path}'"), &e))?;
-    grow(raw, 0, size, prealloc).map_err(|e| e.context(format!("Could not create '{path}'")))
+    // QEMU rounds the size of a new file up to whole sectors, and reports a failure to size it
+    // without the "Could not create" prefix.
+    grow(raw, 0, size.checked_next_multiple_of(512).unwrap_or(size), prealloc)
 }
 
 /// Grow (or shrink) a regular file from `cur` to `size` with `prealloc`.
@@ -228,7 +230,7 @@ pub(crate) fn grow(fd: std::os::fd::RawFd, cur: u64, size: u64, prealloc: Preall
             }
         }
         Prealloc::Metadata => {
-            return Err(BlockError::new(ErrorKind::Unsupported, "Preallocation mode 'metadata' unsupported for this storage"));
+            return Err(BlockError::new(ErrorKind::Unsupported, "Unsupported preallocation mode: metadata"));
         }
     }
     // Allocate the first block so that O_DIRECT alignment probing works on it, as QEMU does
@@ -251,7 +253,10 @@ impl Node for FileNode {
         self.shared.path.clone()
     }
     fn size(&self) -> u64 {
-        self.shared.size.load(Ordering::Relaxed)
+        // As QEMU, a node's length is whole sectors: the tail of a file whose size is not a
+        // multiple of 512 reads as zeroes.
+        let s = self.shared.size.load(Ordering::Relaxed);
+        s.checked_next_multiple_of(512).unwrap_or(s)
     }
     fn limits(&self) -> Limits {
         Limits { request_alignment: self.align, max_transfer: if self.shared.blockdev { 1 << 30 } else { 0 }, opt_transfer: 0 }
@@ -276,7 +281,7 @@ impl Node for FileNode {
             if self.read_only {
                 return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
             }
-            let cur = self.size();
+            let cur = self.shared.size.load(Ordering::Relaxed);
             if self.shared.blockdev {
                 if size > cur {
                     return Err(BlockError::new(ErrorKind::Unsupported, "Cannot grow device files"));
