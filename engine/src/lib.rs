@@ -15,6 +15,7 @@ mod node;
 mod options;
 pub mod probe;
 mod queue;
+mod zero;
 
 pub use backend::Backend;
 pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
@@ -23,3 +24,4 @@ pub use io::{IoDone, IoFuture, SlotKind};
 pub use node::{BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, WriteFlags, ZeroFlags};
 pub use options::{json_filename, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
+pub use zero::buffer_is_zero;

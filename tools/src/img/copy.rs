@@ -211,7 +211,7 @@ async fn worker(sh: Rc<Shared>) {
             let gend = ((global + p) / g + 1) * g - global;
             let e = gend.min(len);
             let in_hole = holes.iter().any(|(s, n)| p >= *s && e <= s + n);
-            let z = sh.o.sparse_size > 0 && (in_hole || b[p as usize..e as usize].iter().all(|&x| x == 0));
+            let z = sh.o.sparse_size > 0 && (in_hole || basalt_engine::buffer_is_zero(&b[p as usize..e as usize]));
             zero.push((p, e, z));
             p = e;
         }
