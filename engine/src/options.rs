@@ -260,17 +260,27 @@ impl Opts {
     }
 }
 
-/// QEMU's `json:{...}` filename for an option tree: `"driver"` first, then the other keys in
-/// order, nested objects for children, with `", "` and `": "` separators as QEMU prints them.
+/// QEMU's `json:{...}` filename for an option tree, with `", "` and `": "` separators and nested
+/// objects for children. Keys come in the order QEMU's QDict iterates them: by hash bucket
+/// (`tdb_hash(key) % 512`), which is what `qemu-img info` prints.
 pub fn json_filename(opts: &Opts) -> String {
     format!("json:{}", qemu_json(&opts.to_json()))
+}
+
+/// QEMU's QDict bucket of a key (its `tdb_hash` modulo the bucket count).
+fn qdict_bucket(key: &str) -> u32 {
+    let mut v = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+    for (i, b) in key.bytes().enumerate() {
+        v = v.wrapping_add(u32::from(b) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(v).wrapping_add(12345) % 512
 }
 
 fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort_by_key(|k| (k.as_str() != "driver", k.as_str()));
+            keys.sort_by_key(|k| (qdict_bucket(k), k.as_str()));
             let parts: Vec<String> =
                 keys.iter().map(|k| format!("{}: {}", Value::String((*k).clone()), qemu_json(&m[*k]))).collect();
             format!("{{{}}}", parts.join(", "))
@@ -389,6 +399,17 @@ mod tests {
         assert!(Opts::parse_keyval("a..b=1", None).is_err());
         assert!(Opts::parse_json("{").is_err());
         assert!(Opts::parse_json("[1]").is_err());
+    }
+
+    #[test]
+    fn json_filenames_in_qdict_order() {
+        let o = Opts::parse_keyval("driver=raw,offset=512,file.driver=null-co,file.read-zeroes=on", None).unwrap();
+        assert_eq!(
+            json_filename(&o),
+            r#"json:{"offset": "512", "driver": "raw", "file": {"read-zeroes": "on", "driver": "null-co"}}"#
+        );
+        let o = Opts::parse_keyval("driver=null-co,size=4096", None).unwrap();
+        assert_eq!(json_filename(&o), r#"json:{"driver": "null-co", "size": "4096"}"#);
     }
 
     #[test]
