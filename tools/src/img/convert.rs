@@ -73,8 +73,8 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     let sparse_size = match a.value("S") {
         None => 4096,
         Some(v) => match parse_size(v) {
-            Some(n) if n <= 1 << 30 && n % 512 == 0 => n,
-            _ => return Err("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 1073741824. Select 0 to disable sparse detection (fully allocates output).".into()),
+            Some(n) if n <= 16 << 20 && n % 512 == 0 => n,
+            _ => return Err("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).".into()),
         },
     };
     let rate = match a.value("r") {

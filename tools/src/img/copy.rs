@@ -170,8 +170,8 @@ async fn worker(sh: Rc<Shared>) {
         let src = &sh.sources[idx];
         let mut b = buf.take().expect("worker buffer");
         b.reset(len as usize);
-        // Known-zero ranges (holes) of this chunk, relative to its start.
-        let mut holes: Vec<(u64, u64)> = Vec::new();
+        // What the source holds: (start, length, is a hole), relative to the chunk.
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         let mut at = 0;
         let mut failed = false;
         while at < len {
@@ -179,8 +179,8 @@ async fn worker(sh: Rc<Shared>) {
                 Ok(st) => (st.len.min(len - at), st.zero && !st.data),
                 Err(_) => (len - at, false),
             };
+            pieces.push((at, n, is_zero));
             if is_zero {
-                holes.push((at, n));
                 b[at as usize..(at + n) as usize].fill(0);
             } else {
                 b.set_window(at as usize, n as usize);
@@ -203,17 +203,18 @@ async fn worker(sh: Rc<Shared>) {
         if failed {
             break;
         }
-        // Runs of data and zeroes, at granule resolution.
-        let g = if sh.o.sparse_size == 0 { len } else { sh.o.sparse_size };
+        // Runs of data (true) and zeroes (false), as qemu-img decides them.
         zero.clear();
-        let mut p = 0;
-        while p < len {
-            let gend = ((global + p) / g + 1) * g - global;
-            let e = gend.min(len);
-            let in_hole = holes.iter().any(|(s, n)| p >= *s && e <= s + n);
-            let z = sh.o.sparse_size > 0 && (in_hole || basalt_engine::buffer_is_zero(&b[p as usize..e as usize]));
-            zero.push((p, e, z));
-            p = e;
+        for (p, n, hole) in pieces.iter().copied() {
+            if sh.o.sparse_size == 0 {
+                zero.push((p, p + n, false));
+            } else if hole {
+                zero.push((p, p + n, true));
+            } else {
+                sparse_runs(&b[p as usize..(p + n) as usize], global + p, sh.o.sparse_size, |s, e, z| {
+                    zero.push((p + s, p + e, z))
+                });
+            }
         }
         if !sh.o.out_of_order {
             sh.wait_turn(seq).await;
@@ -265,5 +266,71 @@ async fn worker(sh: Rc<Shared>) {
             let due = sh.start + Duration::from_secs_f64(done as f64 / sh.o.rate as f64);
             basalt_reactor::sleep_until(due).await;
         }
+    }
+}
+
+const SECTOR: u64 = 512;
+/// Data runs end on 4 KiB boundaries where they can, as qemu-img aligns them.
+const ALIGN_SECTORS: u64 = 8;
+
+/// qemu-img's `is_allocated_sectors`: the length in sectors of the run at the start of `buf`
+/// (`n` sectors, starting at absolute sector `sector`) and whether it is data.
+fn run_at(buf: &[u8], n: u64, sector: u64) -> (u64, bool) {
+    let sec = |i: u64| {
+        let s = (i * SECTOR) as usize;
+        &buf[s..(s + SECTOR as usize).min(buf.len())]
+    };
+    let zero = basalt_engine::buffer_is_zero(sec(0));
+    let mut i = 1;
+    while i < n && basalt_engine::buffer_is_zero(sec(i)) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (i, !zero);
+    }
+    let mut zero = zero;
+    let tail = (sector + i) & (ALIGN_SECTORS - 1);
+    if tail != 0 {
+        if zero && i <= tail {
+            zero = false;
+        }
+        if !zero {
+            i = (i + ALIGN_SECTORS - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (i, !zero)
+}
+
+/// Split a data range into runs as qemu-img's `is_allocated_sectors_min` does: a run of zero
+/// sectors is skipped only when it is at least `min` bytes long (or starts the range); shorter
+/// zero runs inside data are written as data. `emit(start, end, is_zero)` gets byte offsets
+/// relative to `buf`.
+fn sparse_runs(buf: &[u8], global: u64, min: u64, mut emit: impl FnMut(u64, u64, bool)) {
+    let len = buf.len() as u64;
+    let total = len.div_ceil(SECTOR);
+    let mut s = 0u64;
+    while s < total {
+        let n = total - s;
+        let min_s = (min / SECTOR).min(n).max(1);
+        let at = |x: u64| &buf[(x * SECTOR) as usize..];
+        let (first, data) = run_at(at(s), n, global / SECTOR + s);
+        let mut used = first;
+        if data {
+            let mut checked = first;
+            while checked < n {
+                let (r, d) = run_at(at(s + checked), n - checked, global / SECTOR + s + checked);
+                checked += r;
+                if d {
+                    used = checked;
+                } else if r >= min_s {
+                    break;
+                }
+            }
+        }
+        let end = ((s + used) * SECTOR).min(len);
+        emit(s * SECTOR, end, !data);
+        s += used;
     }
 }
