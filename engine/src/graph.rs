@@ -112,9 +112,17 @@ pub trait BlockDriver: Sync {
         &[]
     }
     /// Create an image of `size` bytes at `filename` with creation options `opts`.
-    fn create<'a>(&'a self, _graph: &'a Graph, _filename: &'a str, _size: u64, _opts: Opts) -> LocalBoxFuture<'a, BlockResult<()>> {
+    fn create<'a>(
+        &'a self,
+        _graph: &'a Graph,
+        _filename: &'a str,
+        _size: u64,
+        _opts: Opts,
+    ) -> LocalBoxFuture<'a, BlockResult<()>> {
         let name = self.name();
-        Box::pin(async move { Err(BlockError::new(ErrorKind::Unsupported, format!("Driver '{name}' does not support image creation"))) })
+        Box::pin(async move {
+            Err(BlockError::new(ErrorKind::Unsupported, format!("Driver '{name}' does not support image creation")))
+        })
     }
 }
 
@@ -159,9 +167,10 @@ impl Registry {
         let known = probe::best_known(head, filename).filter(|(n, _)| self.get(n).is_none());
         match (best, known) {
             (Some((d, s)), Some((_, ks))) if s >= ks => Ok(d),
-            (_, Some((name, _))) => {
-                Err(BlockError::new(ErrorKind::Unsupported, format!("Image is in the '{name}' format, which Basalt cannot open yet")))
-            }
+            (_, Some((name, _))) => Err(BlockError::new(
+                ErrorKind::Unsupported,
+                format!("Image is in the '{name}' format, which Basalt cannot open yet"),
+            )),
             (Some((d, _)), None) => Ok(d),
             (None, None) => Err(BlockError::new(ErrorKind::InvalidFormat, "Could not determine image format")),
         }
@@ -233,7 +242,8 @@ impl Graph {
     }
 
     async fn open_probed(&self, mut opts: Opts, mut flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
-        let filename = opts.get_str("filename").ok_or_else(|| BlockError::option("A block device must be specified for \"file\""))?;
+        let filename =
+            opts.get_str("filename").ok_or_else(|| BlockError::option("A block device must be specified for \"file\""))?;
         // Options meant for the format (node-name and the like) stay with it; the rest go to
         // the protocol.
         let mut fmt_opts = Opts::new();
@@ -257,10 +267,14 @@ impl Graph {
         let drv = match opts.take_str("driver") {
             Some(d) => self.registry.get(&d).ok_or_else(|| unknown_driver(&d))?,
             None => {
-                let f = opts.get_str("filename").ok_or_else(|| BlockError::option("A block device must be specified for \"file\""))?;
+                let f = opts
+                    .get_str("filename")
+                    .ok_or_else(|| BlockError::option("A block device must be specified for \"file\""))?;
                 match self.registry.protocol_for(&f) {
                     Some(d) => d,
-                    None if f.contains("://") || (f.contains(':') && !f.starts_with('/') && !f.starts_with('.') && known_scheme(&f)) => {
+                    None if f.contains("://")
+                        || (f.contains(':') && !f.starts_with('/') && !f.starts_with('.') && known_scheme(&f)) =>
+                    {
                         let proto = f.split(':').next().unwrap_or("");
                         return Err(BlockError::new(ErrorKind::Unsupported, format!("Unknown protocol '{proto}'")));
                     }
@@ -279,7 +293,9 @@ impl Graph {
         let key = role.name();
         if let Some(r) = opts.take_str(key) {
             if opts.has_sub(key) {
-                return Err(BlockError::option(format!("Cannot reference an existing block device with additional options or a new filename ('{key}')")));
+                return Err(BlockError::option(format!(
+                    "Cannot reference an existing block device with additional options or a new filename ('{key}')"
+                )));
             }
             if let Some(n) = self.node(&r) {
                 if !flags.read_only && n.read_only() {
@@ -306,7 +322,10 @@ impl Graph {
 
     /// Create an image with `driver` (qemu-img create).
     pub async fn create(&self, driver: &str, filename: &str, size: u64, opts: Opts) -> BlockResult<()> {
-        let drv = self.registry.get(driver).ok_or_else(|| BlockError::new(ErrorKind::NotFound, format!("Unknown file format '{driver}'")))?;
+        let drv = self
+            .registry
+            .get(driver)
+            .ok_or_else(|| BlockError::new(ErrorKind::NotFound, format!("Unknown file format '{driver}'")))?;
         drv.create(self, filename, size, opts).await
     }
 }

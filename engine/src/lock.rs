@@ -60,10 +60,16 @@ pub fn apply(fd: RawFd, perm: Perm, shared: Perm, name: &str) -> Result<(), Bloc
             }
         };
         if perm.has(bit) {
-            check(SHARED_BASE + i64::from(i), format!("Failed to get \"{pname}\" lock\nIs another process using the image [{name}]?"))?;
+            check(
+                SHARED_BASE + i64::from(i),
+                format!("Failed to get \"{pname}\" lock\nIs another process using the image [{name}]?"),
+            )?;
         }
         if !shared.has(bit) {
-            check(PERM_BASE + i64::from(i), format!("Failed to get shared \"{pname}\" lock\nIs another process using the image [{name}]?"))?;
+            check(
+                PERM_BASE + i64::from(i),
+                format!("Failed to get shared \"{pname}\" lock\nIs another process using the image [{name}]?"),
+            )?;
         }
     }
     for i in 0..4u8 {

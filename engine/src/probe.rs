@@ -31,16 +31,28 @@ pub const KNOWN: &[KnownFormat] = &[
     KnownFormat { name: "qed", probe: |b, _| if at(b, 0, b"QED\0") { 100 } else { 0 } },
     KnownFormat { name: "luks", probe: |b, _| if at(b, 0, b"LUKS\xba\xbe") { 100 } else { 0 } },
     KnownFormat { name: "vdi", probe: |b, _| if at(b, 0x40, &[0x7f, 0x10, 0xda, 0xbe]) { 100 } else { 0 } },
-    KnownFormat { name: "vmdk", probe: |b, _| if at(b, 0, b"KDMV") || at(b, 0, b"COWD") || at(b, 0, b"# Disk DescriptorFile") { 100 } else { 0 } },
+    KnownFormat {
+        name: "vmdk",
+        probe: |b, _| if at(b, 0, b"KDMV") || at(b, 0, b"COWD") || at(b, 0, b"# Disk DescriptorFile") { 100 } else { 0 },
+    },
     KnownFormat { name: "vpc", probe: |b, _| if at(b, 0, b"conectix") { 100 } else { 0 } },
     KnownFormat { name: "vhdx", probe: |b, _| if at(b, 0, b"vhdxfile") { 100 } else { 0 } },
     KnownFormat { name: "bochs", probe: |b, _| if at(b, 0, b"Bochs Virtual HD Image\0") { 100 } else { 0 } },
     KnownFormat {
         name: "cloop",
-        probe: |b, _| if at(b, 0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n") { 2 } else { 0 },
+        probe: |b, _| {
+            if at(b, 0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n") {
+                2
+            } else {
+                0
+            }
+        },
     },
     KnownFormat { name: "dmg", probe: |_, name| if name.ends_with(".dmg") { 2 } else { 0 } },
-    KnownFormat { name: "parallels", probe: |b, _| if at(b, 0, b"WithoutFreeSpace") || at(b, 0, b"WithouFreSpacExt") { 100 } else { 0 } },
+    KnownFormat {
+        name: "parallels",
+        probe: |b, _| if at(b, 0, b"WithoutFreeSpace") || at(b, 0, b"WithouFreSpacExt") { 100 } else { 0 },
+    },
 ];
 
 /// The best-scoring known format other than raw for `head`, if any scores above raw's 1.

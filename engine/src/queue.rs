@@ -278,7 +278,15 @@ impl Queue {
         }
     }
 
-    async fn zero_parts(&self, off: u64, len: u64, mid_start: u64, mid_end: u64, flags: ZeroFlags, wf: WriteFlags) -> Result<(), IoStatus> {
+    async fn zero_parts(
+        &self,
+        off: u64,
+        len: u64,
+        mid_start: u64,
+        mid_end: u64,
+        flags: ZeroFlags,
+        wf: WriteFlags,
+    ) -> Result<(), IoStatus> {
         if mid_start > off {
             self.rmw(off, None, mid_start - off, wf).await?;
         }

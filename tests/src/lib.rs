@@ -25,7 +25,8 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Run a peer tool (qemu-img, qemu-io...) that must be installed.
 pub fn peer(name: &str) -> Command {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
     assert!(found, "peer tool {name} is missing: the test setup must install it");
     Command::new(name)
 }

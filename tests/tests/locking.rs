@@ -129,6 +129,8 @@ fn basalt_img_convert_is_refused_while_qemu_io_writes() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
-        format!("basalt-img: Could not open '{p}': Failed to get shared \"write\" lock\nIs another process using the image [{p}]?\n")
+        format!(
+            "basalt-img: Could not open '{p}': Failed to get shared \"write\" lock\nIs another process using the image [{p}]?\n"
+        )
     );
 }

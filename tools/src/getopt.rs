@@ -143,7 +143,8 @@ mod tests {
 
     #[test]
     fn bundles_values_and_operands() {
-        let specs = [opt(Some('f'), Some("format"), true), opt(Some('U'), Some("force-share"), false), opt(Some('o'), None, true)];
+        let specs =
+            [opt(Some('f'), Some("format"), true), opt(Some('U'), Some("force-share"), false), opt(Some('o'), None, true)];
         let a = parse(&s(&["-Uf", "raw", "x.img", "-ofoo=1", "--format=qcow2", "-o", "bar=2"]), &specs).unwrap();
         assert_eq!(a.value("format"), Some("qcow2"));
         assert!(a.has("force-share"));

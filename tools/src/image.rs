@@ -65,7 +65,12 @@ pub fn parse_aio(mode: &str) -> BlockResult<AioMode> {
     Ok(match mode {
         "threads" => AioMode::Threads,
         "io_uring" => AioMode::IoUring,
-        "native" => return Err(BlockError::new(ErrorKind::Unsupported, "aio=native (Linux AIO) is not supported; use -i io_uring or -i threads")),
+        "native" => {
+            return Err(BlockError::new(
+                ErrorKind::Unsupported,
+                "aio=native (Linux AIO) is not supported; use -i io_uring or -i threads",
+            ))
+        }
         _ => return Err(BlockError::option(format!("Invalid aio option: {mode}"))),
     })
 }
@@ -80,7 +85,8 @@ pub fn spec_opts(graph: &Graph, spec: &ImageSpec) -> BlockResult<Opts> {
     }
     let mut opts = Opts::from_filename(&spec.filename)?;
     if let Some(fmt) = &spec.fmt {
-        let drv = graph.registry().get(fmt).ok_or_else(|| BlockError::new(ErrorKind::NotFound, format!("Unknown driver '{fmt}'")))?;
+        let drv =
+            graph.registry().get(fmt).ok_or_else(|| BlockError::new(ErrorKind::NotFound, format!("Unknown driver '{fmt}'")))?;
         if let Some(prev) = opts.get_str("driver") {
             if prev != *fmt {
                 return Err(BlockError::option(format!("Cannot use '{fmt}' as format, the image is given as '{prev}'")));
