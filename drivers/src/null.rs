@@ -46,8 +46,11 @@ fn open_null(driver: &'static str, aio: bool, graph: &Graph, mut opts: Opts, fla
     let _ = opts.take_bool("cache.direct", false)?;
     let _ = opts.take_bool("cache.no-flush", false)?;
     opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "ignore")?;
+    // Like QEMU, the filename keeps only the options that change what is read (size and
+    // read-zeroes), not the latency.
     let mut shown = opts.clone();
     shown.take_str("filename");
+    shown.take_str("latency-ns");
     let filename = opts.take_str("filename");
     let size = opts.take_size("size", 1 << 30)?;
     let read_zeroes = opts.take_bool("read-zeroes", false)?;
