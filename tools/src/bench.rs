@@ -251,7 +251,7 @@ pub async fn run(be: Backend, job: BenchJob) -> BenchResult {
                 }
                 if let Some(d) = deadline {
                     checked = checked.wrapping_add(1);
-                    if checked % 64 == 0 && Instant::now() >= d {
+                    if checked.is_multiple_of(64) && Instant::now() >= d {
                         st.stop.set(true);
                         break;
                     }
@@ -312,7 +312,7 @@ pub async fn run(be: Backend, job: BenchJob) -> BenchResult {
                 } else {
                     st.reads.set(st.reads.get() + 1);
                 }
-                if job.flush_interval > 0 && (n + 1) % job.flush_interval == 0 {
+                if job.flush_interval > 0 && (n + 1).is_multiple_of(job.flush_interval) {
                     st.flushing.set(true);
                     if job.drain {
                         while st.in_flight.get() > 0 {

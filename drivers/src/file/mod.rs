@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use basalt_engine::{
-    lock, AioMode, BlockDriver, BlockError, BlockResult, CreateOptDesc, DriverKind, ErrorKind, Graph, Limits, LocalBoxFuture, Node,
-    NodeQueue, OpenFlags, Opts, Perm, Prealloc,
+    lock, AioMode, BlockDriver, BlockError, BlockResult, CreateOptDesc, DriverKind, ErrorKind, Graph, Limits, LocalBoxFuture,
+    Node, NodeQueue, OpenFlags, Opts, Perm, Prealloc,
 };
 
 /// The `file` protocol driver.
@@ -64,8 +64,12 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
     let host_device = driver == "host_device";
     let name = graph.take_node_name(&mut opts)?;
     let raw_name = opts.take_str("filename").ok_or_else(|| BlockError::option("Parameter 'filename' is required"))?;
-    let path = if host_device { raw_name.strip_prefix("host_device:").unwrap_or(&raw_name) } else { raw_name.strip_prefix("file:").unwrap_or(&raw_name) }
-        .to_string();
+    let path = if host_device {
+        raw_name.strip_prefix("host_device:").unwrap_or(&raw_name)
+    } else {
+        raw_name.strip_prefix("file:").unwrap_or(&raw_name)
+    }
+    .to_string();
     let mut read_only = opts.take_bool("read-only", flags.read_only)?;
     let auto_ro = opts.take_bool("auto-read-only", false)?;
     let force_share = opts.take_bool("force-share", false)?;
@@ -82,7 +86,10 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         "threads" => AioMode::Threads,
         "io_uring" => AioMode::IoUring,
         "native" => {
-            return Err(BlockError::new(ErrorKind::Unsupported, "aio=native (Linux AIO) is not supported; use aio=io_uring or aio=threads"))
+            return Err(BlockError::new(
+                ErrorKind::Unsupported,
+                "aio=native (Linux AIO) is not supported; use aio=io_uring or aio=threads",
+            ))
         }
         _ => AioMode::Auto,
     };
@@ -102,7 +109,10 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
             sys::open(&path, base | libc::O_RDONLY, 0).map_err(|e| BlockError::io(format!("Could not open '{path}'"), &e))?
         }
         Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-            return Err(BlockError::new(ErrorKind::Unsupported, format!("Could not open '{path}': filesystem does not support O_DIRECT")))
+            return Err(BlockError::new(
+                ErrorKind::Unsupported,
+                format!("Could not open '{path}': filesystem does not support O_DIRECT"),
+            ))
         }
         Err(e) => return Err(BlockError::io(format!("Could not open '{path}'"), &e)),
     };
@@ -112,7 +122,10 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         return Err(BlockError::new(ErrorKind::InvalidFormat, format!("Could not open '{path}': Is a directory")));
     }
     if host_device && !blockdev {
-        return Err(BlockError::new(ErrorKind::InvalidFormat, format!("'host_device' driver expects either a character or block device")));
+        return Err(BlockError::new(
+            ErrorKind::InvalidFormat,
+            "'host_device' driver expects either a character or block device",
+        ));
     }
     if !host_device && blockdev {
         return Err(BlockError::new(
@@ -129,7 +142,15 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
     }
     let size = sys::size_of(&fd).map_err(|e| BlockError::io(format!("Could not get the size of '{path}'"), &e))?;
     let align = if direct { sys::dio_alignment(fd.as_raw_fd(), blockdev) } else { 1 };
-    let shared = Arc::new(FileShared { fd, size: AtomicU64::new(size), blockdev, no_flush, aio, discard: discard == "unmap" || discard == "on", path });
+    let shared = Arc::new(FileShared {
+        fd,
+        size: AtomicU64::new(size),
+        blockdev,
+        no_flush,
+        aio,
+        discard: discard == "unmap" || discard == "on",
+        path,
+    });
     Ok(Arc::new(FileNode { driver, name, read_only, align, shared }))
 }
 
@@ -149,7 +170,13 @@ impl BlockDriver for FileDriver {
     fn create_opts(&self) -> &'static [CreateOptDesc] {
         CREATE_OPTS
     }
-    fn create<'a>(&'a self, _graph: &'a Graph, filename: &'a str, size: u64, mut opts: Opts) -> LocalBoxFuture<'a, BlockResult<()>> {
+    fn create<'a>(
+        &'a self,
+        _graph: &'a Graph,
+        filename: &'a str,
+        size: u64,
+        mut opts: Opts,
+    ) -> LocalBoxFuture<'a, BlockResult<()>> {
         Box::pin(async move {
             let prealloc = basalt_engine::take_prealloc(&mut opts)?;
             let _ = opts.take_bool("nocow", false)?;
@@ -195,7 +222,8 @@ pub(crate) async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> BlockRes
 }
 
 fn create_file(path: &str, size: u64, prealloc: Prealloc) -> BlockResult<()> {
-    let fd = sys::open(path, libc::O_RDWR | libc::O_CREAT, 0o644).map_err(|e| BlockError::io(format!("Could not create '{path}'"), &e))?;
+    let fd = sys::open(path, libc::O_RDWR | libc::O_CREAT, 0o644)
+        .map_err(|e| BlockError::io(format!("Could not create '{path}'"), &e))?;
     // Exclude other users while we rewrite the file, as QEMU does.
     lock::apply(fd.as_raw_fd(), Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE), Perm::NONE, path)
         .map_err(|e| e.context(format!("Could not create '{path}'")))?;
@@ -225,7 +253,8 @@ pub(crate) fn grow(fd: std::os::fd::RawFd, cur: u64, size: u64, prealloc: Preall
             let mut at = cur;
             while at < size {
                 let n = (size - at).min(zeros.len() as u64) as usize;
-                sys::pwrite_all(fd, &zeros[..n], at).map_err(|e| BlockError::io("Could not write zeros for preallocation", &e))?;
+                sys::pwrite_all(fd, &zeros[..n], at)
+                    .map_err(|e| BlockError::io("Could not write zeros for preallocation", &e))?;
                 at += n as u64;
             }
         }
