@@ -196,7 +196,8 @@ pub struct Reactor {
     /// Thread-pool jobs submitted and not yet reported back; they may use parked buffers.
     blocking_in_flight: Cell<usize>,
     deferred: RefCell<Vec<(SlotId, i64)>>,
-    eventfd_buf: Box<[u8; 8]>,
+    /// Target of the ring's read of our eventfd: written by the kernel, never read by us.
+    eventfd_buf: Box<std::cell::UnsafeCell<[u8; 8]>>,
     eventfd_armed: Cell<bool>,
     stats: Cell<ReactorStats>,
 }
@@ -266,7 +267,7 @@ impl Reactor {
             poller_removed: Cell::new(false),
             blocking_in_flight: Cell::new(0),
             deferred: RefCell::new(Vec::with_capacity(256)),
-            eventfd_buf: Box::new([0; 8]),
+            eventfd_buf: Box::new(std::cell::UnsafeCell::new([0; 8])),
             eventfd_armed: Cell::new(false),
             stats: Cell::new(ReactorStats::default()),
         })
@@ -435,7 +436,7 @@ impl Reactor {
             Some(r) => {
                 if !self.eventfd_armed.get() {
                     self.eventfd_armed.set(true);
-                    r.push(uring::eventfd_read_entry(self.remote.eventfd.as_raw_fd(), self.eventfd_buf.as_ptr() as *mut u8));
+                    r.push(uring::eventfd_read_entry(self.remote.eventfd.as_raw_fd(), self.eventfd_buf.get().cast::<u8>()));
                 }
                 r.wait(timeout);
             }
@@ -480,7 +481,7 @@ impl Drop for Reactor {
         if in_kernel > 0 || self.blocking_in_flight.get() > 0 {
             // Still in use after the deadline: leak the buffers rather than free live memory.
             std::mem::forget(std::mem::replace(&mut self.slots, Slots::new()));
-            std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new([0; 8])));
+            std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new(std::cell::UnsafeCell::new([0; 8]))));
         }
         // The ring must go before the pool it has registered.
         self.ring = None;
