@@ -54,6 +54,9 @@ impl BlockDriver for RawDriver {
             flags.read_only = opts.take_bool("read-only", flags.read_only)?;
             flags.cache_direct = opts.take_bool("cache.direct", flags.cache_direct)?;
             flags.no_flush = opts.take_bool("cache.no-flush", flags.no_flush)?;
+            // The window options as given, for a `json:` filename.
+            let shown_window: Vec<(&str, String)> =
+                ["offset", "size"].into_iter().filter_map(|k| opts.get_str(k).map(|v| (k, v))).collect();
             let offset = opts.take_size("offset", 0)?;
             let size = match opts.contains("size") {
                 true => Some(opts.take_size("size", 0)?),
@@ -62,7 +65,6 @@ impl BlockDriver for RawDriver {
             let probed = flags.probed;
             let mut child_flags = flags.clone();
             child_flags.probed = false;
-            let mut shown = opts.clone();
             let file = graph.open_child(&mut opts, ChildRole::File, child_flags).await?;
             opts.expect_empty("Block format", "raw")?;
             let child_size = file.size();
@@ -84,19 +86,17 @@ impl BlockDriver for RawDriver {
                     return Err(BlockError::option(format!("size ({s}) must be a multiple of the file's request alignment ({align})")));
                 }
             }
-            let filename = if offset == 0 && size.is_none() {
-                file.filename()
+            // As QEMU: the file's own name when the raw node adds nothing to it, else a `json:`
+            // filename describing both (also when the file itself needs one).
+            let child_fn = file.filename();
+            let filename = if offset == 0 && size.is_none() && !child_fn.starts_with("json:") {
+                child_fn
             } else {
-                shown.take_sub("file");
-                shown.take_str("file");
                 let mut f = Opts::new();
                 f.set("driver", "raw");
-                for k in ["offset", "size"] {
-                    if let Some(v) = shown.get_str(k) {
-                        f.set(k, v);
-                    }
+                for (k, v) in &shown_window {
+                    f.set(k, v.clone());
                 }
-                let child_fn = file.filename();
                 match child_fn.strip_prefix("json:") {
                     Some(j) => f.insert_sub("file", Opts::parse_json(j)?),
                     None => {
