@@ -8,8 +8,9 @@
 //! Options (fio's names): `--filename=PATH` (or `json:`/`null-co://`), `--format=FMT`,
 //! `--image-opts`, `--rw=randread|randwrite|randrw|read|write`, `--rwmixread=PCT`,
 //! `--bs=SIZE`, `--iodepth=N`, `--runtime=SECS`, `--number_ios=N`, `--direct=0|1`,
-//! `--cores=N` (one reactor per core, each with its own queue on the same node), `--size=SIZE`
-//! (for the temporary image).
+//! `--cores=N` (one reactor per core, each with its own queue on the same node),
+//! `--sqthread_poll=1` (io_uring SQPOLL), `--busy_poll=1` (never back
+//! off to a blocking wait).
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ struct Job {
     number_ios: u64,
     direct: bool,
     cores: usize,
+    sqpoll: bool,
+    busy_poll: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Job> {
@@ -48,6 +51,8 @@ fn parse_args(args: &[String]) -> Result<Job> {
         number_ios: 0,
         direct: false,
         cores: 1,
+        sqpoll: false,
+        busy_poll: false,
     };
     for a in args {
         let Some(a) = a.strip_prefix("--") else { bail!("unexpected argument '{a}'") };
@@ -71,6 +76,8 @@ fn parse_args(args: &[String]) -> Result<Job> {
             "number_ios" => j.number_ios = num(v)?,
             "direct" => j.direct = v == "1",
             "cores" | "numjobs" => j.cores = num(v)?.max(1) as usize,
+            "sqthread_poll" => j.sqpoll = v == "1",
+            "busy_poll" => j.busy_poll = v == "1",
             _ => bail!("unknown option --{k}"),
         }
     }
@@ -210,6 +217,9 @@ fn report(j: &Job, results: &[BenchResult], cpu: (f64, f64)) {
         writes += r.writes;
     }
     println!("{}: (rw={}, bs={}, iodepth={}, cores={}) {}", j.name, j.rw, j.bs, j.iodepth, j.cores, j.filename);
+    if j.sqpoll {
+        println!("  sqpoll requested (falls back to normal submission when the kernel refuses it)");
+    }
     print_dir("read", reads, &rl, j.bs, secs);
     print_dir("write", writes, &wl, j.bs, secs);
     let total = (reads + writes).max(1) as f64;
@@ -223,7 +233,8 @@ fn report(j: &Job, results: &[BenchResult], cpu: (f64, f64)) {
 
 fn run_and_report(j: &Job) -> Result<()> {
     let mut cfg = RuntimeConfig::cores(j.cores, true);
-    cfg.reactor.idle_spin = Some(Duration::from_micros(200));
+    cfg.reactor.idle_spin = if j.busy_poll { None } else { Some(Duration::from_micros(200)) };
+    cfg.reactor.sqpoll = j.sqpoll;
     let rt = Runtime::new(cfg).context("starting reactors")?;
     let before = cpu_times();
     let results = run_job(&rt, j)?;
@@ -262,6 +273,8 @@ fn default_jobs() -> Result<()> {
         number_ios: 0,
         direct: false,
         cores: 1,
+        sqpoll: false,
+        busy_poll: false,
     };
     run_and_report(&base)?;
     run_and_report(&Job { name: "randwrite-raw-file".into(), rw: "randwrite".into(), ..clone_job(&base) })?;
@@ -285,9 +298,11 @@ fn main() {
     let r = if args.is_empty() {
         default_jobs()
     } else if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: basalt-bench [--filename=F] [--format=FMT] [--image-opts] [--rw=randread|randwrite|randrw|read|write|rw]");
+        println!(
+            "usage: basalt-bench [--filename=F] [--format=FMT] [--image-opts] [--rw=randread|randwrite|randrw|read|write|rw]"
+        );
         println!("                    [--rwmixread=PCT] [--bs=SIZE] [--iodepth=N] [--runtime=SECS] [--number_ios=N]");
-        println!("                    [--direct=0|1] [--cores=N] [--name=NAME]");
+        println!("                    [--direct=0|1] [--cores=N] [--sqthread_poll=0|1] [--busy_poll=0|1] [--name=NAME]");
         println!("With no arguments: the built-in default job.");
         Ok(())
     } else {
