@@ -70,6 +70,9 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         raw_name.strip_prefix("file:").unwrap_or(&raw_name)
     }
     .to_string();
+    if path.is_empty() {
+        return Err(BlockError::option(format!("The '{driver}' block driver requires a file name")));
+    }
     let mut read_only = opts.take_bool("read-only", flags.read_only)?;
     let auto_ro = opts.take_bool("auto-read-only", false)?;
     let force_share = opts.take_bool("force-share", false)?;
