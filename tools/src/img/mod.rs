@@ -5,7 +5,15 @@
 //! documented codes.
 
 pub mod bench;
+pub mod check;
+pub mod common;
+pub mod compare;
 pub mod convert;
+pub mod create;
+pub mod dd;
+pub mod info;
+pub mod map;
+pub mod resize;
 
 /// Print an error as qemu-img does (`basalt-img: MESSAGE`).
 pub fn error(msg: impl std::fmt::Display) {
@@ -44,7 +52,14 @@ pub async fn main(args: Vec<String>) -> i32 {
             0
         }
         "bench" => bench::main(rest).await,
+        "check" => check::main(rest).await,
+        "compare" => compare::main(rest).await,
         "convert" => convert::main(rest).await,
+        "create" => create::main(rest).await,
+        "dd" => dd::main(rest).await,
+        "info" => info::main(rest).await,
+        "map" => map::main(rest).await,
+        "resize" => resize::main(rest).await,
         _ => {
             error(format!("Command not found: {cmd}"));
             1
