@@ -41,6 +41,16 @@ pub(crate) fn done_buf(d: IoDone) -> Result<IoBuf, IoStatus> {
     d.buf.ok_or(IoStatus::EIO)
 }
 
+/// Refuse a request beyond the end before allocating its buffer (the backend would refuse it
+/// with EIO anyway; this spares filling gigabytes for nothing).
+fn check_bounds(img: &Image, what: &str, offset: u64, count: u64) -> CmdResult {
+    let size = img.be.size();
+    if offset > size || count > size - offset {
+        return Err(failed(what, IoStatus::EIO));
+    }
+    Ok(())
+}
+
 /// Sector alignment of `-b`/`-c` requests.
 fn check_sector_aligned(offset: u64, count: u64) -> CmdResult {
     if !offset.is_multiple_of(512) {
@@ -54,8 +64,8 @@ fn check_sector_aligned(offset: u64, count: u64) -> CmdResult {
     Ok(())
 }
 
-/// qemu-io's `create_iovec`: the total of several lengths, checked, in one buffer of `fill`.
-pub(crate) fn iovec(lens: &[String], fill: u8) -> Result<IoBuf, Fail> {
+/// qemu-io's `create_iovec` checks: the total of several lengths.
+fn iovec_len(lens: &[String]) -> Result<u64, Fail> {
     let mut total = 0u64;
     for arg in lens {
         let len = num(arg)?;
@@ -69,9 +79,18 @@ pub(crate) fn iovec(lens: &[String], fill: u8) -> Result<IoBuf, Fail> {
         }
         total += len;
     }
-    let mut buf = IoBuf::new_uninit(total as usize);
+    Ok(total)
+}
+
+fn filled(len: u64, fill: u8) -> IoBuf {
+    let mut buf = IoBuf::new_uninit(len as usize);
     buf.fill(fill);
-    Ok(buf)
+    buf
+}
+
+/// qemu-io's `create_iovec`: several lengths, checked, laid end to end in one buffer of `fill`.
+pub(crate) fn iovec(lens: &[String], fill: u8) -> Result<IoBuf, Fail> {
+    iovec_len(lens).map(|n| filled(n, fill))
 }
 
 /// `read [-bCqv] [-P pattern [-s off] [-l len]] off len`.
@@ -115,8 +134,10 @@ pub(crate) async fn read(img: &Image, call: &Call<'_>) -> CmdResult {
     if vmstate {
         check_sector_aligned(offset, count)?;
     }
-    let mut buf = IoBuf::new_uninit(count as usize);
-    buf.fill(READ_FILL);
+    if !vmstate {
+        check_bounds(img, "read", offset, count)?;
+    }
+    let buf = filled(count, READ_FILL);
     let t = Instant::now();
     let d = if vmstate { IoDone { buf: Some(buf), res: Err(IoStatus::ENOTSUP) } } else { img.be.read(offset, buf).await };
     let elapsed = t.elapsed();
@@ -193,6 +214,9 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     if vmstate || compressed {
         check_sector_aligned(offset, count)?;
     }
+    if !vmstate && !compressed && !zero && file.is_none() {
+        check_bounds(img, "write", offset, count)?;
+    }
     let mut buf = None;
     if !zero {
         let mut b = IoBuf::new_uninit(count as usize);
@@ -238,8 +262,9 @@ pub(crate) async fn readv(img: &Image, call: &Call<'_>) -> CmdResult {
         return Err(call.usage());
     };
     let offset = num(off_arg)?;
-    let buf = iovec(lens, READ_FILL)?;
-    let count = buf.len() as u64;
+    let count = iovec_len(lens)?;
+    check_bounds(img, "readv", offset, count)?;
+    let buf = filled(count, READ_FILL);
     let t = Instant::now();
     let d = img.be.read(offset, buf).await;
     let elapsed = t.elapsed();
@@ -281,8 +306,9 @@ pub(crate) async fn writev(img: &Image, call: &Call<'_>) -> CmdResult {
         return Err(call.usage());
     };
     let offset = num(off_arg)?;
-    let buf = iovec(lens, pattern)?;
-    let count = buf.len() as u64;
+    let count = iovec_len(lens)?;
+    check_bounds(img, "writev", offset, count)?;
+    let buf = filled(count, pattern);
     let t = Instant::now();
     let d = img.be.write(offset, buf, WriteFlags { fua }).await;
     let elapsed = t.elapsed();
