@@ -9,6 +9,7 @@ pub mod check;
 pub mod common;
 pub mod compare;
 pub mod convert;
+pub mod copy;
 pub mod create;
 pub mod dd;
 pub mod info;
