@@ -32,7 +32,7 @@ async fn track(inflight: &mut Vec<JoinHandle<()>>, h: JoinHandle<()>) {
 
 fn pattern_opt(v: Option<String>) -> Result<u8, Fail> {
     pattern::parse_pattern(v.as_deref().unwrap_or("")).map_err(|m| {
-        println!("{m}");
+        outln!("{m}");
         Fail
     })
 }
@@ -46,7 +46,7 @@ pub(crate) async fn aio_read(img: &Image, inflight: &mut Vec<JoinHandle<()>>, ca
             Opt::Opt('C', _) => machine = true,
             Opt::Opt('P', v) => pattern = Some(pattern_opt(v)?),
             Opt::Opt('i', _) => {
-                println!("injecting invalid read request");
+                outln!("injecting invalid read request");
                 return Ok(());
             }
             Opt::Opt('q', _) => quiet = true,
@@ -70,7 +70,7 @@ pub(crate) async fn aio_read(img: &Image, inflight: &mut Vec<JoinHandle<()>>, ca
         let buf = match done_buf(d) {
             Ok(b) => b,
             Err(e) => {
-                println!("readv failed: {e}");
+                outln!("readv failed: {e}");
                 return;
             }
         };
@@ -86,7 +86,7 @@ pub(crate) async fn aio_read(img: &Image, inflight: &mut Vec<JoinHandle<()>>, ca
             }
             out += &report("read", elapsed, offset, count, count, 1, machine);
         }
-        print!("{out}");
+        out!("{out}");
     });
     track(inflight, h).await;
     Ok(())
@@ -106,7 +106,7 @@ pub(crate) async fn aio_write(img: &Image, inflight: &mut Vec<JoinHandle<()>>, c
             Opt::Opt('u', _) => may_unmap = true,
             Opt::Opt('P', v) => pattern = pattern_opt(v)?,
             Opt::Opt('i', _) => {
-                println!("injecting invalid write request");
+                outln!("injecting invalid write request");
                 return Ok(());
             }
             Opt::Opt('z', _) => zero = true,
@@ -118,11 +118,11 @@ pub(crate) async fn aio_write(img: &Image, inflight: &mut Vec<JoinHandle<()>>, c
         return Err(call.usage());
     };
     if zero && lens.len() != 1 {
-        println!("-z supports only a single length parameter");
+        outln!("-z supports only a single length parameter");
         return Err(Fail);
     }
     if may_unmap && !zero {
-        println!("-u requires -z to be specified");
+        outln!("-u requires -z to be specified");
         return Err(Fail);
     }
     let offset = num(off_arg)?;
@@ -139,11 +139,11 @@ pub(crate) async fn aio_write(img: &Image, inflight: &mut Vec<JoinHandle<()>>, c
         let d = fut.await;
         let elapsed = t.elapsed();
         if let Err(e) = d.res {
-            println!("aio_write failed: {e}");
+            outln!("aio_write failed: {e}");
             return;
         }
         if !quiet {
-            print!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
+            out!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
         }
     });
     track(inflight, h).await;

@@ -14,16 +14,16 @@ use crate::image::parse_cache;
 /// `help [command]`.
 pub(crate) fn help(call: &Call<'_>) -> CmdResult {
     let Some(name) = call.args.first() else {
-        print!("{}", table::help_all());
+        out!("{}", table::help_all());
         return Ok(());
     };
     match table::find(name) {
         Some(c) => {
-            print!("{}", table::help_one(name, c));
+            out!("{}", table::help_one(name, c));
             Ok(())
         }
         None => {
-            println!("command {name} not found");
+            outln!("command {name} not found");
             Err(Fail)
         }
     }
@@ -38,7 +38,7 @@ pub(crate) async fn sleep(call: &Call<'_>) -> CmdResult {
             Ok(())
         }
         _ => {
-            println!("{arg} is not a valid number");
+            outln!("{arg} is not a valid number");
             Err(Fail)
         }
     }
@@ -58,7 +58,7 @@ pub(crate) async fn open(s: &mut Session, call: &Call<'_>) -> CmdResult {
     let mut req = OpenRequest::default();
     let mut g = call.getopt("snCro:kt:d:Ui:");
     let refuse = |msg: &str| {
-        eprintln!("basalt-io: {msg}");
+        errln!("basalt-io: {msg}");
         Err(Fail)
     };
     for o in g.by_ref() {

@@ -24,7 +24,7 @@ pub(crate) struct Call<'a> {
 impl Call<'_> {
     /// Print the usage line; the command fails.
     pub(crate) fn usage(&self) -> Fail {
-        print!("{}", table::usage(self.info));
+        out!("{}", table::usage(self.info));
         Fail
     }
 
@@ -35,7 +35,7 @@ impl Call<'_> {
 
     /// A getopt complaint (`NAME: invalid option -- 'x'`) followed by the usage line.
     pub(crate) fn bad_option(&self, msg: &str) -> Fail {
-        eprintln!("{}: {msg}", self.name);
+        errln!("{}: {msg}", self.name);
         self.usage()
     }
 
@@ -51,7 +51,7 @@ impl Call<'_> {
 /// A size argument; a bad one prints qemu-io's parsing error.
 pub(crate) fn num(arg: &str) -> Result<u64, Fail> {
     cvtnum(arg).map_err(|e| {
-        println!("{}", cvtnum_error(e, arg));
+        outln!("{}", cvtnum_error(e, arg));
         Fail
     })
 }
@@ -63,24 +63,24 @@ pub(crate) async fn run_line(s: &mut Session, line: &str) -> CmdResult {
         return Ok(());
     };
     let Some(info) = table::find(name) else {
-        eprintln!("command \"{name}\" not found");
+        errln!("command \"{name}\" not found");
         return Err(Fail);
     };
     if !info.global && s.img.is_none() {
-        eprintln!("no file open, try 'help open'");
+        errln!("no file open, try 'help open'");
         return Err(Fail);
     }
     let n = args.len();
     if n < info.argmin || info.argmax.is_some_and(|max| n > max) {
         match info.argmax {
-            None => eprintln!("bad argument count {n} to {name}, expected at least {} arguments", info.argmin),
-            Some(max) if max == info.argmin => eprintln!("bad argument count {n} to {name}, expected {max} arguments"),
-            Some(max) => eprintln!("bad argument count {n} to {name}, expected between {} and {max} arguments", info.argmin),
+            None => errln!("bad argument count {n} to {name}, expected at least {} arguments", info.argmin),
+            Some(max) if max == info.argmin => errln!("bad argument count {n} to {name}, expected {max} arguments"),
+            Some(max) => errln!("bad argument count {n} to {name}, expected between {} and {max} arguments", info.argmin),
         }
         return Err(Fail);
     }
     if info.writes && s.img.as_ref().is_some_and(|i| i.node.read_only()) {
-        eprintln!("basalt-io: Block node is read-only");
+        errln!("basalt-io: Block node is read-only");
         return Err(Fail);
     }
     let call = Call { name, info, args };

@@ -27,7 +27,7 @@ async fn is_allocated(img: &Image, off: u64, bytes: u64) -> Result<(bool, u64), 
 
 /// `length`.
 pub(crate) fn length(img: &Image) -> CmdResult {
-    println!("{}", cvtstr(img.be.size() as f64));
+    outln!("{}", cvtstr(img.be.size() as f64));
     Ok(())
 }
 
@@ -45,13 +45,13 @@ fn get_info(node: &dyn Node) -> Option<(u64, u64)> {
 /// then its protocol name, and protocol drivers have both.
 pub(crate) fn info(img: &Image) -> CmdResult {
     let node = img.node.as_ref();
-    println!("format name: {}", node.driver());
+    outln!("format name: {}", node.driver());
     if !node.is_format() {
-        println!("format name: {}", node.driver());
+        outln!("format name: {}", node.driver());
     }
     let (cluster, vmstate) = get_info(node).ok_or(Fail)?;
-    println!("cluster size: {}", cvtstr(cluster as f64));
-    println!("vm state offset: {}", cvtstr(vmstate as f64));
+    outln!("cluster size: {}", cvtstr(cluster as f64));
+    outln!("vm state offset: {}", cvtstr(vmstate as f64));
     Ok(())
 }
 
@@ -60,7 +60,7 @@ pub(crate) async fn map(img: &Image) -> CmdResult {
     let mut offset = 0u64;
     let mut bytes = img.be.size();
     let fail = |e: basalt_engine::IoStatus| {
-        eprintln!("basalt-io: Failed to get allocation status: {e}");
+        errln!("basalt-io: Failed to get allocation status: {e}");
         Fail
     };
     while bytes > 0 {
@@ -73,11 +73,11 @@ pub(crate) async fn map(img: &Image) -> CmdResult {
             num += n;
         }
         if num == 0 {
-            eprintln!("basalt-io: Unexpected end of image");
+            errln!("basalt-io: Unexpected end of image");
             return Err(Fail);
         }
         let what = if first { "    allocated" } else { "not allocated" };
-        println!("{} (0x{num:x}) bytes {what} at offset {} (0x{offset:x})", cvtstr(num as f64), cvtstr(offset as f64));
+        outln!("{} (0x{num:x}) bytes {what} at offset {} (0x{offset:x})", cvtstr(num as f64), cvtstr(offset as f64));
         offset += num;
         bytes -= num;
     }
@@ -94,7 +94,7 @@ pub(crate) async fn alloc(img: &Image, call: &Call<'_>) -> CmdResult {
     let (mut offset, mut remaining, mut sum) = (start, count, 0u64);
     while remaining > 0 {
         let (allocated, n) = is_allocated(img, offset, remaining).await.map_err(|e| {
-            println!("is_allocated failed: {e}");
+            outln!("is_allocated failed: {e}");
             Fail
         })?;
         offset += n;
@@ -107,7 +107,7 @@ pub(crate) async fn alloc(img: &Image, call: &Call<'_>) -> CmdResult {
             remaining = 0;
         }
     }
-    println!("{sum}/{count} bytes allocated at offset {}", cvtstr(start as f64));
+    outln!("{sum}/{count} bytes allocated at offset {}", cvtstr(start as f64));
     Ok(())
 }
 
@@ -127,7 +127,7 @@ pub(crate) async fn truncate(img: &Image, call: &Call<'_>) -> CmdResult {
                 had_opts = true;
                 let v = v.unwrap_or_default();
                 prealloc = Prealloc::parse(&v).map_err(|_| {
-                    eprintln!("basalt-io: Invalid preallocation mode '{v}'");
+                    errln!("basalt-io: Invalid preallocation mode '{v}'");
                     Fail
                 })?;
             }
@@ -141,16 +141,16 @@ pub(crate) async fn truncate(img: &Image, call: &Call<'_>) -> CmdResult {
     let size = match g.operands().first().map(|a| cvtnum(a)) {
         Some(Ok(v)) => v,
         Some(Err(e)) => {
-            println!("{}", cvtnum_error(e, argv1));
+            outln!("{}", cvtnum_error(e, argv1));
             return Err(Fail);
         }
         None => {
-            println!("{}", cvtnum_error(NumError::Invalid, argv1));
+            outln!("{}", cvtnum_error(NumError::Invalid, argv1));
             return Err(Fail);
         }
     };
     img.node.truncate(size, prealloc).await.map_err(|e| {
-        eprintln!("basalt-io: {e}");
+        errln!("basalt-io: {e}");
         Fail
     })
 }

@@ -17,6 +17,30 @@
 //! alloc, flush, truncate), [`control`] (help, sleep, sigraise, open), [`pattern`] (patterns and
 //! hex dumps), [`stats`] (the report lines).
 
+/// `print!` that ignores a closed stdout (`basalt-io ... | head`) instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `println!` that ignores a closed stdout.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod aio;
 mod args;
 mod control;
@@ -122,7 +146,7 @@ fn specs() -> Vec<getopt::OptSpec> {
 
 /// Print an error as qemu-io does (`basalt-io: MESSAGE`).
 fn error(msg: impl std::fmt::Display) {
-    eprintln!("basalt-io: {msg}");
+    errln!("basalt-io: {msg}");
 }
 
 /// `--object`: secrets are accepted (nothing in Basalt uses them yet); other types are refused.
@@ -131,7 +155,7 @@ fn check_object(def: &str) -> Result<(), String> {
     match o.get_str("qom-type").as_deref() {
         Some("secret") if o.contains("id") => Ok(()),
         Some("secret") => Err("Parameter 'id' is missing".into()),
-        Some(t) => Err(format!("invalid object type: {t}")),
+        Some(t) => Err(format!("Parameter 'qom-type' does not accept value '{t}'")),
         None => Err("Parameter 'qom-type' is missing".into()),
     }
 }
@@ -140,7 +164,7 @@ fn check_object(def: &str) -> Result<(), String> {
 fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<String>), i32> {
     let a = getopt::parse(args, &specs()).map_err(|e| {
         error(e);
-        print!("{USAGE}");
+        out!("{USAGE}");
         1
     })?;
     let mut req = OpenRequest::default();
@@ -180,21 +204,21 @@ fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<Strin
             "native-aio" => return Err(refuse("aio=native (Linux AIO) is not supported; use -i io_uring or -i threads".into())),
             "trace" => return Err(refuse("tracing (-T) is not supported".into())),
             "help" => {
-                print!("{USAGE}");
+                out!("{USAGE}");
                 return Err(0);
             }
             "version" => {
-                println!("basalt-io version {}", env!("CARGO_PKG_VERSION"));
+                outln!("basalt-io version {}", env!("CARGO_PKG_VERSION"));
                 return Err(0);
             }
             _ => {
-                print!("{USAGE}");
+                out!("{USAGE}");
                 return Err(1);
             }
         }
     }
     if a.operands.len() > 1 {
-        print!("{USAGE}");
+        out!("{USAGE}");
         return Err(1);
     }
     if req.image_opts && req.fmt.is_some() {
@@ -264,7 +288,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         }
     } else {
         loop {
-            print!("basalt-io> ");
+            out!("basalt-io> ");
             let _ = std::io::stdout().flush();
             let Some(line) = read_line().await else {
                 break;

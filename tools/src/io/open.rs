@@ -109,7 +109,7 @@ pub(crate) async fn open(req: &OpenRequest) -> Result<Image, String> {
     let mut be = Backend::new(node.clone()).map_err(|e| fail(e.msg))?;
     be.set_writethrough(writethrough);
     if req.fmt.is_none() && !spec.image_opts && node.driver() == "raw" && node.probed() {
-        eprintln!("{}", probe_warning(req.filename.as_deref().unwrap_or("")));
+        errln!("{}", probe_warning(req.filename.as_deref().unwrap_or("")));
     }
     Ok(Image { graph, node, be })
 }

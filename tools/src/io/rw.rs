@@ -24,13 +24,13 @@ pub(crate) const MAX_BYTES: u64 = 2147483136;
 
 /// Print `NAME failed: ERROR` for a failed request.
 fn failed(what: &str, e: IoStatus) -> Fail {
-    println!("{what} failed: {e}");
+    outln!("{what} failed: {e}");
     Fail
 }
 
 fn pattern_opt(v: Option<String>) -> Result<u8, Fail> {
     pattern::parse_pattern(v.as_deref().unwrap_or("")).map_err(|m| {
-        println!("{m}");
+        outln!("{m}");
         Fail
     })
 }
@@ -54,11 +54,11 @@ fn check_bounds(img: &Image, what: &str, offset: u64, count: u64) -> CmdResult {
 /// Sector alignment of `-b`/`-c` requests.
 fn check_sector_aligned(offset: u64, count: u64) -> CmdResult {
     if !offset.is_multiple_of(512) {
-        println!("{offset} is not a sector-aligned value for 'offset'");
+        outln!("{offset} is not a sector-aligned value for 'offset'");
         return Err(Fail);
     }
     if !count.is_multiple_of(512) {
-        println!("{count} is not a sector-aligned value for 'count'");
+        outln!("{count} is not a sector-aligned value for 'count'");
         return Err(Fail);
     }
     Ok(())
@@ -70,11 +70,11 @@ fn iovec_len(lens: &[String]) -> Result<u64, Fail> {
     for arg in lens {
         let len = num(arg)?;
         if len > MAX_BYTES {
-            println!("Argument '{arg}' exceeds maximum size {MAX_BYTES}");
+            outln!("Argument '{arg}' exceeds maximum size {MAX_BYTES}");
             return Err(Fail);
         }
         if total > MAX_BYTES - len {
-            println!("The total number of bytes exceed the maximum size {MAX_BYTES}");
+            outln!("The total number of bytes exceed the maximum size {MAX_BYTES}");
             return Err(Fail);
         }
         total += len;
@@ -118,7 +118,7 @@ pub(crate) async fn read(img: &Image, call: &Call<'_>) -> CmdResult {
     let offset = num(off_arg)?;
     let count = num(count_arg)?;
     if count > MAX_BYTES {
-        println!("length cannot exceed {MAX_BYTES}, given {count_arg}");
+        outln!("length cannot exceed {MAX_BYTES}, given {count_arg}");
         return Err(Fail);
     }
     if pattern.is_none() && (pat_len.is_some() || pat_off.is_some()) {
@@ -127,7 +127,7 @@ pub(crate) async fn read(img: &Image, call: &Call<'_>) -> CmdResult {
     let pat_off = pat_off.unwrap_or(0);
     let pat_len = pat_len.map_or(count as i128 - i128::from(pat_off), i128::from);
     if pat_len < 0 || pat_len + i128::from(pat_off) > i128::from(count) {
-        println!("pattern verification range exceeds end of read data");
+        outln!("pattern verification range exceeds end of read data");
         return Err(Fail);
     }
     let pat_len = pat_len as u64;
@@ -156,7 +156,7 @@ pub(crate) async fn read(img: &Image, call: &Call<'_>) -> CmdResult {
         }
         out += &report("read", elapsed, offset, count, count, 1, machine);
     }
-    print!("{out}");
+    out!("{out}");
     ret
 }
 
@@ -187,7 +187,7 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
         return Err(call.usage());
     };
     let refuse = |msg: &str| {
-        println!("{msg}");
+        outln!("{msg}");
         Err(Fail)
     };
     if vmstate && zero {
@@ -208,7 +208,7 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     let offset = num(off_arg)?;
     let count = num(count_arg)?;
     if count > MAX_BYTES && !no_fallback {
-        println!("length cannot exceed {MAX_BYTES} without -n, given {count_arg}");
+        outln!("length cannot exceed {MAX_BYTES} without -n, given {count_arg}");
         return Err(Fail);
     }
     if vmstate || compressed {
@@ -222,7 +222,7 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
         let mut b = IoBuf::new_uninit(count as usize);
         match &file {
             Some(f) => pattern::fill_from_file(&mut b, f).map_err(|m| {
-                eprintln!("{m}");
+                errln!("{m}");
                 Fail
             })?,
             None => b.fill(pattern.unwrap_or(WRITE_FILL)),
@@ -238,7 +238,7 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     let elapsed = t.elapsed();
     res.map_err(|e| failed("write", e))?;
     if !quiet {
-        print!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
+        out!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
     }
     Ok(())
 }
@@ -283,7 +283,7 @@ pub(crate) async fn readv(img: &Image, call: &Call<'_>) -> CmdResult {
         }
         out += &report("read", elapsed, offset, count, count, 1, machine);
     }
-    print!("{out}");
+    out!("{out}");
     ret
 }
 
@@ -314,7 +314,7 @@ pub(crate) async fn writev(img: &Image, call: &Call<'_>) -> CmdResult {
     let elapsed = t.elapsed();
     d.res.map_err(|e| failed("writev", e))?;
     if !quiet {
-        print!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
+        out!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
     }
     Ok(())
 }
@@ -337,7 +337,7 @@ pub(crate) async fn discard(img: &Image, call: &Call<'_>) -> CmdResult {
     let offset = num(off_arg)?;
     let bytes = num(len_arg)?;
     if bytes > MAX_BYTES {
-        println!("length cannot exceed {MAX_BYTES}, given {len_arg}");
+        outln!("length cannot exceed {MAX_BYTES}, given {len_arg}");
         return Err(Fail);
     }
     let t = Instant::now();
@@ -345,7 +345,7 @@ pub(crate) async fn discard(img: &Image, call: &Call<'_>) -> CmdResult {
     let elapsed = t.elapsed();
     d.res.map_err(|e| failed("discard", e))?;
     if !quiet {
-        print!("{}", report("discard", elapsed, offset, bytes, bytes, 1, machine));
+        out!("{}", report("discard", elapsed, offset, bytes, bytes, 1, machine));
     }
     Ok(())
 }
