@@ -560,6 +560,23 @@ fn golden_image_opts_json_and_null() {
         ],
     );
     golden(MIB, &[], &["-c", "info", "-c", "map", "--image-opts", "driver=file,filename=IMG"]);
+    // A protocol prefix: probed, and the warning names the file without it.
+    let o = golden(MIB, &[], &["-c", "write -P 9 511 2", "-c", "read -P 9 511 2", "file:IMG"]);
+    assert!(o.err.starts_with("WARNING: Image format was not specified for 'DIR/img.raw'"), "{}", o.err);
+    golden(
+        MIB,
+        &[],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 3 5 5",
+            "-c",
+            "read -P 3 5 5",
+            "json:{\"file\":{\"driver\":\"file\",\"filename\":\"IMG\"}}",
+        ],
+    );
+    golden(MIB, &[], &["-f", "file", "-c", "length", "-c", "info", "IMG"]);
     golden(
         MIB,
         &[],

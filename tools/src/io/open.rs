@@ -109,7 +109,10 @@ pub(crate) async fn open(req: &OpenRequest) -> Result<Image, String> {
     let mut be = Backend::new(node.clone()).map_err(|e| fail(e.msg))?;
     be.set_writethrough(writethrough);
     if req.fmt.is_none() && !spec.image_opts && node.driver() == "raw" && node.probed() {
-        errln!("{}", probe_warning(req.filename.as_deref().unwrap_or("")));
+        // QEMU names the protocol node's file (`file:x` shows as `x`).
+        let shown =
+            node.children().first().map(|c| c.node.filename()).unwrap_or_else(|| req.filename.clone().unwrap_or_default());
+        errln!("{}", probe_warning(&shown));
     }
     Ok(Image { graph, node, be })
 }
