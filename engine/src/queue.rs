@@ -5,7 +5,8 @@
 //! An aligned request within the node's max transfer goes straight through: the node's own
 //! `IoFuture` is returned unchanged, no allocation. Unaligned requests are padded with a
 //! read-modify-write through a bounce buffer, oversized ones are split into sequential chunks
-//! over windows of the caller's buffer. Read-modify-write cycles must not interleave with other
+//! over windows of the caller's buffer; a buffer whose memory is not aligned goes through an
+//! aligned bounce buffer. Read-modify-write cycles must not interleave with other
 //! writes to the same blocks: once a queue has seen an unaligned write, all its writes pass a
 //! gate that gives an RMW cycle exclusive use (QEMU's serialising requests, coarsened).
 
@@ -101,10 +102,16 @@ impl Queue {
         (off | len) & (self.s.align - 1) == 0
     }
 
+    /// Whether the buffer's memory is aligned as the node needs (O_DIRECT and DMA need the
+    /// memory aligned too, not only the offsets).
+    fn mem_aligned(&self, buf: &IoBuf) -> bool {
+        (buf.as_ptr() as u64) & (self.s.align - 1) == 0
+    }
+
     /// Read into `buf`'s window from `off`.
     pub fn read(&self, off: u64, buf: IoBuf) -> IoFuture {
         let len = buf.len() as u64;
-        if self.aligned(off, len) && len <= self.s.max {
+        if self.aligned(off, len) && len <= self.s.max && self.mem_aligned(&buf) {
             return self.s.q.read(off, buf);
         }
         let this = self.clone();
@@ -114,7 +121,7 @@ impl Queue {
     /// Write `buf`'s window at `off`.
     pub fn write(&self, off: u64, buf: IoBuf, flags: WriteFlags) -> IoFuture {
         let len = buf.len() as u64;
-        if self.aligned(off, len) && len <= self.s.max && !self.s.rmw_seen.get() {
+        if self.aligned(off, len) && len <= self.s.max && !self.s.rmw_seen.get() && self.mem_aligned(&buf) {
             return self.s.q.write(off, buf, flags);
         }
         let this = self.clone();
@@ -159,7 +166,7 @@ impl Queue {
 
     async fn read_slow(&self, off: u64, mut buf: IoBuf) -> IoDone {
         let len = buf.len() as u64;
-        if self.aligned(off, len) {
+        if self.aligned(off, len) && self.mem_aligned(&buf) {
             return self.chunked(off, buf, None).await;
         }
         let a = self.s.align;
@@ -202,6 +209,12 @@ impl Queue {
 
     async fn write_slow(&self, off: u64, buf: IoBuf, flags: WriteFlags) -> IoDone {
         let len = buf.len() as u64;
+        if self.aligned(off, len) && !self.mem_aligned(&buf) {
+            // Aligned request from misaligned memory: write from an aligned copy.
+            let bounce = IoBuf::from_slice(&buf);
+            let d = Box::pin(self.write_slow(off, bounce, flags)).await;
+            return IoDone { buf: Some(buf), res: d.res };
+        }
         if self.aligned(off, len) {
             let gated = self.s.rmw_seen.get();
             if gated {

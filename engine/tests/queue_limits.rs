@@ -76,6 +76,7 @@ impl MemQueue {
 impl NodeQueue for MemQueue {
     fn read(&self, off: u64, mut buf: IoBuf) -> IoFuture {
         check(off, buf.len() as u64, true);
+        assert_eq!(buf.as_ptr() as u64 % ALIGN, 0, "misaligned memory");
         let data = self.data.clone();
         self.later(move || {
             let d = data.lock().unwrap();
@@ -86,6 +87,7 @@ impl NodeQueue for MemQueue {
     }
     fn write(&self, off: u64, buf: IoBuf, _f: WriteFlags) -> IoFuture {
         check(off, buf.len() as u64, true);
+        assert_eq!(buf.as_ptr() as u64 % ALIGN, 0, "misaligned memory");
         let data = self.data.clone();
         self.later(move || {
             let mut d = data.lock().unwrap();
@@ -142,10 +144,15 @@ fn random_ops(zero_ok: bool, seed: u64) {
                 let model = m2.clone();
                 let kind = rng(&mut s) % 3;
                 let byte = (round * 16 + i) as u8 | 1;
+                // Some buffers start at a misaligned address inside their allocation.
+                let skew = (rng(&mut s) % 3 == 0) as usize * (1 + rng(&mut s) % 511) as usize;
                 handles.push(spawn_local(async move {
                     match kind {
                         0 => {
-                            let d = q.write(off, IoBuf::from_slice(&vec![byte; len as usize]), WriteFlags::default()).await;
+                            let mut b = IoBuf::new(len as usize + skew);
+                            b.slice(skew, len as usize);
+                            b.fill(byte);
+                            let d = q.write(off, b, WriteFlags::default()).await;
                             assert_eq!(d.res, Ok(len));
                             model.borrow_mut()[off as usize..(off + len) as usize].fill(byte);
                         }
@@ -155,7 +162,9 @@ fn random_ops(zero_ok: bool, seed: u64) {
                             model.borrow_mut()[off as usize..(off + len) as usize].fill(0);
                         }
                         _ => {
-                            let d = q.read(off, IoBuf::new(len as usize)).await;
+                            let mut b = IoBuf::new(len as usize + skew);
+                            b.slice(skew, len as usize);
+                            let d = q.read(off, b).await;
                             assert_eq!(d.res, Ok(len));
                             // Reads in a round see data written in earlier rounds.
                             let _ = d.buf.unwrap();

@@ -703,3 +703,22 @@ fn aio_requests_are_in_flight_together() {
     let o = run(&mut c);
     assert!(stdout(&o).starts_with("read 512/512 bytes at offset 0\n"), "{}", stdout(&o));
 }
+
+#[test]
+fn golden_misaligned_buffers_under_o_direct() {
+    // -m puts every buffer 16 bytes off alignment; with -n (O_DIRECT) the engine must bounce.
+    let o = golden_cmds(
+        MIB,
+        &["write -P 0x11 0 64k"],
+        &["-m", "-n", "-f", "raw"],
+        &[
+            "write -P 0x5a 512 4096",
+            "read -P 0x5a 512 4096",
+            "read -P 0x11 0 512",
+            "writev -P 0x22 8k 3k 1k",
+            "readv -P 0x22 8k 2k 2k",
+        ],
+    );
+    assert!(o.out.contains("wrote 4096/4096 bytes at offset 512"), "{}", o.out);
+    assert!(!o.out.contains("Pattern verification failed"), "{}", o.out);
+}

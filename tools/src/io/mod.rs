@@ -108,8 +108,8 @@ Basalt disk exerciser (a qemu-io work-alike)
   -r, --read-only      export read-only
   -s, --snapshot       use snapshot file (not supported)
   -n, --nocache        disable host cache, short for -t none
-  -C, --copy-on-read   enable copy-on-read (no effect: no backing images yet)
-  -m, --misalign       misalign allocations for O_DIRECT (no effect)
+  -C, --copy-on-read   enable copy-on-read (not supported yet)
+  -m, --misalign       misalign allocations for O_DIRECT
   -k, --native-aio     use kernel AIO implementation (not supported)
   -i, --aio=MODE       use AIO mode (threads or io_uring)
   -t, --cache=MODE     use the given cache mode for the image
@@ -142,6 +142,21 @@ fn specs() -> Vec<getopt::OptSpec> {
         opt(None, Some("object"), true),
         opt(None, Some("image-opts"), false),
     ]
+}
+
+/// `-m`: buffers start 16 bytes past an aligned address, as qemu-io's `MISALIGN_OFFSET`, so the
+/// engine's bounce path for misaligned memory is exercised.
+static MISALIGN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A request buffer of `len` bytes (contents unspecified), misaligned when `-m` was given.
+pub(crate) fn alloc_buf(len: usize) -> basalt_reactor::IoBuf {
+    if MISALIGN.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut b = basalt_reactor::IoBuf::new_uninit(len + 16);
+        b.slice(16, len);
+        b
+    } else {
+        basalt_reactor::IoBuf::new_uninit(len)
+    }
 }
 
 /// Print an error as qemu-io does (`basalt-io: MESSAGE`).
@@ -182,7 +197,10 @@ fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<Strin
             "force-share" => req.force_share = true,
             "image-opts" => req.image_opts = true,
             "nocache" => req.cache = Some("none".into()),
-            "copy-on-read" | "misalign" => {}
+            "copy-on-read" => {
+                return Err(refuse("-C/--copy-on-read needs the copy-on-read filter, which Basalt does not have yet".into()));
+            }
+            "misalign" => MISALIGN.store(true, std::sync::atomic::Ordering::Relaxed),
             "cache" => {
                 if parse_cache(&v).is_err() {
                     return Err(refuse(format!("Invalid cache option: {v}")));

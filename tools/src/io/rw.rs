@@ -83,7 +83,7 @@ fn iovec_len(lens: &[String]) -> Result<u64, Fail> {
 }
 
 fn filled(len: u64, fill: u8) -> IoBuf {
-    let mut buf = IoBuf::new_uninit(len as usize);
+    let mut buf = super::alloc_buf(len as usize);
     buf.fill(fill);
     buf
 }
@@ -219,7 +219,7 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     }
     let mut buf = None;
     if !zero {
-        let mut b = IoBuf::new_uninit(count as usize);
+        let mut b = super::alloc_buf(count as usize);
         match &file {
             Some(f) => pattern::fill_from_file(&mut b, f).map_err(|m| {
                 errln!("{m}");
