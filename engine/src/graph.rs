@@ -242,19 +242,28 @@ impl Graph {
     }
 
     async fn open_probed(&self, mut opts: Opts, mut flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
-        let filename =
-            opts.get_str("filename").ok_or_else(|| BlockError::option("A block device must be specified for \"file\""))?;
-        // Options meant for the format (node-name and the like) stay with it; the rest go to
-        // the protocol.
-        let mut fmt_opts = Opts::new();
-        for k in ["node-name", "read-only"] {
-            if let Some(v) = opts.take_str(k) {
-                fmt_opts.set(k, v);
+        // The protocol node is either given as a `file` child (json:{"file": {...}}) or made
+        // from the top-level filename and protocol options.
+        let (proto, fmt_opts) = if opts.contains("file") || opts.has_sub("file") {
+            let proto = self.open_child(&mut opts, ChildRole::File, flags.clone()).await?;
+            (proto, opts)
+        } else {
+            if !opts.contains("filename") {
+                return Err(BlockError::option("A block device must be specified for \"file\""));
             }
-        }
-        let proto = self.open_protocol(opts, flags.clone()).await?;
+            // Options meant for the format (node-name and the like) stay with it; the rest go
+            // to the protocol.
+            let mut fmt_opts = Opts::new();
+            for k in ["node-name", "read-only"] {
+                if let Some(v) = opts.take_str(k) {
+                    fmt_opts.set(k, v);
+                }
+            }
+            (self.open_protocol(opts, flags.clone()).await?, fmt_opts)
+        };
+        let mut fmt_opts = fmt_opts;
         let head = read_head(&proto).await?;
-        let drv = self.registry.probe(&head, &filename)?;
+        let drv = self.registry.probe(&head, &proto.filename())?;
         flags.probed = drv.name() == "raw";
         fmt_opts.set("file", proto.node_name());
         let node = drv.open(self, fmt_opts, flags).await?;

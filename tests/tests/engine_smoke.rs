@@ -78,6 +78,10 @@ fn probed_raw_refuses_a_qcow2_header_in_sector_0() {
         let be = Backend::new(graph.open(o, OpenFlags::read_write()).await.unwrap()).unwrap();
         let d = be.write(0, IoBuf::from_slice(&hdr), WriteFlags::default()).await;
         assert_eq!(d.res, Ok(512));
+        // A json: name giving only the protocol child is probed too.
+        let j = format!(r#"json:{{"file": {{"driver": "file", "filename": "{p}", "locking": "off"}}}}"#);
+        let e = graph.open(Opts::from_filename(&j).unwrap(), OpenFlags::read_only()).await.err().unwrap();
+        assert!(e.msg.contains("'qcow2'"), "{}", e.msg);
         // Now it probes as qcow2, which is refused with a clear error rather than taken for raw.
         let e = graph.open(Opts::from_filename(&p).unwrap(), OpenFlags::read_only()).await.err().unwrap();
         assert!(e.msg.contains("'qcow2'"), "{}", e.msg);
