@@ -145,7 +145,7 @@ fn random_ops(zero_ok: bool, seed: u64) {
                 let kind = rng(&mut s) % 3;
                 let byte = (round * 16 + i) as u8 | 1;
                 // Some buffers start at a misaligned address inside their allocation.
-                let skew = (rng(&mut s) % 3 == 0) as usize * (1 + rng(&mut s) % 511) as usize;
+                let skew = rng(&mut s).is_multiple_of(3) as usize * (1 + rng(&mut s) % 511) as usize;
                 handles.push(spawn_local(async move {
                     match kind {
                         0 => {
