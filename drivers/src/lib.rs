@@ -17,4 +17,3 @@ pub(crate) use basalt_engine::json_filename;
 pub fn drivers() -> Vec<&'static dyn BlockDriver> {
     vec![&file::FILE, &file::HOST_DEVICE, &null::NULL_CO, &null::NULL_AIO]
 }
-

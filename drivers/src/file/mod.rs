@@ -125,10 +125,7 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         return Err(BlockError::new(ErrorKind::InvalidFormat, format!("Could not open '{path}': Is a directory")));
     }
     if host_device && !blockdev {
-        return Err(BlockError::new(
-            ErrorKind::InvalidFormat,
-            "'host_device' driver expects either a character or block device",
-        ));
+        return Err(BlockError::new(ErrorKind::InvalidFormat, "'host_device' driver expects either a character or block device"));
     }
     if !host_device && blockdev {
         return Err(BlockError::new(

@@ -8,7 +8,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use basalt_engine::{AioMode, BlockError, BlockResult, BlockStatus, ErrorKind, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, SlotKind, WriteFlags, ZeroFlags};
+use basalt_engine::{
+    AioMode, BlockError, BlockResult, BlockStatus, ErrorKind, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, SlotKind,
+    WriteFlags, ZeroFlags,
+};
 use basalt_reactor::{blocking, uring_fallocate, uring_fsync, uring_rw, IoBuf, SlotFuture, UringFd};
 
 use super::{sys, FileShared};
@@ -29,7 +32,10 @@ impl FileQueue {
             AioMode::Auto => features.is_some(),
             AioMode::IoUring => {
                 if features.is_none() {
-                    return Err(BlockError::new(ErrorKind::Unsupported, "aio=io_uring: io_uring is not available (the kernel refused it); use aio=threads"));
+                    return Err(BlockError::new(
+                        ErrorKind::Unsupported,
+                        "aio=io_uring: io_uring is not available (the kernel refused it); use aio=threads",
+                    ));
                 }
                 true
             }
