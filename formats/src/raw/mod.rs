@@ -11,8 +11,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use basalt_engine::{
-    BlockDriver, BlockError, BlockResult, BlockStatus, Child, ChildRole, CreateOptDesc, DriverKind, ErrorKind, Graph, IoDone, IoFuture,
-    IoStatus, Limits, LocalBoxFuture, Node, NodeQueue, OpenFlags, Opts, Prealloc, Queue, WriteFlags, ZeroFlags,
+    BlockDriver, BlockError, BlockResult, BlockStatus, Child, ChildRole, CreateOptDesc, DriverKind, ErrorKind, Graph, IoDone,
+    IoFuture, IoStatus, Limits, LocalBoxFuture, Node, NodeQueue, OpenFlags, Opts, Prealloc, Queue, WriteFlags, ZeroFlags,
 };
 use basalt_reactor::IoBuf;
 
@@ -48,7 +48,12 @@ impl BlockDriver for RawDriver {
     fn probe(&self, _head: &[u8], _filename: &str) -> u8 {
         1
     }
-    fn open<'a>(&'a self, graph: &'a Graph, mut opts: Opts, mut flags: OpenFlags) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>> {
+    fn open<'a>(
+        &'a self,
+        graph: &'a Graph,
+        mut opts: Opts,
+        mut flags: OpenFlags,
+    ) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>> {
         Box::pin(async move {
             let name = graph.take_node_name(&mut opts)?;
             flags.read_only = opts.take_bool("read-only", flags.read_only)?;
@@ -70,10 +75,15 @@ impl BlockDriver for RawDriver {
             let child_size = file.size();
             let align = u64::from(file.limits().request_alignment.max(1));
             if offset % align != 0 {
-                return Err(BlockError::option(format!("offset ({offset}) must be a multiple of the file's request alignment ({align})")));
+                return Err(BlockError::option(format!(
+                    "offset ({offset}) must be a multiple of the file's request alignment ({align})"
+                )));
             }
             if offset > child_size {
-                return Err(BlockError::new(ErrorKind::OutOfBounds, format!("Offset ({offset}) cannot be greater than the size of the containing file ({child_size})")));
+                return Err(BlockError::new(
+                    ErrorKind::OutOfBounds,
+                    format!("Offset ({offset}) cannot be greater than the size of the containing file ({child_size})"),
+                ));
             }
             if let Some(s) = size {
                 if offset.checked_add(s).is_none_or(|e| e > child_size) {
@@ -83,7 +93,9 @@ impl BlockDriver for RawDriver {
                     ));
                 }
                 if s % align != 0 {
-                    return Err(BlockError::option(format!("size ({s}) must be a multiple of the file's request alignment ({align})")));
+                    return Err(BlockError::option(format!(
+                        "size ({s}) must be a multiple of the file's request alignment ({align})"
+                    )));
                 }
             }
             // As QEMU: the file's own name when the raw node adds nothing to it, else a `json:`
