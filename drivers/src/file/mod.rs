@@ -224,9 +224,9 @@ pub(crate) async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> BlockRes
 fn create_file(path: &str, size: u64, prealloc: Prealloc) -> BlockResult<()> {
     let fd = sys::open(path, libc::O_RDWR | libc::O_CREAT, 0o644)
         .map_err(|e| BlockError::io(format!("Could not create '{path}'"), &e))?;
-    // Exclude other users while we rewrite the file, as QEMU does.
-    lock::apply(fd.as_raw_fd(), Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE), Perm::NONE, path)
-        .map_err(|e| e.context(format!("Could not create '{path}'")))?;
+    // Lock as QEMU's file-posix create does: take write and resize, deny only resize, so a
+    // reader or writer that shares resizing (qemu-io, a qemu-img reader) does not conflict.
+    lock::apply(fd.as_raw_fd(), Perm::WRITE.with(Perm::RESIZE), Perm::ALL.without(Perm::RESIZE), path)?;
     let raw = fd.as_raw_fd();
     sys::ftruncate(raw, 0).map_err(|e| BlockError::io(format!("Could not resize file '{path}'"), &e))?;
     // QEMU rounds the size of a new file up to whole sectors, and reports a failure to size it
