@@ -118,12 +118,34 @@ pub fn spec_from_args(args: &Args, filename: &str, fmt_key: &str) -> ImageSpec {
 /// and `Err(())` returned. A raw image that was only probed and is opened read-write gets
 /// qemu-img's warning, even with `-q`.
 pub async fn open(graph: &Graph, spec: &ImageSpec) -> Result<Arc<dyn Node>, ()> {
+    open_as(graph, spec, false).await
+}
+
+/// [`open`] for a user that does no I/O (`info`, QEMU's `BDRV_O_NO_IO`): it takes no
+/// permissions, so an image whose holder denies reads can still be described.
+pub async fn open_no_io(graph: &Graph, spec: &ImageSpec) -> Result<Arc<dyn Node>, ()> {
+    open_as(graph, spec, true).await
+}
+
+async fn open_as(graph: &Graph, spec: &ImageSpec, no_io: bool) -> Result<Arc<dyn Node>, ()> {
     if spec.image_opts && spec.fmt.is_some() {
         error("--image-opts and --format are mutually exclusive");
         return Err(());
     }
-    match image::open(graph, spec).await {
-        Ok((node, _)) => {
+    let opened = if no_io {
+        let ctx = |e: basalt_engine::BlockError| e.context(format!("Could not open '{}'", spec.filename));
+        match (image::spec_opts(graph, spec), image::spec_flags(spec)) {
+            (Ok(opts), Ok((mut flags, _))) => {
+                flags.perm = Perm::NONE;
+                graph.open(opts, flags).await.map_err(ctx)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(ctx(e)),
+        }
+    } else {
+        image::open(graph, spec).await.map(|(n, _)| n)
+    };
+    match opened {
+        Ok(node) => {
             if node.probed() && !node.read_only() {
                 let name = node.children().first().map(|c| c.node.filename()).unwrap_or_else(|| spec.filename.clone());
                 eprintln!(

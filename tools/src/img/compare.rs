@@ -13,6 +13,7 @@
 //! Exit codes as qemu-img: 0 identical, 1 different, 2 an image could not be opened, 3 block
 //! status failed, 4 a read failed.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use basalt_engine::{Backend, Graph, IoStatus};
@@ -57,7 +58,7 @@ Arguments:
 /// qemu-img's I/O buffer size: the largest chunk read at once.
 const IO_BUF_SIZE: u64 = 2 << 20;
 /// Chunks read ahead of the one being judged.
-const MAX_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 4;
 /// Ranges looked up ahead (including ones that need no reads).
 const MAX_QUEUED: usize = 64;
 
@@ -101,13 +102,22 @@ struct Item {
 struct Images {
     chains: [Chain; 2],
     names: [String; 2],
+    /// Read buffers (IO_BUF_SIZE each) to reuse, so the walk allocates only at its start.
+    free: RefCell<Vec<IoBuf>>,
 }
 
 impl Images {
     fn spawn_reads(&self, which: &[usize], off: u64, len: u64) -> Reads {
-        let bes: Vec<(usize, Backend)> = which.iter().map(|&i| (i, self.chains[i].top().clone())).collect();
+        let bes: Vec<(usize, Backend, IoBuf)> = which
+            .iter()
+            .map(|&i| {
+                let mut buf = self.free.borrow_mut().pop().unwrap_or_else(|| IoBuf::heap(IO_BUF_SIZE as usize));
+                buf.reset(len as usize);
+                (i, self.chains[i].top().clone(), buf)
+            })
+            .collect();
         spawn_local(async move {
-            let futs: Vec<_> = bes.iter().map(|(i, be)| (*i, be.read(off, IoBuf::new_uninit(len as usize)))).collect();
+            let futs: Vec<_> = bes.into_iter().map(|(i, be, buf)| (i, be.read(off, buf))).collect();
             let mut bufs = Vec::with_capacity(futs.len());
             let mut first_err = None;
             for (i, f) in futs {
@@ -144,6 +154,7 @@ impl Images {
             [a] => common::find_nonzero(a),
             _ => None,
         };
+        self.free.borrow_mut().extend(bufs);
         match at {
             Some(p) => Err(Stop::differ(format!("Content mismatch at offset {}!", item.offset + p as u64))),
             None => Ok(()),
@@ -208,7 +219,7 @@ async fn run(a: &crate::getopt::Args, cache: Option<String>, quiet: bool, progre
     let (Some(c2), Some(c1)) = (chains.pop(), chains.pop()) else {
         return 2;
     };
-    let imgs = Images { chains: [c1, c2], names: [a.operands[0].clone(), a.operands[1].clone()] };
+    let imgs = Images { chains: [c1, c2], names: [a.operands[0].clone(), a.operands[1].clone()], free: RefCell::new(Vec::new()) };
     let sizes = [imgs.chains[0].size(), imgs.chains[1].size()];
     let total = sizes[0].min(sizes[1]);
     let progress_base = sizes[0].max(sizes[1]);

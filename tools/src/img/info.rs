@@ -142,7 +142,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     let mut spec = common::spec_from_args(&a, &a.operands[0], "format");
     spec.read_only = true;
     let graph = Graph::new(basalt_formats::registry());
-    let Ok(node) = common::open(&graph, &spec).await else {
+    let Ok(node) = common::open_no_io(&graph, &spec).await else {
         return 1;
     };
     let mut chain = vec![node.clone()];
