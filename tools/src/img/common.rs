@@ -439,7 +439,8 @@ impl Chain {
                     zero: st.zero,
                     allocated: st.allocated,
                     offset: st.offset,
-                    file: st.file,
+                    // A protocol node stores its data itself.
+                    file: st.file.or_else(|| st.offset.map(|_| be.node().clone())),
                     compressed: st.compressed,
                     depth: depth as u32,
                     eof: off + len >= size,
