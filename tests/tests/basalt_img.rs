@@ -191,6 +191,8 @@ fn map_matches_qemu_img() {
             "map --output=json --image-opts driver=raw,file.driver=null-co,file.read-zeroes=on",
             "map --image-opts driver=raw,offset=1M,file.filename=s.raw",
             "map -f file --output=json s.raw",
+            "map -f file s.raw",
+            "map --image-opts driver=file,filename=s.raw",
         ],
         &[],
     );
@@ -455,5 +457,52 @@ fn resize_dd_and_compare_both_ways() {
             assert_eq!(bo, qo, "mismatch at {off}");
             assert_eq!(bo.code, Some(1));
         }
+    }
+}
+
+/// Hold an OFD read lock on `bytes` of `path` (QEMU's lock bytes: 100+i "uses permission i",
+/// 200+i "denies permission i") while the returned file is open.
+fn hold_locks(path: &Path, bytes: &[i64]) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open for locking");
+    for &b in bytes {
+        // SAFETY: flock is plain old data; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_RDLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = b;
+        fl.l_len = 1;
+        // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock pointer.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        assert_eq!(r, 0, "lock byte {b}");
+    }
+    f
+}
+
+/// Lock conflicts with another holder give qemu-img's outcome: info needs no permission, map
+/// needs consistent reads, create takes write and resize and denies resize.
+#[test]
+fn image_locks_as_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    setup(d);
+    let cases: &[(&[i64], &[&str], i32)] = &[
+        (&[200], &["info", "r.raw"], 0),
+        (&[200], &["map", "r.raw"], 1),
+        (&[200], &["create", "r.raw", "1M"], 0),
+        (&[201], &["create", "r.raw", "1M"], 1),
+        (&[201], &["resize", "-f", "raw", "r.raw", "2M"], 1),
+        (&[103], &["create", "r.raw", "1M"], 1),
+        (&[103], &["compare", "r.raw", "r.raw"], 0),
+        (&[100, 101, 102, 103], &["dd", "if=r.raw", "of=o.raw"], 0),
+        (&[200, 201, 202, 203], &["info", "--output=json", "r.raw"], 0),
+    ];
+    for (bytes, args, code) in cases {
+        let holder = hold_locks(&d.join("r.raw"), bytes);
+        let qo = outcome(&run(peer("qemu-img").current_dir(d).args(*args)));
+        let bo = outcome(&run(Command::new(tool("basalt-img")).current_dir(d).args(*args)));
+        drop(holder);
+        assert_eq!(qo.code, Some(*code), "qemu-img {args:?} with bytes {bytes:?} locked: {}", qo.err);
+        assert_eq!(bo, qo, "basalt-img {args:?} with bytes {bytes:?} locked");
     }
 }
