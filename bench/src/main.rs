@@ -20,6 +20,7 @@ use basalt_reactor::{Runtime, RuntimeConfig};
 use basalt_tools::bench::{self, BenchJob, BenchResult, Histogram, Pattern};
 use basalt_tools::image::{self, ImageSpec};
 
+#[derive(Clone)]
 struct Job {
     name: String,
     filename: String,
@@ -37,23 +38,29 @@ struct Job {
     busy_poll: bool,
 }
 
+impl Default for Job {
+    fn default() -> Job {
+        Job {
+            name: "job".into(),
+            filename: String::new(),
+            format: None,
+            image_opts: false,
+            rw: "randread".into(),
+            rwmixread: 50,
+            bs: 4096,
+            iodepth: 32,
+            runtime: Duration::from_secs(2),
+            number_ios: 0,
+            direct: false,
+            cores: 1,
+            sqpoll: false,
+            busy_poll: false,
+        }
+    }
+}
+
 fn parse_args(args: &[String]) -> Result<Job> {
-    let mut j = Job {
-        name: "job".into(),
-        filename: String::new(),
-        format: None,
-        image_opts: false,
-        rw: "randread".into(),
-        rwmixread: 50,
-        bs: 4096,
-        iodepth: 32,
-        runtime: Duration::from_secs(2),
-        number_ios: 0,
-        direct: false,
-        cores: 1,
-        sqpoll: false,
-        busy_poll: false,
-    };
+    let mut j = Job::default();
     for a in args {
         let Some(a) = a.strip_prefix("--") else { bail!("unexpected argument '{a}'") };
         let (k, v) = a.split_once('=').unwrap_or((a, ""));
@@ -260,37 +267,11 @@ fn default_jobs() -> Result<()> {
     let filename = path.to_string_lossy().into_owned();
     println!("basalt-bench default job: 4 KiB random I/O at queue depth 32, 2 s per job, one reactor");
     println!("image: {filename} (raw, 256 MiB, page cache, io_uring)\n");
-    let base = Job {
-        name: "randread-raw-file".into(),
-        filename: filename.clone(),
-        format: Some("raw".into()),
-        image_opts: false,
-        rw: "randread".into(),
-        rwmixread: 50,
-        bs: 4096,
-        iodepth: 32,
-        runtime: Duration::from_secs(2),
-        number_ios: 0,
-        direct: false,
-        cores: 1,
-        sqpoll: false,
-        busy_poll: false,
-    };
+    let base = Job { name: "randread-raw-file".into(), filename: filename.clone(), format: Some("raw".into()), ..Job::default() };
     run_and_report(&base)?;
-    run_and_report(&Job { name: "randwrite-raw-file".into(), rw: "randwrite".into(), ..clone_job(&base) })?;
-    run_and_report(&Job { name: "randread-null-co".into(), filename: "null-co://".into(), ..clone_job(&base) })?;
+    run_and_report(&Job { name: "randwrite-raw-file".into(), rw: "randwrite".into(), ..base.clone() })?;
+    run_and_report(&Job { name: "randread-null-co".into(), filename: "null-co://".into(), ..base.clone() })?;
     Ok(())
-}
-
-fn clone_job(j: &Job) -> Job {
-    Job {
-        name: j.name.clone(),
-        filename: j.filename.clone(),
-        format: j.format.clone(),
-        image_opts: j.image_opts,
-        rw: j.rw.clone(),
-        ..*j
-    }
 }
 
 fn main() {

@@ -7,7 +7,7 @@
 //! writes (`-c`) are not supported by any Basalt driver and fail with ENOTSUP, as they do in
 //! qemu-io on raw images.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use basalt_engine::{IoDone, IoStatus, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
@@ -142,19 +142,40 @@ pub(crate) async fn read(img: &Image, call: &Call<'_>) -> CmdResult {
     let d = if vmstate { IoDone { buf: Some(buf), res: Err(IoStatus::ENOTSUP) } } else { img.be.read(offset, buf).await };
     let elapsed = t.elapsed();
     let buf = done_buf(d).map_err(|e| failed("read", e))?;
+    let check = pattern.map(|p| (p, pat_off, pat_len));
+    finish_read(&buf, offset, count, check, ReadOutput { verbose, quiet, machine }, elapsed)
+}
+
+/// How a completed read is shown.
+struct ReadOutput {
+    verbose: bool,
+    quiet: bool,
+    machine: bool,
+}
+
+/// The common end of `read` and `readv`: check the pattern over `check`'s (byte, offset,
+/// length) window, dump the data with `-v`, print the report line.
+fn finish_read(
+    buf: &[u8],
+    offset: u64,
+    count: u64,
+    check: Option<(u8, u64, u64)>,
+    how: ReadOutput,
+    elapsed: Duration,
+) -> CmdResult {
     let mut ret = Ok(());
     let mut out = String::new();
-    if let Some(p) = pattern {
-        if !pattern::matches(&buf[pat_off as usize..(pat_off + pat_len) as usize], p) {
-            out += &pattern::mismatch(offset + pat_off, pat_len);
+    if let Some((p, at, len)) = check {
+        if !pattern::matches(&buf[at as usize..(at + len) as usize], p) {
+            out += &pattern::mismatch(offset + at, len);
             ret = Err(Fail);
         }
     }
-    if !quiet {
-        if verbose {
-            out += &pattern::dump(&buf, offset);
+    if !how.quiet {
+        if how.verbose {
+            out += &pattern::dump(buf, offset);
         }
-        out += &report("read", elapsed, offset, count, count, 1, machine);
+        out += &report("read", elapsed, offset, count, count, 1, how.machine);
     }
     out!("{out}");
     ret
@@ -269,22 +290,7 @@ pub(crate) async fn readv(img: &Image, call: &Call<'_>) -> CmdResult {
     let d = img.be.read(offset, buf).await;
     let elapsed = t.elapsed();
     let buf = done_buf(d).map_err(|e| failed("readv", e))?;
-    let mut ret = Ok(());
-    let mut out = String::new();
-    if let Some(p) = pattern {
-        if !pattern::matches(&buf, p) {
-            out += &pattern::mismatch(offset, count);
-            ret = Err(Fail);
-        }
-    }
-    if !quiet {
-        if verbose {
-            out += &pattern::dump(&buf, offset);
-        }
-        out += &report("read", elapsed, offset, count, count, 1, machine);
-    }
-    out!("{out}");
-    ret
+    finish_read(&buf, offset, count, pattern.map(|p| (p, 0, count)), ReadOutput { verbose, quiet, machine }, elapsed)
 }
 
 /// `writev [-Cfq] [-P pattern] off len [len..]`.
