@@ -6,7 +6,7 @@
 //! protocol comes from the filename's prefix (`file` when there is none), the format is probed
 //! from the first 2 KiB, and a file only probed as raw is marked so that a write turning
 //! sector 0 into another format's header is refused. A child given as a string names an
-//! existing node (a node shared by several parents) or, failing that, a filename.
+//! existing node (a node shared by several parents).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -296,8 +296,8 @@ impl Graph {
         Ok(node)
     }
 
-    /// Open the child of `role` from a parent's options: `<role>` naming an existing node (or a
-    /// filename), or a `<role>.` subtree.
+    /// Open the child of `role` from a parent's options: `<role>` naming an existing node, or a
+    /// `<role>.` subtree.
     pub async fn open_child(&self, opts: &mut Opts, role: ChildRole, flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
         let key = role.name();
         if let Some(r) = opts.take_str(key) {
@@ -312,9 +312,8 @@ impl Graph {
                 }
                 return Ok(n);
             }
-            let mut sub = Opts::new();
-            sub.set("filename", r);
-            return self.open_protocol(sub, flags).await;
+            // A string child is a reference, never a filename (as in QEMU).
+            return Err(BlockError::new(ErrorKind::NotFound, format!("Cannot find device='{r}' nor node-name='{r}'")));
         }
         let sub = opts.take_sub(key);
         if sub.is_empty() {

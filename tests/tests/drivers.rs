@@ -149,6 +149,10 @@ fn null_drivers_honour_their_options() {
             .err()
             .unwrap();
         assert_eq!(e.msg, "Duplicate nodes with node-name='a'");
+        // A string child is a reference only, as in QEMU.
+        let e =
+            graph.open(Opts::parse_keyval("driver=raw,file=nosuch", None).unwrap(), OpenFlags::read_write()).await.err().unwrap();
+        assert_eq!(e.msg, "Cannot find device='nosuch' nor node-name='nosuch'");
     });
 }
 
