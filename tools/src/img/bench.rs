@@ -41,6 +41,9 @@ pub async fn main(args: Vec<String>) -> i32 {
             return 1;
         }
     };
+    if let Err(code) = crate::img::common::check_objects(&a) {
+        return code;
+    }
     let mut job = BenchJob::default();
     macro_rules! num {
         ($name:expr, $what:expr, $parse:expr) => {

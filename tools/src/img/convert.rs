@@ -53,6 +53,9 @@ pub async fn main(args: Vec<String>) -> i32 {
             return 1;
         }
     };
+    if let Err(code) = crate::img::common::check_objects(&a) {
+        return code;
+    }
     match run(&a).await {
         Ok(()) => 0,
         Err(msg) => {
