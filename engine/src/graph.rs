@@ -58,6 +58,8 @@ pub struct OpenFlags {
     pub aio: AioMode,
     /// The node was only probed as its format (set by the graph for raw).
     pub probed: bool,
+    /// `-U` / `force-share=on`: formats must not restrict what others may do to their files.
+    pub force_share: bool,
 }
 
 impl OpenFlags {
@@ -71,6 +73,7 @@ impl OpenFlags {
             no_flush: false,
             aio: AioMode::Auto,
             probed: false,
+            force_share: false,
         }
     }
 

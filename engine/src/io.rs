@@ -55,6 +55,8 @@ pub enum IoFuture {
     Ready(Option<IoDone>),
     /// A leaf operation in flight.
     Slot(SlotFuture, SlotKind),
+    /// A leaf operation in flight that a parent counts until it completes (see [`InFlight`]).
+    Counted(SlotFuture, SlotKind, InFlightGuard),
     /// A slow path.
     Boxed(LocalBoxFuture<'static, IoDone>),
 }
@@ -79,6 +81,53 @@ impl IoFuture {
     pub fn boxed(f: impl Future<Output = IoDone> + 'static) -> IoFuture {
         IoFuture::Boxed(Box::pin(f))
     }
+
+    /// Count this request in `counter` until it completes. Allocation-free for leaf
+    /// operations; a boxed future is wrapped in another box.
+    pub fn counted(self, counter: &InFlight) -> IoFuture {
+        let guard = counter.enter();
+        match self {
+            IoFuture::Ready(v) => IoFuture::Ready(v),
+            IoFuture::Slot(f, k) => IoFuture::Counted(f, k, guard),
+            c @ IoFuture::Counted(..) => IoFuture::boxed(async move {
+                let d = c.await;
+                drop(guard);
+                d
+            }),
+            IoFuture::Boxed(f) => IoFuture::boxed(async move {
+                let d = f.await;
+                drop(guard);
+                d
+            }),
+        }
+    }
+}
+
+/// A count of requests in flight, so that a node can wait for them to drain (for example
+/// before freeing a cluster that in-flight writes may still target). `!Send`: one per reactor.
+#[derive(Clone, Default)]
+pub struct InFlight(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl InFlight {
+    /// Requests counted now.
+    pub fn count(&self) -> usize {
+        self.0.get()
+    }
+
+    /// Count one request until the guard drops.
+    pub fn enter(&self) -> InFlightGuard {
+        self.0.set(self.0.get() + 1);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+/// Decrements its [`InFlight`] when dropped.
+pub struct InFlightGuard(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl Future for IoFuture {
@@ -89,7 +138,7 @@ impl Future for IoFuture {
         let this = unsafe { self.get_unchecked_mut() };
         match this {
             IoFuture::Ready(v) => Poll::Ready(v.take().expect("IoFuture polled after completion")),
-            IoFuture::Slot(f, kind) => match Pin::new(f).poll(cx) {
+            IoFuture::Slot(f, kind) | IoFuture::Counted(f, kind, _) => match Pin::new(f).poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready((res, buf)) => Poll::Ready(finish_slot(res, buf, *kind)),
             },

@@ -222,6 +222,19 @@ pub trait Node: Send + Sync + Any {
     fn protocol_type(&self) -> Option<&'static str> {
         None
     }
+    /// The format's cluster size, for `info`.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// QEMU's `format-specific` info object (`{"type": ..., "data": {...}}`), when the format
+    /// has one.
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// The backing file name and format recorded in the image, if any.
+    fn backing_info(&self) -> Option<(String, Option<String>)> {
+        None
+    }
     /// Whether a file that was only probed as this format must not have sector 0 rewritten
     /// into another format (raw only).
     fn probed(&self) -> bool {

@@ -1,9 +1,11 @@
 //! basalt-formats: image formats, one folder each, each behind a cargo feature, and the
 //! registry through which a program learns every driver it can use.
 //!
-//! Only `raw` is here so far. Formats Basalt recognises but cannot open yet are refused by the
+//! `raw` and `qcow2` are here so far. Formats Basalt recognises but cannot open yet are refused by the
 //! engine's probe table with a clear error, never mistaken for raw.
 
+#[cfg(feature = "qcow2")]
+pub mod qcow2;
 #[cfg(feature = "raw")]
 pub mod raw;
 
@@ -14,5 +16,7 @@ pub fn registry() -> Registry {
     let mut d: Vec<&'static dyn BlockDriver> = basalt_drivers::drivers();
     #[cfg(feature = "raw")]
     d.push(&raw::RAW);
+    #[cfg(feature = "qcow2")]
+    d.push(&qcow2::QCOW2);
     Registry::new(d)
 }

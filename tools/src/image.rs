@@ -112,6 +112,7 @@ pub fn spec_flags(spec: &ImageSpec) -> BlockResult<(OpenFlags, bool)> {
             return Err(BlockError::option("force-share=on can only be used with read-only images"));
         }
         flags.shared = Perm::ALL;
+        flags.force_share = true;
     }
     let mut writethrough = false;
     if let Some(c) = &spec.cache {

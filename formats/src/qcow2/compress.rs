@@ -1,0 +1,112 @@
+//! Compressed clusters: raw deflate (zlib without header, as QEMU writes it) and zstd.
+//! Decompression stops once a cluster of output is produced (the compressed data may be
+//! followed by the sector's padding or another cluster's data) and fails cleanly on corrupt
+//! input or input that produces less than a cluster.
+
+use crate::qcow2::error::Qcow2Error;
+
+/// Compression types of the header field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate.
+    Zlib,
+    /// Zstandard.
+    Zstd,
+}
+
+impl CompressionType {
+    /// From the header byte.
+    pub fn from_header(v: u8) -> CompressionType {
+        if v == 1 {
+            CompressionType::Zstd
+        } else {
+            CompressionType::Zlib
+        }
+    }
+
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+fn corrupt(what: &str) -> Qcow2Error {
+    Qcow2Error::Corrupt(format!("Failed to decompress cluster: {what}"))
+}
+
+/// Decompress `input` into exactly `out.len()` bytes.
+pub fn decompress(t: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), Qcow2Error> {
+    match t {
+        CompressionType::Zlib => {
+            let mut d = flate2::Decompress::new(false);
+            match d.decompress(input, out, flate2::FlushDecompress::Finish) {
+                Ok(_) if d.total_out() as usize == out.len() => Ok(()),
+                Ok(_) => Err(corrupt("short output")),
+                Err(e) => Err(corrupt(&e.to_string())),
+            }
+        }
+        CompressionType::Zstd => {
+            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+            let mut d = Decoder::new().map_err(|e| corrupt(&e.to_string()))?;
+            let mut inb = InBuffer::around(input);
+            let mut outb = OutBuffer::around(out);
+            loop {
+                let before = (inb.pos(), outb.pos());
+                let hint = d.run(&mut inb, &mut outb).map_err(|e| corrupt(&e.to_string()))?;
+                if outb.pos() == outb.capacity() {
+                    return Ok(());
+                }
+                if hint == 0 || (inb.pos(), outb.pos()) == before {
+                    return Err(corrupt("short output"));
+                }
+            }
+        }
+    }
+}
+
+/// Compress a cluster; `None` when the result would not be smaller than the input (the
+/// cluster is then written uncompressed, as QEMU does).
+pub fn compress(t: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    let limit = input.len() - 1;
+    let out = match t {
+        CompressionType::Zlib => {
+            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(input.len());
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => out,
+                _ => return None,
+            }
+        }
+        CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
+    };
+    (out.len() <= limit).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_garbage() {
+        let mut data = vec![0u8; 65536];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 100) as u8;
+        }
+        for t in [CompressionType::Zlib, CompressionType::Zstd] {
+            let mut c = compress(t, &data).unwrap();
+            c.extend_from_slice(&[0xaa; 700]); // trailing bytes of the last sector
+            let mut out = vec![0u8; 65536];
+            decompress(t, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            assert!(decompress(t, &c[..c.len() / 3], &mut out).is_err());
+            assert!(decompress(t, &[0xff; 100], &mut out).is_err());
+        }
+        let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        assert!(
+            compress(CompressionType::Zlib, &random).is_none() || compress(CompressionType::Zlib, &random).unwrap().len() < 4096
+        );
+    }
+}

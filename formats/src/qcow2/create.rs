@@ -1,0 +1,217 @@
+//! Creating qcow2 images: the file through its protocol driver, then cluster 0 (header,
+//! extensions, backing file name), the refcount table, refcount blocks and the empty L1
+//! table, laid out as QEMU lays them out (header, refcount table, refcount block, L1).
+
+use basalt_engine::{
+    parse_bool, parse_size, BlockError, BlockResult, CreateOptDesc, ErrorKind, Graph, OpenFlags, Opts, Perm, Queue,
+};
+use basalt_reactor::IoBuf;
+
+use crate::qcow2::header::{self, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
+use crate::qcow2::refcount;
+
+/// `-o` options, in QEMU's order.
+pub(crate) const CREATE_OPTS: &[CreateOptDesc] = &[
+    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
+    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
+    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
+    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
+    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
+    CreateOptDesc {
+        name: "encryption",
+        kind: "bool",
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    },
+    CreateOptDesc { name: "encrypt.format", kind: "str", help: "Encrypt the image, format choices: 'aes', 'luks'" },
+    CreateOptDesc { name: "cluster_size", kind: "size", help: "qcow2 cluster size" },
+    CreateOptDesc {
+        name: "preallocation",
+        kind: "str",
+        help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    },
+    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
+    CreateOptDesc { name: "refcount_bits", kind: "num", help: "Width of a reference count entry in bits" },
+    CreateOptDesc { name: "compression_type", kind: "str", help: "Compression method used for image cluster compression" },
+    CreateOptDesc { name: "extended_l2", kind: "bool", help: "Extended L2 tables" },
+];
+
+fn opt_err(msg: impl Into<String>) -> BlockError {
+    BlockError::option(msg)
+}
+
+/// Create a qcow2 image of `size` bytes at `filename`.
+pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: Opts) -> BlockResult<()> {
+    let version = match opts.take_str("compat").as_deref() {
+        None | Some("1.1") | Some("v3") => 3,
+        Some("0.10") | Some("v2") => 2,
+        Some(v) => return Err(opt_err(format!("Invalid compatibility level: '{v}'"))),
+    };
+    let cs = match opts.take_str("cluster_size") {
+        None => 65536,
+        Some(v) => parse_size(&v).ok_or_else(|| opt_err(format!("Parameter 'cluster_size' expects a size, not '{v}'")))?,
+    };
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        return Err(opt_err("Cluster size must be a power of two between 512 and 2048k"));
+    }
+    let refcount_bits = match opts.take_str("refcount_bits") {
+        None => 16,
+        Some(v) => v.parse::<u32>().map_err(|_| opt_err(format!("Parameter 'refcount_bits' expects a number, not '{v}'")))?,
+    };
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(opt_err("Refcount width must be a power of two and may not exceed 64 bits"));
+    }
+    if version < 3 && refcount_bits != 16 {
+        return Err(opt_err(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
+        ));
+    }
+    let lazy = opts.take_str("lazy_refcounts").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
+    if lazy {
+        if version < 3 {
+            return Err(opt_err(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        return Err(BlockError::new(ErrorKind::Unsupported, "lazy_refcounts=on is not supported yet"));
+    }
+    let extended_l2 = opts.take_str("extended_l2").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
+    if extended_l2 {
+        if version < 3 {
+            return Err(opt_err(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        if cs < 16384 {
+            return Err(opt_err("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
+        }
+    }
+    let compression = match opts.take_str("compression_type").as_deref() {
+        None | Some("zlib") => 0u8,
+        Some("zstd") => 1,
+        Some(v) => return Err(opt_err(format!("Parameter 'compression_type' does not accept value '{v}'"))),
+    };
+    if compression != 0 && version < 3 {
+        return Err(opt_err(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        ));
+    }
+    if let Some(p) = opts.take_str("preallocation") {
+        if p != "off" {
+            basalt_engine::Prealloc::parse(&p)?;
+            return Err(BlockError::new(ErrorKind::Unsupported, format!("preallocation={p} is not supported for qcow2 yet")));
+        }
+    }
+    if opts.take_str("encryption").is_some_and(|v| parse_bool(&v) == Some(true)) || opts.has_sub("encrypt") {
+        return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 encryption is not supported yet"));
+    }
+    if opts.take_str("data_file").is_some() || opts.take_str("data_file_raw").is_some_and(|v| parse_bool(&v) == Some(true)) {
+        return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 external data files are not supported yet"));
+    }
+    let backing_file = opts.take_str("backing_file");
+    let backing_fmt = opts.take_str("backing_fmt");
+    if backing_fmt.is_some() && backing_file.is_none() {
+        return Err(opt_err("Backing format cannot be used without backing file"));
+    }
+    // What is left goes to the protocol (nocow, extent_size_hint...).
+    let proto = graph.registry().protocol_for(filename).or_else(|| graph.registry().get("file"));
+    let proto = proto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
+    proto.create(graph, filename, 0, opts).await?;
+
+    let cluster_bits = cs.trailing_zeros();
+    let refcount_order = refcount_bits.trailing_zeros();
+    let entry = if extended_l2 { 16 } else { 8 };
+    let l2_cover = cs * (cs / entry);
+    let l1_size = size.div_ceil(l2_cover);
+    if l1_size * 8 > header::MAX_L1_BYTES {
+        return Err(BlockError::new(
+            ErrorKind::OutOfBounds,
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+        ));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // Metadata clusters: header, refcount table, refcount blocks, L1 — sized to cover themselves.
+    let per_block = refcount::entries_per_block(cluster_bits, refcount_order);
+    let (rt_clusters, blocks) = {
+        let mut rt = 1u64;
+        let mut nb = 1u64;
+        loop {
+            let total = 1 + rt + nb + l1_clusters;
+            let need_nb = total.div_ceil(per_block);
+            let need_rt = (need_nb * 8).div_ceil(cs);
+            if need_nb == nb && need_rt == rt {
+                break (rt, nb);
+            }
+            nb = need_nb.max(nb);
+            rt = need_rt.max(rt);
+        }
+    };
+    let rt_off = cs;
+    let rb_off = rt_off + rt_clusters * cs;
+    let l1_off = rb_off + blocks * cs;
+    let total = 1 + rt_clusters + blocks + l1_clusters;
+
+    let mut incompatible = 0;
+    if compression != 0 {
+        incompatible |= INCOMPAT_COMPRESSION;
+    }
+    if extended_l2 {
+        incompatible |= INCOMPAT_EXTL2;
+    }
+    let hdr = Qcow2Header {
+        version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size,
+        crypt_method: 0,
+        l1_size: l1_size as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: rt_off,
+        refcount_table_clusters: rt_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible,
+        compatible: 0,
+        autoclear: 0,
+        refcount_order,
+        header_length: if version >= 3 { 112 } else { 72 },
+        compression_type: compression,
+        extensions: Vec::new(),
+        backing_file,
+        backing_format: backing_fmt,
+        data_file: None,
+        feature_names: Vec::new(),
+    };
+    let mut cluster0 = hdr.serialize().map_err(BlockError::from)?;
+    cluster0.resize(cs as usize, 0);
+    let mut reftable = vec![0u8; (rt_clusters * cs) as usize];
+    for b in 0..blocks {
+        reftable[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&(rb_off + b * cs).to_be_bytes());
+    }
+    let mut refblocks = vec![0u8; (blocks * cs) as usize];
+    for c in 0..total {
+        let b = (c / per_block) as usize;
+        let blk = &mut refblocks[b * cs as usize..(b + 1) * cs as usize];
+        refcount::set(blk, refcount_order, c % per_block, 1);
+    }
+
+    let mut flags = OpenFlags::read_write();
+    flags.perm = Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE);
+    let mut fo = Opts::new();
+    fo.set("filename", filename);
+    let file = graph.open_protocol(fo, flags).await?;
+    let q = Queue::new(file.clone())?;
+    let write = |off: u64, data: Vec<u8>| {
+        let q = q.clone();
+        async move { q.write(off, IoBuf::from_slice(&data), Default::default()).await.res }
+    };
+    let ctx = |e| BlockError::from(e).context(format!("Could not write qcow2 metadata to '{filename}'"));
+    write(0, cluster0).await.map_err(ctx)?;
+    write(rt_off, reftable).await.map_err(ctx)?;
+    write(rb_off, refblocks).await.map_err(ctx)?;
+    write(l1_off, vec![0u8; (l1_size * 8).max(8) as usize]).await.map_err(ctx)?;
+    q.flush().await.res.map_err(ctx)?;
+    graph.remove(file.node_name());
+    Ok(())
+}

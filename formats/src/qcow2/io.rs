@@ -1,0 +1,437 @@
+//! The data path of a qcow2 node on its reactor.
+//!
+//! A read or an in-place overwrite that falls in one cluster whose L2 table is cached is
+//! mapped synchronously and handed to the file's queue: the caller gets the file's own
+//! `IoFuture`, so the fast path allocates nothing. Everything else — table loads, reads from
+//! the backing file, compressed clusters, allocating writes (copy-on-write of the rest of the
+//! cluster), zeroing and discarding — runs as a boxed slow path; changes to metadata are
+//! serialised by the node's allocation lock.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use basalt_engine::{BlockStatus, InFlight, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, Queue, WriteFlags, ZeroFlags};
+use basalt_reactor::IoBuf;
+
+use crate::qcow2::compress;
+use crate::qcow2::entry::{Mapping, COPIED, ZERO};
+use crate::qcow2::meta::{Cached, MResult, MetaIo, Shared};
+
+/// A qcow2 node's queue on one reactor.
+pub(crate) struct Qcow2Queue {
+    s: Arc<Shared>,
+    file: Queue,
+    backing: Option<Queue>,
+    writes: InFlight,
+}
+
+/// One piece of a request: guest offset, length, offset into the request's buffer.
+#[derive(Clone, Copy)]
+struct Piece {
+    off: u64,
+    len: u64,
+    at: usize,
+}
+
+impl Qcow2Queue {
+    pub(crate) fn new(s: Arc<Shared>, file: Queue, backing: Option<Queue>) -> Qcow2Queue {
+        Qcow2Queue { s, file, backing, writes: InFlight::default() }
+    }
+
+    fn meta(&self) -> MetaIo<'_> {
+        MetaIo { s: &self.s, file: &self.file }
+    }
+
+    fn pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> {
+        let sc = self.s.layout.subcluster_size();
+        let mut at = 0u64;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let o = off + at;
+            let n = (sc - o % sc).min(len - at);
+            let p = Piece { off: o, len: n, at: at as usize };
+            at += n;
+            Some(p)
+        })
+    }
+
+    fn decode(&self, off: u64, e: u64, bitmap: u64) -> Result<Mapping, String> {
+        let sc = ((off % self.s.cs) / self.s.layout.subcluster_size()) as u32;
+        self.s.layout.decode(e, bitmap, sc)
+    }
+
+    /// The mapping of the (sub)cluster at `off`.
+    async fn mapping(&self, off: u64) -> MResult<Mapping> {
+        let (e, b) = self.meta().entry(off >> self.s.cluster_bits).await?;
+        match self.decode(off, e, b) {
+            Ok(m) => Ok(m),
+            Err(msg) => Err(self.meta().corrupt(msg).await),
+        }
+    }
+
+    /// The mapping if it is known without I/O.
+    fn mapping_cached(&self, off: u64) -> Option<Mapping> {
+        match self.meta().cached(off >> self.s.cluster_bits) {
+            Ok(Cached::Entry(e, b)) => self.decode(off, e, b).ok(),
+            _ => None,
+        }
+    }
+
+    /// Read one piece into `buf[p.at..p.at+p.len]`.
+    async fn read_piece(&self, p: Piece, mut buf: IoBuf) -> (IoBuf, MResult<()>) {
+        let m = match self.mapping(p.off).await {
+            Ok(m) => m,
+            Err(e) => return (buf, Err(e)),
+        };
+        let (ws, wl) = (buf.window_start(), buf.len());
+        let dst = p.at..p.at + p.len as usize;
+        let r = match m {
+            Mapping::Zero { .. } => {
+                buf[dst].fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => match &self.backing {
+                None => {
+                    buf[dst].fill(0);
+                    Ok(())
+                }
+                Some(b) => {
+                    let bsize = b.node().size();
+                    let have = bsize.saturating_sub(p.off).min(p.len) as usize;
+                    buf[p.at + have..p.at + p.len as usize].fill(0);
+                    if have > 0 {
+                        buf.slice(p.at, have);
+                        let d = b.read(p.off, buf).await;
+                        buf = d.buf.expect("read returns its buffer");
+                        buf.set_window(ws, wl);
+                        d.res.map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+            Mapping::Data { host, .. } => {
+                buf.slice(p.at, p.len as usize);
+                let d = self.file.read(host + p.off % self.s.cs, buf).await;
+                buf = d.buf.expect("read returns its buffer");
+                buf.set_window(ws, wl);
+                d.res.map(|_| ())
+            }
+            Mapping::Compressed { host, len } => match self.read_compressed(host, len).await {
+                Ok(cluster) => {
+                    let o = (p.off % self.s.cs) as usize;
+                    buf[dst].copy_from_slice(&cluster[o..o + p.len as usize]);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        (buf, r)
+    }
+
+    /// Read and decompress a compressed cluster.
+    async fn read_compressed(&self, host: u64, len: u64) -> MResult<Vec<u8>> {
+        let cs = self.s.cs;
+        if len > 2 * cs + 512 || host >= 1 << 56 {
+            return Err(self.meta().corrupt(format!("Compressed cluster at {host:#x} has an impossible length {len}")).await);
+        }
+        let raw = self.meta().read_bytes(host, len as usize).await?;
+        let mut out = vec![0u8; cs as usize];
+        match compress::decompress(self.s.compression, &raw, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                eprintln!("qcow2: {e} (host offset {host:#x})");
+                Err(IoStatus::EIO)
+            }
+        }
+    }
+
+    async fn read_slow(self: Rc<Self>, off: u64, mut buf: IoBuf) -> IoDone {
+        let len = buf.len() as u64;
+        for p in self.pieces(off, len) {
+            let (b, r) = self.read_piece(p, buf).await;
+            buf = b;
+            if let Err(e) = r {
+                return IoDone { buf: Some(buf), res: Err(e) };
+            }
+        }
+        IoDone { buf: Some(buf), res: Ok(len) }
+    }
+
+    /// The whole content of the cluster containing `off` as the guest sees it now.
+    async fn cluster_content(&self, off: u64) -> MResult<IoBuf> {
+        let cs = self.s.cs;
+        let base = off / cs * cs;
+        let mut buf = IoBuf::new(cs as usize);
+        for p in self.pieces(base, cs) {
+            let (b, r) = self.read_piece(p, buf).await;
+            buf = b;
+            r?;
+        }
+        Ok(buf)
+    }
+
+    /// Write one piece that needs allocation (or a change of mapping): build the whole new
+    /// cluster, write it to a fresh (or reusable) host cluster, point the L2 entry at it, then
+    /// drop the reference to what it replaced.
+    async fn write_alloc(&self, off: u64, data: &[u8]) -> MResult<()> {
+        let _g = self.s.alloc.lock().await;
+        let cs = self.s.cs;
+        let gc = off / cs;
+        let meta = self.meta();
+        let m = self.mapping(off).await?;
+        // Someone may have allocated it while we waited for the lock.
+        if let (Mapping::Data { host, copied: true }, false) = (m, self.s.layout.extended_l2) {
+            let d = self.file.write(host + off % cs, IoBuf::from_slice(data), WriteFlags::default()).await;
+            return d.res.map(|_| ());
+        }
+        let mut cluster = self.cluster_content(off).await?;
+        let o = (off % cs) as usize;
+        cluster[o..o + data.len()].copy_from_slice(data);
+        let (e, _) = meta.entry(gc).await?;
+        // What the entry points at now: a host cluster we may own alone (reused in place), one
+        // shared with others (copied away from), or compressed data.
+        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
+        let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
+        let reuse = (old_host != 0 && e & COPIED != 0).then_some(old_host);
+        meta.ensure_l2(gc).await?;
+        let host = match reuse {
+            Some(h) => h,
+            None => meta.alloc_clusters(1).await?,
+        };
+        let d = self.file.write(host, cluster, WriteFlags::default()).await;
+        d.res?;
+        let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
+        meta.set_entry(gc, host | COPIED, bitmap).await?;
+        if reuse.is_none() {
+            if old_host != 0 {
+                meta.free_cluster(old_host).await?;
+            } else if let Ok(Mapping::Compressed { host: h, len }) = self.s.layout.decode(e, 0, 0) {
+                self.free_compressed(h, len).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn free_compressed(&self, host: u64, len: u64) -> MResult<()> {
+        let cs = self.s.cs;
+        let first = host / cs;
+        let last = (host + len - 1) / cs;
+        for c in first..=last {
+            self.meta().free_cluster(c * cs).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_slow(self: Rc<Self>, off: u64, buf: IoBuf, flags: WriteFlags) -> IoDone {
+        let len = buf.len() as u64;
+        for p in self.pieces(off, len) {
+            let data = &buf[p.at..p.at + p.len as usize];
+            let r = match self.mapping(p.off).await {
+                Ok(Mapping::Data { host, copied: true }) if !self.s.layout.extended_l2 => {
+                    // Counted: a concurrent discard must not free the cluster under it.
+                    let f = self.file.write(host + p.off % self.s.cs, IoBuf::from_slice(data), flags).counted(&self.writes);
+                    f.await.res.map(|_| ())
+                }
+                Ok(_) => self.write_alloc(p.off, data).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                return IoDone { buf: Some(buf), res: Err(e) };
+            }
+        }
+        if flags.fua {
+            if let Err(e) = self.file.flush().await.res {
+                return IoDone { buf: Some(buf), res: Err(e) };
+            }
+        }
+        IoDone { buf: Some(buf), res: Ok(len) }
+    }
+
+    /// Zero or discard whole clusters by changing their entries; partial clusters are written
+    /// as zeroes through the write path.
+    async fn zero_or_discard(self: Rc<Self>, off: u64, len: u64, discard: bool, unmap: bool) -> IoDone {
+        let cs = self.s.cs;
+        let v3 = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).version >= 3;
+        let mut at = off;
+        let end = off + len;
+        while at < end {
+            let cend = ((at / cs) + 1) * cs;
+            let n = cend.min(end) - at;
+            let whole = at % cs == 0 && n == cs;
+            let r = if whole {
+                self.zero_cluster(at / cs, discard, unmap, v3).await
+            } else if discard {
+                Ok(()) // partial discards are advisory
+            } else {
+                let z = vec![0u8; n as usize];
+                self.write_alloc(at, &z).await
+            };
+            if let Err(e) = r {
+                return IoDone::err(e);
+            }
+            at += n;
+        }
+        IoDone::ok(len)
+    }
+
+    async fn zero_cluster(&self, gc: u64, discard: bool, unmap: bool, v3: bool) -> MResult<()> {
+        let _g = self.s.alloc.lock().await;
+        let meta = self.meta();
+        let (e, _) = meta.entry(gc).await?;
+        let ext = self.s.layout.extended_l2;
+        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
+        let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
+        let has_backing = self.backing.is_some();
+        // The new entry: zero flag (v3) or unallocated; keep the allocation when not unmapping.
+        let keep = !discard && !unmap && old_host != 0 && e & COPIED != 0;
+        let (new, bitmap) = if ext {
+            if discard && !has_backing {
+                (0, 0)
+            } else if keep {
+                (e & !ZERO, 0xffff_ffff_0000_0000)
+            } else {
+                (0, 0xffff_ffff_0000_0000)
+            }
+        } else if discard && (!v3 || !has_backing) {
+            (0, 0)
+        } else if !v3 {
+            // v2 has no zero flag: without a backing file unallocated reads as zero.
+            if has_backing {
+                return Err(IoStatus::ENOTSUP);
+            }
+            (0, 0)
+        } else if keep {
+            ((e & !ZERO) | ZERO, 0)
+        } else {
+            (ZERO, 0)
+        };
+        if new == e && !ext {
+            return Ok(());
+        }
+        meta.set_entry(gc, new, bitmap).await?;
+        if !keep {
+            // In-flight writes may still target the old cluster: let them land first.
+            while self.writes.count() > 0 {
+                basalt_reactor::yield_now().await;
+            }
+            if old_host != 0 {
+                meta.free_cluster(old_host).await?;
+            } else if let Ok(Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
+                self.free_compressed(host, len).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn status(&self, off: u64, len: u64) -> Result<BlockStatus, IoStatus> {
+        let cs = self.s.cs;
+        let first = self.mapping(off).await?;
+        let mut st = status_of(first, off % cs, self.s.file.clone());
+        let mut span = (self.s.layout.subcluster_size() - off % self.s.layout.subcluster_size()).min(len);
+        // Extend over following (sub)clusters with the same status (and contiguous offsets).
+        while span < len && span < (64 << 20) {
+            let next = self.mapping(off + span).await?;
+            let ns = status_of(next, (off + span) % cs, self.s.file.clone());
+            let contiguous = match (st.offset, ns.offset) {
+                (Some(a), Some(b)) => a + span == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if ns.data != st.data
+                || ns.zero != st.zero
+                || ns.allocated != st.allocated
+                || ns.compressed != st.compressed
+                || !contiguous
+            {
+                break;
+            }
+            span += self.s.layout.subcluster_size().min(len - span);
+        }
+        st.len = span.min(len);
+        Ok(st)
+    }
+}
+
+fn status_of(m: Mapping, in_cluster: u64, file: Arc<dyn basalt_engine::Node>) -> BlockStatus {
+    match m {
+        Mapping::Unallocated => {
+            BlockStatus { len: 0, data: false, zero: false, allocated: false, offset: None, file: None, compressed: false }
+        }
+        Mapping::Zero { .. } => {
+            BlockStatus { len: 0, data: false, zero: true, allocated: true, offset: None, file: None, compressed: false }
+        }
+        Mapping::Data { host, .. } => BlockStatus {
+            len: 0,
+            data: true,
+            zero: false,
+            allocated: true,
+            offset: Some(host + in_cluster),
+            file: Some(file),
+            compressed: false,
+        },
+        Mapping::Compressed { .. } => {
+            BlockStatus { len: 0, data: true, zero: false, allocated: true, offset: None, file: None, compressed: true }
+        }
+    }
+}
+
+/// The per-reactor queue handed to the engine: a shared handle, so slow paths can own it.
+pub(crate) struct Qcow2NodeQueue(pub(crate) Rc<Qcow2Queue>);
+
+impl NodeQueue for Qcow2NodeQueue {
+    fn read(&self, off: u64, buf: IoBuf) -> IoFuture {
+        let q = &self.0;
+        let cs = q.s.cs;
+        let len = buf.len() as u64;
+        if len > 0 && off % cs + len <= cs {
+            if let Some(Mapping::Data { host, .. }) = q.mapping_cached(off) {
+                if !q.s.layout.extended_l2 || off % q.s.layout.subcluster_size() + len <= q.s.layout.subcluster_size() {
+                    return q.file.read(host + off % cs, buf);
+                }
+            }
+        }
+        IoFuture::boxed(q.clone().read_slow(off, buf))
+    }
+
+    fn write(&self, off: u64, buf: IoBuf, flags: WriteFlags) -> IoFuture {
+        let q = &self.0;
+        if q.s.read_only || q.s.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return IoFuture::done(buf, Err(IoStatus::EPERM));
+        }
+        let cs = q.s.cs;
+        let len = buf.len() as u64;
+        if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 {
+            if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
+                return q.file.write(host + off % cs, buf, flags).counted(&q.writes);
+            }
+        }
+        IoFuture::boxed(q.clone().write_slow(off, buf, flags))
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> IoFuture {
+        let q = &self.0;
+        if q.s.read_only {
+            return IoFuture::err(IoStatus::EPERM);
+        }
+        IoFuture::boxed(q.clone().zero_or_discard(off, len, false, flags.may_unmap))
+    }
+
+    fn discard(&self, off: u64, len: u64) -> IoFuture {
+        let q = &self.0;
+        if q.s.read_only {
+            return IoFuture::err(IoStatus::EPERM);
+        }
+        IoFuture::boxed(q.clone().zero_or_discard(off, len, true, true))
+    }
+
+    fn flush(&self) -> IoFuture {
+        self.0.file.flush()
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> LocalBoxFuture<'_, Result<BlockStatus, IoStatus>> {
+        Box::pin(self.0.status(off, len))
+    }
+}

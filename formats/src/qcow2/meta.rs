@@ -1,0 +1,522 @@
+//! The metadata of an open qcow2 image: the active L1 table, a cache of L2 tables, the
+//! refcount table and a cache of refcount blocks, and the operations that change them.
+//!
+//! Metadata is written through: every change reaches the image file before the operation that
+//! depends on it continues, in the order that keeps the image consistent after a crash —
+//! a cluster's refcount before any L2 entry points to it, an L2 table before the L1 entry that
+//! points to it; and when freeing, the L2 entry is cleared before the refcount drops. A crash
+//! can leak clusters (which `check -r` repairs) but never leave an entry pointing at a free
+//! cluster. Changes happen under the node's allocation lock; cached lookups take only a short
+//! mutex, never held across I/O.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use basalt_engine::{IoStatus, Node, Queue, WriteFlags};
+use basalt_reactor::IoBuf;
+
+use crate::qcow2::compress::CompressionType;
+use crate::qcow2::entry::{self, Layout, COPIED};
+use crate::qcow2::header::{Qcow2Header, INCOMPAT_CORRUPT};
+use crate::qcow2::lock::AsyncLock;
+use crate::qcow2::refcount;
+
+/// The control-plane state of a qcow2 node, shared by its queues.
+pub(crate) struct Shared {
+    pub name: String,
+    pub filename: String,
+    pub file: Arc<dyn Node>,
+    pub backing: Option<Arc<dyn Node>>,
+    pub read_only: bool,
+    pub layout: Layout,
+    pub cluster_bits: u32,
+    pub cs: u64,
+    pub l2_entries: u64,
+    /// 64-bit words per L2 entry (1, or 2 with extended L2).
+    pub words: usize,
+    pub refcount_order: u32,
+    pub compression: CompressionType,
+    pub hdr: Mutex<Qcow2Header>,
+    pub meta: Mutex<Meta>,
+    pub alloc: AsyncLock,
+    pub corrupt: AtomicBool,
+    /// Reactor whose queue owns allocation (qcow2 is served from one reactor for now).
+    pub owner: Mutex<Option<u16>>,
+    /// Pass discards of freed clusters down to the file (`pass-discard-request`).
+    pub pass_discard: bool,
+}
+
+/// Cached tables.
+pub(crate) struct Meta {
+    pub l1: Vec<u64>,
+    l2: HashMap<u64, (Vec<u64>, u64)>,
+    l2_capacity: usize,
+    /// Bumped on every L2 change, so a table loaded concurrently with a change is not cached.
+    pub l2_seq: u64,
+    pub reftable: Vec<u64>,
+    refblocks: HashMap<u64, (Vec<u8>, u64)>,
+    refblock_capacity: usize,
+    tick: u64,
+    /// First cluster index that may be free.
+    pub free_hint: u64,
+}
+
+impl Meta {
+    pub(crate) fn new(l1: Vec<u64>, reftable: Vec<u64>, l2_capacity: usize, refblock_capacity: usize) -> Meta {
+        Meta {
+            l1,
+            l2: HashMap::new(),
+            l2_capacity: l2_capacity.max(2),
+            l2_seq: 0,
+            reftable,
+            refblocks: HashMap::new(),
+            refblock_capacity: refblock_capacity.max(2),
+            tick: 0,
+            free_hint: 0,
+        }
+    }
+
+    /// Words of a cached L2 table.
+    pub(crate) fn l2(&mut self, off: u64) -> Option<&mut Vec<u64>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.l2.get_mut(&off).map(|e| {
+            e.1 = t;
+            &mut e.0
+        })
+    }
+
+    fn insert_l2(&mut self, off: u64, words: Vec<u64>) {
+        if self.l2.len() >= self.l2_capacity {
+            if let Some(k) = self.l2.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
+                self.l2.remove(&k);
+            }
+        }
+        self.tick += 1;
+        self.l2.insert(off, (words, self.tick));
+    }
+
+    fn refblock(&mut self, off: u64) -> Option<&mut Vec<u8>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.refblocks.get_mut(&off).map(|e| {
+            e.1 = t;
+            &mut e.0
+        })
+    }
+
+    fn insert_refblock(&mut self, off: u64, block: Vec<u8>) {
+        if self.refblocks.len() >= self.refblock_capacity {
+            if let Some(k) = self.refblocks.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
+                self.refblocks.remove(&k);
+            }
+        }
+        self.tick += 1;
+        self.refblocks.insert(off, (block, self.tick));
+    }
+}
+
+/// Errors inside metadata operations: an I/O status, after the image was marked corrupt when
+/// the cause was bad metadata.
+pub(crate) type MResult<T> = Result<T, IoStatus>;
+
+impl Shared {
+    pub(crate) fn lock_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Guest cluster -> (L1 index, L2 index).
+    pub(crate) fn split(&self, gc: u64) -> (usize, usize) {
+        ((gc / self.l2_entries) as usize, (gc % self.l2_entries) as usize)
+    }
+}
+
+/// What a lookup found without I/O.
+pub(crate) enum Cached {
+    /// The entry and its bitmap (0 without extended L2).
+    Entry(u64, u64),
+    /// The L2 table at this offset must be loaded first.
+    Load(u64),
+}
+
+/// Metadata operations, run on the reactor that owns the node with its file queue.
+pub(crate) struct MetaIo<'a> {
+    pub s: &'a Shared,
+    pub file: &'a Queue,
+}
+
+fn be_words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
+}
+
+impl MetaIo<'_> {
+    /// Report corrupt metadata: mark the image corrupt (on disk too, unless read-only) and fail.
+    pub(crate) async fn corrupt(&self, what: String) -> IoStatus {
+        if !self.s.corrupt.swap(true, Ordering::SeqCst) {
+            eprintln!("qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed");
+            if !self.s.read_only {
+                let inc = {
+                    let mut h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+                    h.incompatible |= INCOMPAT_CORRUPT;
+                    h.incompatible
+                };
+                if h_version(self.s) >= 3 {
+                    let _ = self.write_bytes(72, &inc.to_be_bytes()).await;
+                    let _ = self.file.flush().await;
+                }
+            }
+        }
+        IoStatus::EIO
+    }
+
+    pub(crate) async fn read_bytes(&self, off: u64, len: usize) -> MResult<IoBuf> {
+        let d = self.file.read(off, IoBuf::new_uninit(len)).await;
+        d.res?;
+        Ok(d.buf.expect("read returns its buffer"))
+    }
+
+    pub(crate) async fn write_bytes(&self, off: u64, data: &[u8]) -> MResult<()> {
+        self.file.write(off, IoBuf::from_slice(data), WriteFlags::default()).await.res.map(|_| ())
+    }
+
+    /// The L2 entry of guest cluster `gc`, loading its table when needed.
+    pub(crate) async fn entry(&self, gc: u64) -> MResult<(u64, u64)> {
+        loop {
+            match self.cached(gc)? {
+                Cached::Entry(e, b) => return Ok((e, b)),
+                Cached::Load(off) => self.load_l2(off).await?,
+            }
+        }
+    }
+
+    /// The entry if its table is cached.
+    pub(crate) fn cached(&self, gc: u64) -> MResult<Cached> {
+        let (l1i, l2i) = self.s.split(gc);
+        let mut m = self.s.lock_meta();
+        let Some(&l1e) = m.l1.get(l1i) else { return Ok(Cached::Entry(0, 0)) };
+        let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
+            Ok(Some(off)) => off,
+            Ok(None) => return Ok(Cached::Entry(0, 0)),
+            Err(_) => return Err(IoStatus::EIO),
+        };
+        let w = self.s.words;
+        match m.l2(off) {
+            Some(t) => Ok(Cached::Entry(t[l2i * w], if w == 2 { t[l2i * w + 1] } else { 0 })),
+            None => Ok(Cached::Load(off)),
+        }
+    }
+
+    async fn load_l2(&self, off: u64) -> MResult<()> {
+        if off.checked_add(self.s.cs).is_none_or(|e| e > self.s.file.size().next_multiple_of(self.s.cs)) || off == 0 {
+            return Err(self.corrupt(format!("L2 table offset {off:#x} is past the end of the image file")).await);
+        }
+        let seq = self.s.lock_meta().l2_seq;
+        let b = self.read_bytes(off, self.s.cs as usize).await?;
+        let words = be_words(&b);
+        let mut m = self.s.lock_meta();
+        if m.l2_seq == seq && m.l2(off).is_none() {
+            m.insert_l2(off, words);
+        }
+        Ok(())
+    }
+
+    /// Set the entry of guest cluster `gc`, allocating its L2 table if needed. Allocation lock
+    /// held by the caller.
+    pub(crate) async fn set_entry(&self, gc: u64, e: u64, bitmap: u64) -> MResult<()> {
+        let (l1i, l2i) = self.s.split(gc);
+        let l1e = *self.s.lock_meta().l1.get(l1i).ok_or(IoStatus::EINVAL)?;
+        let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
+            Ok(Some(off)) if l1e & COPIED != 0 => off,
+            Ok(Some(_)) => return Err(IoStatus::ENOTSUP), // shared L2 table: internal snapshots
+            Ok(None) => self.new_l2(l1i).await?,
+            Err(m) => return Err(self.corrupt(m).await),
+        };
+        self.entry(gc).await?; // make sure the table is cached
+        let w = self.s.words;
+        let mut bytes = Vec::with_capacity(16);
+        bytes.extend_from_slice(&e.to_be_bytes());
+        if w == 2 {
+            bytes.extend_from_slice(&bitmap.to_be_bytes());
+        }
+        self.write_bytes(off + (l2i * w * 8) as u64, &bytes).await?;
+        let mut m = self.s.lock_meta();
+        m.l2_seq += 1;
+        if let Some(t) = m.l2(off) {
+            t[l2i * w] = e;
+            if w == 2 {
+                t[l2i * w + 1] = bitmap;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make sure guest cluster `gc` has an L2 table (allocating it before any data cluster, as
+    /// QEMU orders them).
+    pub(crate) async fn ensure_l2(&self, gc: u64) -> MResult<()> {
+        let (l1i, _) = self.s.split(gc);
+        let l1e = *self.s.lock_meta().l1.get(l1i).ok_or(IoStatus::EINVAL)?;
+        match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
+            Ok(None) => self.new_l2(l1i).await.map(|_| ()),
+            Ok(Some(_)) => Ok(()),
+            Err(m) => Err(self.corrupt(m).await),
+        }
+    }
+
+    /// Allocate a zeroed L2 table for L1 index `l1i` and point the L1 entry at it.
+    async fn new_l2(&self, l1i: usize) -> MResult<u64> {
+        let off = self.alloc_clusters(1).await?;
+        self.write_bytes(off, &vec![0u8; self.s.cs as usize]).await?;
+        let l1_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).l1_table_offset;
+        let e = off | COPIED;
+        self.write_bytes(l1_off + l1i as u64 * 8, &e.to_be_bytes()).await?;
+        let mut m = self.s.lock_meta();
+        m.l1[l1i] = e;
+        m.l2_seq += 1;
+        let words = vec![0u64; (self.s.cs / 8) as usize];
+        m.insert_l2(off, words);
+        Ok(off)
+    }
+
+    fn per_block(&self) -> u64 {
+        refcount::entries_per_block(self.s.cluster_bits, self.s.refcount_order)
+    }
+
+    /// The refcount block covering cluster index `c`, loaded; `None` when not allocated.
+    async fn refblock_of(&self, c: u64) -> MResult<Option<u64>> {
+        let ti = (c / self.per_block()) as usize;
+        let off = match self.s.lock_meta().reftable.get(ti) {
+            None | Some(0) => return Ok(None),
+            Some(&e) => e & entry::OFFSET_MASK,
+        };
+        if off % self.s.cs != 0 || off == 0 {
+            return Err(self.corrupt(format!("Refblock offset {off:#x} unaligned (reftable index {ti:#x})")).await);
+        }
+        if self.s.lock_meta().refblock(off).is_none() {
+            if off + self.s.cs > self.s.file.size().next_multiple_of(self.s.cs) {
+                return Err(self.corrupt(format!("Refblock at {off:#x} is past the end of the image file")).await);
+            }
+            let b = self.read_bytes(off, self.s.cs as usize).await?;
+            self.s.lock_meta().insert_refblock(off, b.to_vec());
+        }
+        Ok(Some(off))
+    }
+
+    /// Refcount of cluster index `c`.
+    pub(crate) async fn refcount(&self, c: u64) -> MResult<u64> {
+        match self.refblock_of(c).await? {
+            None => Ok(0),
+            Some(off) => {
+                let i = c % self.per_block();
+                let mut m = self.s.lock_meta();
+                let b = m.refblock(off).ok_or(IoStatus::EIO)?;
+                Ok(refcount::get(b, self.s.refcount_order, i))
+            }
+        }
+    }
+
+    /// Set the refcount of cluster index `c` (its refcount block must exist).
+    async fn set_refcount(&self, c: u64, v: u64) -> MResult<()> {
+        let off = match self.refblock_of(c).await? {
+            Some(o) => o,
+            None => self.new_refblock(c).await?,
+        };
+        let i = c % self.per_block();
+        let (range, bytes) = {
+            let mut m = self.s.lock_meta();
+            let b = m.refblock(off).ok_or(IoStatus::EIO)?;
+            let r = refcount::set(b, self.s.refcount_order, i, v);
+            // Write at least 8 aligned bytes around the change (cheap, and whole sectors under
+            // O_DIRECT are padded by the queue).
+            let start = r.start / 8 * 8;
+            let end = r.end.next_multiple_of(8).min(b.len());
+            (start..end, b[start..end].to_vec())
+        };
+        self.write_bytes(off + range.start as u64, &bytes).await
+    }
+
+    /// Add `delta` to the refcount of cluster index `c`; returns the new value.
+    pub(crate) async fn add_refcount(&self, c: u64, delta: i64) -> MResult<u64> {
+        let old = self.refcount(c).await?;
+        let new = old.checked_add_signed(delta).filter(|v| *v <= refcount::max_refcount(self.s.refcount_order));
+        let Some(new) = new else {
+            return Err(self.corrupt(format!("Refcount of cluster {c:#x} would go from {old} by {delta}")).await);
+        };
+        self.set_refcount(c, new).await?;
+        if new == 0 {
+            let mut m = self.s.lock_meta();
+            m.free_hint = m.free_hint.min(c);
+        }
+        Ok(new)
+    }
+
+    /// Make a refcount block for the range containing cluster `c`, placed in that range (at the
+    /// first cluster of it that is past everything in use) so that it describes itself.
+    async fn new_refblock(&self, c: u64) -> MResult<u64> {
+        let per = self.per_block();
+        let ti = (c / per) as usize;
+        if ti >= self.s.lock_meta().reftable.len() {
+            Box::pin(self.grow_reftable(ti + 1)).await?;
+            if let Some(off) = self.refblock_of(c).await? {
+                return Ok(off);
+            }
+        }
+        // Every cluster of this range has refcount 0 (no block yet): take the first one past
+        // the end of the file (the caller restarts its search afterwards).
+        let end = self.s.file.size().div_ceil(self.s.cs);
+        let b = (ti as u64 * per).max(end).max(1);
+        if b >= (ti as u64 + 1) * per {
+            return Err(self.corrupt(format!("Clusters past the end of the file are in use near cluster {c:#x}")).await);
+        }
+        let off = b * self.s.cs;
+        let mut block = vec![0u8; self.s.cs as usize];
+        refcount::set(&mut block, self.s.refcount_order, b % per, 1);
+        self.write_bytes(off, &block).await?;
+        let rt_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).refcount_table_offset;
+        self.write_bytes(rt_off + ti as u64 * 8, &off.to_be_bytes()).await?;
+        let mut m = self.s.lock_meta();
+        m.reftable[ti] = off;
+        m.insert_refblock(off, block);
+        Ok(off)
+    }
+
+    /// Grow the refcount table to at least `need` entries: a new table after the end of the
+    /// file, refcount blocks for its own clusters where missing, then the header switched to it
+    /// and the old table freed.
+    async fn grow_reftable(&self, need: usize) -> MResult<()> {
+        let cs = self.s.cs;
+        let per = self.per_block();
+        let (old_off, old_len) = {
+            let h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+            (h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs / 8)
+        };
+        let old = self.s.lock_meta().reftable.clone();
+        let start = self.s.file.size().div_ceil(cs);
+        // Entries: enough for `need`, and for the new table and new blocks themselves.
+        let mut entries = (need as u64).max(old_len * 2).max(1);
+        let (table_clusters, blocks) = loop {
+            let tc = (entries * 8).div_ceil(cs);
+            // Blocks needed for [start, start + tc + nb): those ranges whose entry is 0.
+            let mut nb = 0;
+            loop {
+                let end = start + tc + nb;
+                let missing =
+                    (start / per..end.div_ceil(per)).filter(|i| old.get(*i as usize).copied().unwrap_or(0) == 0).count() as u64;
+                if missing == nb {
+                    break;
+                }
+                nb = missing;
+            }
+            let covered = (start + tc + nb).div_ceil(per);
+            if covered <= entries && need as u64 <= entries {
+                break (tc, nb);
+            }
+            entries = entries.max(covered).max(need as u64) * 3 / 2 + 1;
+        };
+        if table_clusters * cs > crate::qcow2::header::MAX_REFTABLE_BYTES {
+            return Err(IoStatus::ENOSPC);
+        }
+        // Layout: table at [start, start+tc), new blocks after it.
+        let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+        table[..old.len()].copy_from_slice(&old);
+        let mut new_blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut next_block = start + table_clusters;
+        for i in (start / per)..(start + table_clusters + blocks).div_ceil(per) {
+            if table[i as usize] == 0 {
+                table[i as usize] = next_block * cs;
+                new_blocks.insert(i, vec![0u8; cs as usize]);
+                next_block += 1;
+            }
+        }
+        // Refcounts of the table and of the new blocks.
+        for c in start..next_block {
+            let bi = c / per;
+            if let Some(b) = new_blocks.get_mut(&bi) {
+                refcount::set(b, self.s.refcount_order, c % per, 1);
+            } else {
+                // The range's block already exists: set it there (it is in the old table).
+                Box::pin(self.set_refcount(c, 1)).await?;
+            }
+        }
+        for (i, b) in &new_blocks {
+            self.write_bytes(table[*i as usize], b).await?;
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
+        self.write_bytes(start * cs, &bytes).await?;
+        self.file.flush().await.res?;
+        // Switch the header to the new table (offset and size are adjacent fields).
+        let mut hf = Vec::with_capacity(12);
+        hf.extend_from_slice(&(start * cs).to_be_bytes());
+        hf.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.write_bytes(48, &hf).await?;
+        {
+            let mut h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+            h.refcount_table_offset = start * cs;
+            h.refcount_table_clusters = table_clusters as u32;
+        }
+        {
+            let mut m = self.s.lock_meta();
+            m.reftable = table;
+            for (i, b) in new_blocks {
+                let off = m.reftable[i as usize];
+                m.insert_refblock(off, b);
+            }
+        }
+        // Free the old table.
+        let old_clusters = old_len * 8 / cs;
+        for k in 0..old_clusters {
+            Box::pin(self.add_refcount(old_off / cs + k, -1)).await?;
+        }
+        Ok(())
+    }
+
+    /// Allocate `n` contiguous free clusters with refcount 1; returns the host offset.
+    ///
+    /// Every candidate gets its refcount block first (a new block takes the first cluster past
+    /// the end of the file in its range, possibly a candidate), then the search restarts, so a
+    /// block and an allocation never share a cluster.
+    pub(crate) async fn alloc_clusters(&self, n: u64) -> MResult<u64> {
+        let limit = 1u64 << (56 - self.s.cluster_bits);
+        let mut c = self.s.lock_meta().free_hint;
+        'search: loop {
+            if c + n > limit {
+                return Err(IoStatus::ENOSPC);
+            }
+            for k in 0..n {
+                if self.refblock_of(c + k).await?.is_none() {
+                    self.new_refblock(c + k).await?;
+                    continue 'search;
+                }
+                if c + k == 0 || self.refcount(c + k).await? != 0 {
+                    c += k + 1;
+                    continue 'search;
+                }
+            }
+            break;
+        }
+        for k in 0..n {
+            self.set_refcount(c + k, 1).await?;
+        }
+        {
+            let mut m = self.s.lock_meta();
+            if m.free_hint >= c {
+                m.free_hint = c + n;
+            }
+        }
+        Ok(c * self.s.cs)
+    }
+
+    /// Drop one reference to the cluster at host offset `host`; when it becomes free, tell the
+    /// file (discard) so the space is returned.
+    pub(crate) async fn free_cluster(&self, host: u64) -> MResult<()> {
+        let c = host / self.s.cs;
+        if self.add_refcount(c, -1).await? == 0 && self.s.pass_discard {
+            let _ = self.file.discard(host, self.s.cs).await;
+        }
+        Ok(())
+    }
+}
+
+fn h_version(s: &Shared) -> u32 {
+    s.hdr.lock().unwrap_or_else(|e| e.into_inner()).version
+}

@@ -1,0 +1,424 @@
+//! The qcow2 format: open, read, write, create; backing files, zero clusters, discard,
+//! compressed clusters (zlib, zstd), extended L2 entries, every cluster size from 512 bytes to
+//! 2 MiB and refcount width from 1 to 64 bits.
+//!
+//! Layout of the folder: `header` (parse/serialise, no I/O), `entry` (L1/L2 entry decoding),
+//! `refcount` (refcount block entries), `compress`, `meta` (cached tables and the ordered,
+//! written-through metadata updates), `io` (the data path), `create`.
+//!
+//! Not yet: internal snapshots (images with snapshots open read-only), encryption, external
+//! data files, lazy refcounts (a dirty image opens read-only), persistent bitmaps (their
+//! autoclear bit is cleared on the first write, as the spec requires of a program that does
+//! not update them), preallocation other than `off`, shrinking. Each is refused with a clear
+//! error rather than half-done.
+
+mod compress;
+mod create;
+mod entry;
+mod error;
+mod header;
+mod io;
+mod lock;
+mod meta;
+mod refcount;
+
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use basalt_engine::{
+    BlockDriver, BlockError, BlockResult, Child, ChildRole, CreateOptDesc, DriverKind, ErrorKind, Graph, Limits, LocalBoxFuture,
+    Node, NodeQueue, OpenFlags, Opts, Perm, Prealloc, Queue,
+};
+use basalt_reactor::IoBuf;
+
+pub use compress::CompressionType;
+pub use error::Qcow2Error;
+pub use header::Qcow2Header;
+
+use entry::Layout;
+use meta::{Meta, Shared};
+
+/// The `qcow2` format driver.
+pub struct Qcow2Driver;
+
+/// Driver instance for the registry.
+pub static QCOW2: Qcow2Driver = Qcow2Driver;
+
+/// Deepest backing chain accepted (a loop in a chain ends here with an error).
+const MAX_CHAIN: usize = 64;
+
+thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+    fn probe(&self, head: &[u8], _filename: &str) -> u8 {
+        if head.len() >= 8
+            && head[..4] == [b'Q', b'F', b'I', 0xfb]
+            && u32::from_be_bytes([head[4], head[5], head[6], head[7]]) >= 2
+        {
+            100
+        } else {
+            0
+        }
+    }
+    fn open<'a>(&'a self, graph: &'a Graph, opts: Opts, flags: OpenFlags) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>> {
+        Box::pin(async move {
+            let d = DEPTH.with(|d| {
+                d.set(d.get() + 1);
+                d.get()
+            });
+            struct Back;
+            impl Drop for Back {
+                fn drop(&mut self) {
+                    DEPTH.with(|d| d.set(d.get() - 1));
+                }
+            }
+            let _back = Back;
+            if d > MAX_CHAIN {
+                return Err(BlockError::new(ErrorKind::InvalidFormat, "Backing chain is too deep (is there a loop?)"));
+            }
+            open(graph, opts, flags).await
+        })
+    }
+    fn create_opts(&self) -> &'static [CreateOptDesc] {
+        create::CREATE_OPTS
+    }
+    fn create<'a>(&'a self, graph: &'a Graph, filename: &'a str, size: u64, opts: Opts) -> LocalBoxFuture<'a, BlockResult<()>> {
+        Box::pin(create::create(graph, filename, size, opts))
+    }
+}
+
+fn unsupported(msg: impl Into<String>) -> BlockError {
+    BlockError::new(ErrorKind::Unsupported, msg)
+}
+
+async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
+    let name = graph.take_node_name(&mut opts)?;
+    let read_only = opts.take_bool("read-only", flags.read_only)?;
+    let mut cflags = flags.clone();
+    cflags.read_only = read_only;
+    cflags.cache_direct = opts.take_bool("cache.direct", flags.cache_direct)?;
+    cflags.no_flush = opts.take_bool("cache.no-flush", flags.no_flush)?;
+    cflags.probed = false;
+    // The file: we write and resize it; others may neither (unless sharing is forced).
+    cflags.perm = if read_only { Perm::CONSISTENT_READ } else { Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE) };
+    let force_share = opts.take_bool("force-share", flags.force_share)?;
+    cflags.force_share = force_share;
+    cflags.shared = if force_share { Perm::ALL } else { flags.shared.without(Perm::WRITE).without(Perm::RESIZE) };
+    let l2_cache = opts.take_size("l2-cache-size", 0)?;
+    let rc_cache = opts.take_size("refcount-cache-size", 0)?;
+    let cache_size = opts.take_size("cache-size", 0)?;
+    let _ = opts.take_u64("cache-clean-interval", 600)?;
+    if opts.take_bool("lazy-refcounts", false)? {
+        return Err(unsupported("lazy-refcounts=on is not supported yet"));
+    }
+    let pass_discard = opts.take_bool("pass-discard-request", true)?;
+    let _ = opts.take_bool("pass-discard-snapshot", true)?;
+    let _ = opts.take_bool("pass-discard-other", false)?;
+    if opts.take_bool("discard-no-unref", false)? {
+        return Err(unsupported("discard-no-unref=on is not supported yet"));
+    }
+    if let Some(o) = opts.take_str("overlap-check") {
+        if o != "none" {
+            return Err(unsupported(format!("overlap-check={o} is not implemented (only 'none')")));
+        }
+    }
+    if opts.has_sub("encrypt") || opts.contains("data-file") || opts.has_sub("data-file") {
+        return Err(unsupported("qcow2 encryption and external data files are not supported yet"));
+    }
+    opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "ignore")?;
+    opts.take_enum("detect-zeroes", &["off"], "off")?;
+    let backing_opt = if opts.contains("backing") || opts.has_sub("backing") { Some(()) } else { None };
+    let mut backing_opts = opts.take_sub("backing");
+    let backing_ref = opts.take_str("backing");
+    let file = graph.open_child(&mut opts, ChildRole::File, cflags.clone()).await?;
+    opts.expect_empty("Block format", "qcow2")?;
+
+    let fq = Queue::new(file.clone())?;
+    let fsize = file.size();
+    let head_len = fsize.min(4096) as usize;
+    if head_len < 72 {
+        return Err(Qcow2Error::NotQcow2.into());
+    }
+    let d = fq.read(0, IoBuf::new_uninit(head_len)).await;
+    d.res.map_err(|e| BlockError::from(e).context("Could not read qcow2 header"))?;
+    let head = d.buf.expect("read returns its buffer");
+    let bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    let buf = if (9..=21).contains(&bits) && (1u64 << bits) > head_len as u64 && fsize > head_len as u64 {
+        let n = fsize.min(1 << bits) as usize;
+        let d = fq.read(0, IoBuf::new_uninit(n)).await;
+        d.res.map_err(|e| BlockError::from(e).context("Could not read qcow2 header"))?;
+        d.buf.expect("read returns its buffer").to_vec()
+    } else {
+        head.to_vec()
+    };
+    let hdr = Qcow2Header::parse(&buf, fsize)?;
+    if hdr.crypt_method != 0 {
+        return Err(unsupported("Encrypted qcow2 images are not supported yet"));
+    }
+    if hdr.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+        return Err(unsupported("qcow2 images with an external data file are not supported yet"));
+    }
+    let dirty = hdr.incompatible & header::INCOMPAT_DIRTY != 0;
+    let corrupt = hdr.incompatible & header::INCOMPAT_CORRUPT != 0;
+    if !read_only {
+        if corrupt {
+            return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Image is corrupt; cannot be opened read/write"));
+        }
+        if dirty {
+            return Err(unsupported(
+                "The image is dirty (lazy refcounts); repairing it on open is not supported yet: open it read-only",
+            ));
+        }
+        if hdr.nb_snapshots > 0 {
+            return Err(unsupported("qcow2 images with internal snapshots can only be opened read-only for now"));
+        }
+    }
+    let cs = hdr.cluster_size();
+    // Tables.
+    let l1_bytes = u64::from(hdr.l1_size) * 8;
+    let l1 = if l1_bytes > 0 {
+        let d = fq.read(hdr.l1_table_offset, IoBuf::new_uninit(l1_bytes as usize)).await;
+        d.res.map_err(|e| BlockError::from(e).context("Could not read L1 table"))?;
+        words(&d.buf.expect("read returns its buffer"))
+    } else {
+        Vec::new()
+    };
+    let rt_bytes = u64::from(hdr.refcount_table_clusters) * cs;
+    let reftable = if rt_bytes > 0 {
+        let d = fq.read(hdr.refcount_table_offset, IoBuf::new_uninit(rt_bytes as usize)).await;
+        d.res.map_err(|e| BlockError::from(e).context("Could not read refcount table"))?;
+        words(&d.buf.expect("read returns its buffer"))
+    } else {
+        Vec::new()
+    };
+    // Cache sizes: QEMU's defaults (enough L2 to cover the disk, up to 32 MiB).
+    let layout = Layout { cluster_bits: hdr.cluster_bits, extended_l2: hdr.extended_l2() };
+    let l2_cover = cs * hdr.l2_entries();
+    let want_l2 = if l2_cache > 0 {
+        l2_cache
+    } else if cache_size > 0 {
+        cache_size * 4 / 5
+    } else {
+        (hdr.size.div_ceil(l2_cover) * cs).min(32 << 20)
+    };
+    let want_rc = if rc_cache > 0 { rc_cache } else { (want_l2 / 4).max(4 * cs) };
+
+    // Backing file.
+    let backing =
+        if backing_opt.is_some() {
+            match backing_ref.as_deref() {
+                Some("") | Some("null") => None,
+                Some(r) => Some(graph.node(r).ok_or_else(|| {
+                    BlockError::new(ErrorKind::NotFound, format!("Cannot find device='{r}' nor node-name='{r}'"))
+                })?),
+                None => {
+                    let mut bf = OpenFlags::read_only();
+                    bf.cache_direct = cflags.cache_direct;
+                    bf.aio = cflags.aio;
+                    bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
+                    if !backing_opts.contains("driver") && !backing_opts.contains("filename") && !backing_opts.has_sub("file") {
+                        if let Some(b) = &hdr.backing_file {
+                            backing_opts.set("file.filename", resolve(&file.filename(), b));
+                        }
+                    }
+                    Some(Box::pin(graph.open(backing_opts, bf)).await?)
+                }
+            }
+        } else if let Some(b) = &hdr.backing_file {
+            let mut bo = Opts::new();
+            let path = resolve(&file.filename(), b);
+            match &hdr.backing_format {
+                Some(f) => {
+                    bo.set("driver", f.clone());
+                    bo.set("file.filename", path);
+                }
+                None => bo.set("filename", path),
+            }
+            let mut bf = OpenFlags::read_only();
+            bf.cache_direct = cflags.cache_direct;
+            bf.aio = cflags.aio;
+            bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
+            let node = Box::pin(graph.open(bo, bf)).await.map_err(|e| e.context(format!("Could not open backing file '{b}'")))?;
+            Some(node)
+        } else {
+            None
+        };
+
+    let mut hdr = hdr;
+    if !read_only && hdr.autoclear != 0 {
+        // We do not maintain what the autoclear bits protect (bitmaps, raw data file): clear them.
+        hdr.autoclear = 0;
+        if hdr.version >= 3 {
+            let d = fq.write(88, IoBuf::from_slice(&0u64.to_be_bytes()), Default::default()).await;
+            d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
+        }
+    }
+    let filename = file.filename();
+    let shared = Shared {
+        name,
+        filename,
+        file,
+        backing,
+        read_only,
+        layout,
+        cluster_bits: hdr.cluster_bits,
+        cs,
+        l2_entries: hdr.l2_entries(),
+        words: if hdr.extended_l2() { 2 } else { 1 },
+        refcount_order: hdr.refcount_order,
+        compression: CompressionType::from_header(hdr.compression_type),
+        meta: Mutex::new(Meta::new(l1, reftable, (want_l2 / cs) as usize, (want_rc / cs) as usize)),
+        hdr: Mutex::new(hdr),
+        alloc: Default::default(),
+        corrupt: AtomicBool::new(corrupt),
+        owner: Mutex::new(None),
+        pass_discard,
+    };
+    Ok(Arc::new(Qcow2Node { s: Arc::new(shared) }))
+}
+
+/// A backing file name relative to the image that names it (as QEMU resolves it).
+fn resolve(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') || backing.contains("://") || backing.starts_with("json:") {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}/{}", &image[..i], backing),
+        None => backing.to_string(),
+    }
+}
+
+fn words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
+}
+
+/// A qcow2 node.
+pub struct Qcow2Node {
+    s: Arc<Shared>,
+}
+
+impl Qcow2Node {
+    /// A copy of the header as it is now.
+    pub fn header(&self) -> Qcow2Header {
+        self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Node for Qcow2Node {
+    fn driver(&self) -> &'static str {
+        "qcow2"
+    }
+    fn node_name(&self) -> &str {
+        &self.s.name
+    }
+    fn filename(&self) -> String {
+        self.s.filename.clone()
+    }
+    fn size(&self) -> u64 {
+        self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size
+    }
+    fn limits(&self) -> Limits {
+        Limits { request_alignment: 1, max_transfer: 0, opt_transfer: self.s.cs as u32 }
+    }
+    fn read_only(&self) -> bool {
+        self.s.read_only
+    }
+    fn is_format(&self) -> bool {
+        true
+    }
+    fn children(&self) -> Vec<Child> {
+        let mut v = vec![Child { role: ChildRole::File, node: self.s.file.clone() }];
+        if let Some(b) = &self.s.backing {
+            v.push(Child { role: ChildRole::Backing, node: b.clone() });
+        }
+        v
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        self.s.file.allocated_size()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.s.cs)
+    }
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        let h = self.header();
+        let mut data = serde_json::Map::new();
+        data.insert("compat".into(), if h.version >= 3 { "1.1" } else { "0.10" }.into());
+        if h.version >= 3 {
+            data.insert("compression-type".into(), CompressionType::from_header(h.compression_type).name().into());
+            data.insert("lazy-refcounts".into(), (h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0).into());
+        } else {
+            data.insert("compression-type".into(), "zlib".into());
+        }
+        data.insert("refcount-bits".into(), h.refcount_bits().into());
+        if h.version >= 3 {
+            data.insert("corrupt".into(), (h.incompatible & header::INCOMPAT_CORRUPT != 0).into());
+            data.insert("extended-l2".into(), h.extended_l2().into());
+        }
+        Some(serde_json::json!({ "type": "qcow2", "data": data }))
+    }
+    fn backing_info(&self) -> Option<(String, Option<String>)> {
+        let h = self.header();
+        h.backing_file.map(|b| (b, h.backing_format))
+    }
+    fn create_queue(&self) -> BlockResult<Rc<dyn NodeQueue>> {
+        let me = basalt_reactor::current_id();
+        {
+            let mut o = self.s.owner.lock().unwrap_or_else(|e| e.into_inner());
+            match *o {
+                Some(id) if Some(id) != me => {
+                    return Err(unsupported(format!(
+                        "qcow2 node '{}' is served by reactor {id}; using it from several reactors is not supported yet",
+                        self.s.name
+                    )))
+                }
+                _ => *o = me,
+            }
+        }
+        let file = Queue::new(self.s.file.clone())?;
+        let backing = match &self.s.backing {
+            Some(b) => Some(Queue::new(b.clone())?),
+            None => None,
+        };
+        Ok(Rc::new(io::Qcow2NodeQueue(Rc::new(io::Qcow2Queue::new(self.s.clone(), file, backing)))))
+    }
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async move {
+            if self.s.read_only {
+                return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
+            }
+            if prealloc != Prealloc::Off {
+                return Err(unsupported(format!(
+                    "Preallocation mode '{}' is not supported for qcow2 resize yet",
+                    prealloc.name()
+                )));
+            }
+            let cur = self.size();
+            if size < cur {
+                return Err(unsupported("qcow2 doesn't support shrinking images yet"));
+            }
+            let h = self.header();
+            let need = size.div_ceil(self.s.cs * h.l2_entries());
+            if need > u64::from(h.l1_size) {
+                return Err(unsupported("Growing a qcow2 image beyond its L1 table is not supported yet"));
+            }
+            let file = Queue::new(self.s.file.clone())?;
+            let d = file.write(24, IoBuf::from_slice(&size.to_be_bytes()), Default::default()).await;
+            d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
+            file.flush().await.res.map_err(BlockError::from)?;
+            self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size = size;
+            Ok(())
+        })
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
