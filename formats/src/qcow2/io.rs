@@ -295,7 +295,7 @@ impl Qcow2Queue {
             } else {
                 (0, 0xffff_ffff_0000_0000)
             }
-        } else if discard && (!v3 || !has_backing) {
+        } else if discard && !v3 {
             (0, 0)
         } else if !v3 {
             // v2 has no zero flag: without a backing file unallocated reads as zero.
