@@ -197,12 +197,25 @@ impl Qcow2Queue {
         let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
         let reuse = (old_host != 0 && e & COPIED != 0).then_some(old_host);
         meta.ensure_l2(gc).await?;
+        let fresh_end = self.s.file.size();
         let host = match reuse {
             Some(h) => h,
             None => meta.alloc_clusters(1).await?,
         };
-        let d = self.file.write(host, cluster, WriteFlags::default()).await;
-        d.res?;
+        // A new cluster wholly past the end of the file reads as zeroes already: write only
+        // the part that is not zero around the new data (QEMU zeroes it with a fallocate).
+        let mut cluster = cluster;
+        if reuse.is_none() && host >= fresh_end {
+            let end = o + data.len();
+            let start = if basalt_engine::buffer_is_zero(&cluster[..o]) { o } else { 0 };
+            let stop = if basalt_engine::buffer_is_zero(&cluster[end..]) { end } else { cs as usize };
+            cluster.slice(start, stop - start);
+            let d = self.file.write(host + start as u64, cluster, WriteFlags::default()).await;
+            d.res?;
+        } else {
+            let d = self.file.write(host, cluster, WriteFlags::default()).await;
+            d.res?;
+        }
         let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
         meta.set_entry(gc, host | COPIED, bitmap).await?;
         if reuse.is_none() {

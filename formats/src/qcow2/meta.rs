@@ -497,12 +497,8 @@ impl MetaIo<'_> {
         for k in 0..n {
             self.set_refcount(c + k, 1).await?;
         }
-        {
-            let mut m = self.s.lock_meta();
-            if m.free_hint >= c {
-                m.free_hint = c + n;
-            }
-        }
+        // Everything from the old hint up to `c` was found in use: start after this next time.
+        self.s.lock_meta().free_hint = c + n;
         Ok(c * self.s.cs)
     }
 
