@@ -384,18 +384,40 @@ pub struct ChainStatus {
     pub depth: u32,
     /// The range reaches the end of the top image.
     pub eof: bool,
+    /// Zeroes because a backing image ends before the range: QEMU's `block_status_above`
+    /// (what compare asks) counts these as allocated, `map` does not.
+    pub beyond_backing: bool,
 }
 
 impl ChainStatus {
+    /// Allocated as QEMU's `bdrv_block_status_above` says (what compare asks): zeroes past the
+    /// end of a backing image count as allocated there.
+    pub fn allocated_above(&self) -> bool {
+        self.allocated || self.beyond_backing
+    }
+
     /// The status bits that `compare -s` compares.
     pub fn flags(&self) -> (bool, bool, bool, bool, bool, bool) {
-        (self.data, self.zero, self.allocated, self.offset.is_some(), self.compressed, self.eof)
+        (self.data, self.zero, self.allocated_above(), self.offset.is_some(), self.compressed, self.eof)
     }
 }
 
 /// Backends for an image and its backing chain, top first.
 pub struct Chain {
-    layers: Vec<Backend>,
+    layers: Vec<Layer>,
+}
+
+struct Layer {
+    be: Backend,
+    /// The driver takes backing files (QEMU's `supports_backing`): where it defines nothing
+    /// and has no backing image below, or the backing image is shorter, it reads as zeroes.
+    supports_backing: bool,
+}
+
+/// Whether a node's driver takes backing files (it has a `backing_file` creation option).
+pub fn supports_backing(node: &Arc<dyn Node>) -> bool {
+    node.is_format()
+        && basalt_formats::registry().get(node.driver()).is_some_and(|d| d.create_opts().iter().any(|o| o.name == "backing_file"))
 }
 
 impl Chain {
@@ -405,14 +427,15 @@ impl Chain {
         let mut cur = Some(node);
         while let Some(n) = cur {
             cur = n.children().into_iter().find(|c| c.role == ChildRole::Backing).map(|c| c.node);
-            layers.push(Backend::new(n).map_err(|e| e.msg)?);
+            let supports_backing = supports_backing(&n);
+            layers.push(Layer { be: Backend::new(n).map_err(|e| e.msg)?, supports_backing });
         }
         Ok(Chain { layers })
     }
 
     /// The top image's backend.
     pub fn top(&self) -> &Backend {
-        &self.layers[0]
+        &self.layers[0].be
     }
 
     /// Size of the top image.
@@ -421,13 +444,21 @@ impl Chain {
     }
 
     /// Status of `off..off+len` of the top image, looking down the chain where the top does
-    /// not define the content (as qemu-img's map and compare do).
+    /// not define the content, as qemu-img's map does (`get_block_status`): the first layer
+    /// that reports data or zeroes answers; a layer of a format that takes backing files
+    /// reads as zeroes (not allocated) where it has no backing image or the backing image
+    /// ends before `off`, and then answers at its own depth.
     pub async fn status(&self, off: u64, len: u64) -> Result<ChainStatus, IoStatus> {
         let size = self.size();
         let mut len = len;
-        for (depth, be) in self.layers.iter().enumerate() {
+        let mut depth = 0;
+        let mut zero = false;
+        let mut beyond_backing = false;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let be = &layer.be;
+            depth = i as u32;
             if off >= be.size() {
-                // Past the end of a backing image: reads as zeroes, defined by nobody below.
+                // Only a backing image can be short; its overlay answered already.
                 break;
             }
             let st = be.block_status(off, len.min(be.size() - off)).await?;
@@ -442,21 +473,37 @@ impl Chain {
                     // A protocol node stores its data itself.
                     file: st.file.or_else(|| st.offset.map(|_| be.node().clone())),
                     compressed: st.compressed,
-                    depth: depth as u32,
+                    depth,
                     eof: off + len >= size,
+                    beyond_backing: false,
                 });
+            }
+            if layer.supports_backing {
+                match self.layers.get(i + 1) {
+                    None => {
+                        zero = true;
+                        break;
+                    }
+                    Some(b) if off >= b.be.size() => {
+                        zero = true;
+                        beyond_backing = true;
+                        break;
+                    }
+                    Some(_) => {}
+                }
             }
         }
         Ok(ChainStatus {
             len,
             data: false,
-            zero: false,
+            zero,
             allocated: false,
             offset: None,
             file: None,
             compressed: false,
-            depth: 0,
+            depth,
             eof: off + len >= size,
+            beyond_backing,
         })
     }
 }

@@ -311,8 +311,8 @@ async fn walk(imgs: &Images, start: u64, total: u64, base: u64, strict: bool, pr
                 }
             } else if s1.zero && s2.zero {
                 Item { offset: off, chunk, work: Work::Skip }
-            } else if s1.allocated == s2.allocated {
-                if s1.allocated {
+            } else if s1.allocated_above() == s2.allocated_above() {
+                if s1.allocated_above() {
                     chunk = chunk.min(IO_BUF_SIZE);
                     Item { offset: off, chunk, work: Work::Read(imgs.spawn_reads(&[0, 1], off, chunk)) }
                 } else {
@@ -320,7 +320,7 @@ async fn walk(imgs: &Images, start: u64, total: u64, base: u64, strict: bool, pr
                 }
             } else {
                 chunk = chunk.min(IO_BUF_SIZE);
-                let which = if s1.allocated { 0 } else { 1 };
+                let which = if s1.allocated_above() { 0 } else { 1 };
                 Item { offset: off, chunk, work: Work::Read(imgs.spawn_reads(&[which], off, chunk)) }
             }
         };

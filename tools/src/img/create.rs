@@ -46,14 +46,67 @@ Arguments:
 
 ";
 
+/// qcow2's creation options as QEMU 10 declares them (`qcow2_create_opts`): this order is the
+/// order of the `Formatting` line, and the encryption options the driver refuses are listed
+/// too (using one fails in the driver with a clear message), as `-o help` lists them.
+const QCOW2_OPTS: &[CreateOptDesc] = &[
+    CreateOptDesc {
+        name: "encryption",
+        kind: "bool",
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    },
+    CreateOptDesc { name: "encrypt.format", kind: "str", help: "Encrypt the image, format choices: 'aes', 'luks'" },
+    CreateOptDesc { name: "encrypt.key-secret", kind: "str", help: "ID of secret providing qcow AES key or LUKS passphrase" },
+    CreateOptDesc { name: "encrypt.cipher-alg", kind: "str", help: "Name of encryption cipher algorithm" },
+    CreateOptDesc { name: "encrypt.cipher-mode", kind: "str", help: "Name of encryption cipher mode" },
+    CreateOptDesc { name: "encrypt.ivgen-alg", kind: "str", help: "Name of IV generator algorithm" },
+    CreateOptDesc { name: "encrypt.ivgen-hash-alg", kind: "str", help: "Name of IV generator hash algorithm" },
+    CreateOptDesc { name: "encrypt.hash-alg", kind: "str", help: "Name of encryption hash algorithm" },
+    CreateOptDesc { name: "encrypt.iter-time", kind: "number", help: "Time to spend in PBKDF in milliseconds" },
+    CreateOptDesc { name: "cluster_size", kind: "size", help: "qcow2 cluster size" },
+    CreateOptDesc { name: "extended_l2", kind: "bool", help: "Extended L2 tables" },
+    CreateOptDesc {
+        name: "preallocation",
+        kind: "str",
+        help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    },
+    CreateOptDesc { name: "compression_type", kind: "str", help: "Compression method used for image cluster compression" },
+    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
+    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
+    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
+    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
+    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
+    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
+    CreateOptDesc { name: "refcount_bits", kind: "number", help: "Width of a reference count entry in bits" },
+];
+
+/// Defaults QEMU declares (`def_value_str`), which the `Formatting` line prints when unset.
+fn default_value(fmt: &str, name: &str) -> Option<&'static str> {
+    match (fmt, name) {
+        ("qcow2", "cluster_size") => Some("65536"),
+        ("qcow2", "extended_l2") => Some("off"),
+        ("qcow2", "compression_type") => Some("zlib"),
+        ("qcow2", "lazy_refcounts") => Some("off"),
+        ("qcow2", "refcount_bits") => Some("16"),
+        _ => None,
+    }
+}
+
 /// A format's own creation options. QEMU's raw declares only `size` and leaves the rest
 /// (preallocation...) to the protocol, which decides what help lists and the print order.
+/// qcow2's come in QEMU's order (see [`QCOW2_OPTS`]), followed by any the driver has beyond.
 fn format_opts(drv: &dyn BlockDriver) -> Vec<CreateOptDesc> {
     let all = drv.create_opts().to_vec();
-    if drv.name() == "raw" {
-        return all.into_iter().filter(|d| d.name == "size").collect();
+    match drv.name() {
+        "raw" => all.into_iter().filter(|d| d.name == "size").collect(),
+        "qcow2" => {
+            let mut v = QCOW2_OPTS.to_vec();
+            v.extend(all.into_iter().filter(|d| !QCOW2_OPTS.iter().any(|q| q.name == d.name)));
+            v
+        }
+        _ => all,
     }
-    all
 }
 
 /// The format's options followed by the protocol's that it does not already have.
@@ -84,7 +137,7 @@ fn protocol_for(graph: &Graph, filename: &str) -> Result<&'static dyn BlockDrive
 fn type_name(kind: &str) -> &str {
     match kind {
         "bool" => "bool (on/off)",
-        "number" => "num",
+        "number" | "num" => "num",
         k => k,
     }
 }
@@ -168,8 +221,8 @@ fn parse_opts(elems: &[String], list: &[CreateOptDesc]) -> Result<Vec<SetOpt>, S
                 "off" | "no" | "false" | "n" => (v.clone(), "off".to_string()),
                 _ => return Err(format!("Parameter '{}' expects 'on' or 'off'", d.name)),
             },
-            "number" => match common::strtoi64(&v) {
-                Ok(n) if n >= 0 => (v.clone(), n.to_string()),
+            "number" | "num" => match common::strtoi64(&v) {
+                Ok(n) if n >= 0 => (n.to_string(), n.to_string()),
                 _ => return Err(format!("Parameter '{}' expects a number", d.name)),
             },
             _ => (v.clone(), v.clone()),
@@ -239,6 +292,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         size,
         backing: a.value("backing").map(str::to_string),
         backing_fmt: a.value("backing-format").map(str::to_string),
+        backing_unsafe: a.has("backing-unsafe"),
         quiet: a.has("quiet"),
     };
     match img_create(&graph, &req).await {
@@ -293,6 +347,7 @@ struct Request {
     size: Option<u64>,
     backing: Option<String>,
     backing_fmt: Option<String>,
+    backing_unsafe: bool,
     quiet: bool,
 }
 
@@ -329,12 +384,37 @@ async fn img_create(graph: &Graph, r: &Request) -> Result<(), String> {
         set.retain(|s| s.name != "backing_fmt");
         set.push(SetOpt { name: "backing_fmt", shown: bf.clone(), value: bf.clone() });
     }
+    let backing = set.iter().find(|s| s.name == "backing_file").map(|s| s.value.clone());
+    let backing_fmt = set.iter().find(|s| s.name == "backing_fmt").map(|s| s.value.clone());
+    if let Some(b) = &backing {
+        if *b == r.filename {
+            return Err("Error: Trying to create an image with the same filename as the backing file".to_string());
+        }
+        if b.is_empty() {
+            return Err("Expected backing file name, got empty string".to_string());
+        }
+    }
+    match &backing {
+        Some(b) if !r.backing_unsafe => {
+            // The backing file must open (by its name relative to the new image), and its
+            // format must be given; the new image takes its size when none is given.
+            let full = full_backing_filename(&r.filename, b)?;
+            let node = open_backing(graph, &full, backing_fmt.as_deref())
+                .await
+                .map_err(|e| format!("{e}\nCould not open backing image."))?;
+            if backing_fmt.is_none() {
+                return Err(format!("Backing file specified without backing format\nDetected format of {}.", node.driver()));
+            }
+            if !set.iter().any(|s| s.name == "size") {
+                let size = node.size();
+                set.push(SetOpt { name: "size", shown: (size as i64).to_string(), value: size.to_string() });
+            }
+        }
+        Some(_) if backing_fmt.is_none() => return Err("Backing file specified without backing format".to_string()),
+        _ => {}
+    }
     if !set.iter().any(|s| s.name == "size") {
-        let size = match set.iter().find(|s| s.name == "backing_file") {
-            Some(b) => backing_size(graph, &b.value, r.backing_fmt.as_deref()).await?,
-            None => return Err("Image creation needs a size parameter".to_string()),
-        };
-        set.push(SetOpt { name: "size", shown: (size as i64).to_string(), value: size.to_string() });
+        return Err("Image creation needs a size parameter".to_string());
     }
     let size: u64 = set.iter().find(|s| s.name == "size").and_then(|s| s.value.parse().ok()).unwrap_or(0);
     if !r.quiet {
@@ -342,6 +422,8 @@ async fn img_create(graph: &Graph, r: &Request) -> Result<(), String> {
         for d in &list {
             if let Some(s) = set.iter().find(|s| s.name == d.name) {
                 line.push_str(&format!(" {}={}", s.name, s.shown));
+            } else if let Some(v) = default_value(&r.fmt, d.name) {
+                line.push_str(&format!(" {}={v}", d.name));
             }
         }
         println!("{line}");
@@ -359,14 +441,33 @@ async fn img_create(graph: &Graph, r: &Request) -> Result<(), String> {
     })
 }
 
-/// The size of a backing file, for an image created without one.
-async fn backing_size(graph: &Graph, name: &str, fmt: Option<&str>) -> Result<u64, String> {
+/// QEMU's `bdrv_get_full_backing_filename_from_filename`: a relative backing file name is
+/// taken relative to the directory of the image that names it.
+fn full_backing_filename(image: &str, backing: &str) -> Result<String, String> {
+    let has_protocol = backing.find([':', '/']).is_some_and(|i| backing.as_bytes()[i] == b':');
+    if has_protocol || backing.starts_with('/') {
+        return Ok(backing.to_string());
+    }
+    if image.is_empty() || image.starts_with("json:") {
+        return Err(format!("Cannot use relative backing file names for '{image}'"));
+    }
+    Ok(match image.rfind('/') {
+        Some(i) => format!("{}{backing}", &image[..=i]),
+        None => backing.to_string(),
+    })
+}
+
+/// Open the backing file of an image being created: read-only, sharing everything, with its
+/// own backing chain, as QEMU checks it.
+async fn open_backing(graph: &Graph, name: &str, fmt: Option<&str>) -> Result<std::sync::Arc<dyn basalt_engine::Node>, String> {
     let mut spec = ImageSpec::new(name);
     spec.fmt = fmt.map(str::to_string);
     spec.read_only = true;
     spec.force_share = true;
-    let (node, _) = crate::image::open(graph, &spec).await.map_err(|e| e.msg)?;
-    Ok(node.size())
+    // The file driver's error already names the file, as QEMU's does: no second prefix.
+    let opts = crate::image::spec_opts(graph, &spec).map_err(|e| e.msg)?;
+    let (flags, _) = crate::image::spec_flags(&spec).map_err(|e| e.msg)?;
+    graph.open(opts, flags).await.map_err(|e| e.msg)
 }
 
 #[cfg(test)]

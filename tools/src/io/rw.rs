@@ -181,6 +181,12 @@ fn finish_read(
     ret
 }
 
+/// Whether QEMU can write compressed data to this image's format (so refusing is Basalt's
+/// own gap, not the format's).
+fn compress_capable(img: &Image) -> bool {
+    matches!(img.be.node().driver(), "qcow2" | "qcow" | "vmdk")
+}
+
 /// `write [-bcCfnquz] [-P pattern | -s file] off len`.
 pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     let (mut vmstate, mut compressed, mut machine, mut quiet, mut zero) = (false, false, false, false, false);
@@ -257,6 +263,14 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
         None => img.be.write_zeroes(offset, count, ZeroFlags { may_unmap, no_fallback, fua }).await.res,
     };
     let elapsed = t.elapsed();
+    if compressed && !zero && res.is_err() && compress_capable(img) {
+        // QEMU would write compressed clusters here; say that it is Basalt that cannot.
+        outln!(
+            "write failed: Operation not supported (compressed writes to {} images are not implemented yet)",
+            img.be.node().driver()
+        );
+        return Err(Fail);
+    }
     res.map_err(|e| failed("write", e))?;
     if !quiet {
         out!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
