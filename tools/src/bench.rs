@@ -334,6 +334,12 @@ pub async fn run(be: Backend, job: BenchJob) -> BenchResult {
         h.await;
     }
     let elapsed = start.elapsed();
+    // Close as qemu-img bench does: flush (untimed), so formats write back their metadata.
+    if let Err(e) = be.flush().await.res {
+        if st.error.get().is_none() {
+            st.error.set(Some((0, e)));
+        }
+    }
     let read_lat = st.read_lat.take();
     let write_lat = st.write_lat.take();
     BenchResult { reads: st.reads.get(), writes: st.writes.get(), elapsed, read_lat, write_lat, error: st.error.get() }

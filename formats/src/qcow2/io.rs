@@ -7,8 +7,12 @@
 //! cluster), zeroing and discarding — runs as a boxed slow path; changes to metadata are
 //! serialised by the node's allocation lock.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use basalt_engine::{BlockStatus, InFlight, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
@@ -17,12 +21,17 @@ use crate::qcow2::compress;
 use crate::qcow2::entry::{Mapping, COPIED, ZERO};
 use crate::qcow2::meta::{Cached, MResult, MetaIo, Shared};
 
+/// Fewest clusters zeroed ahead in the file at a time when allocating past its end.
+const PREALLOC_CLUSTERS: u64 = 16;
+
 /// A qcow2 node's queue on one reactor.
 pub(crate) struct Qcow2Queue {
     s: Arc<Shared>,
     file: Queue,
     backing: Option<Queue>,
     writes: InFlight,
+    /// Guest clusters whose allocating write is in flight, with the requests waiting for it.
+    allocating: RefCell<HashMap<u64, Vec<Waker>>>,
 }
 
 /// One piece of a request: guest offset, length, offset into the request's buffer.
@@ -35,7 +44,7 @@ struct Piece {
 
 impl Qcow2Queue {
     pub(crate) fn new(s: Arc<Shared>, file: Queue, backing: Option<Queue>) -> Qcow2Queue {
-        Qcow2Queue { s, file, backing, writes: InFlight::default() }
+        Qcow2Queue { s, file, backing, writes: InFlight::default(), allocating: RefCell::new(HashMap::new()) }
     }
 
     fn meta(&self) -> MetaIo<'_> {
@@ -177,14 +186,22 @@ impl Qcow2Queue {
     /// cluster, write it to a fresh (or reusable) host cluster, point the L2 entry at it, then
     /// drop the reference to what it replaced.
     async fn write_alloc(&self, off: u64, data: &[u8]) -> MResult<()> {
-        let _g = self.s.alloc.lock().await;
         let cs = self.s.cs;
         let gc = off / cs;
         let meta = self.meta();
+        let g = loop {
+            // One allocation per guest cluster at a time: wait for one in flight to finish.
+            self.wait_allocation(gc).await;
+            let g = self.s.alloc.lock().await;
+            if !self.allocating.borrow().contains_key(&gc) {
+                break g;
+            }
+        };
         let m = self.mapping(off).await?;
-        // Someone may have allocated it while we waited for the lock.
+        // Someone may have allocated it while we waited.
         if let (Mapping::Data { host, copied: true }, false) = (m, self.s.layout.extended_l2) {
-            let d = self.file.write(host + off % cs, IoBuf::from_slice(data), WriteFlags::default()).await;
+            drop(g);
+            let d = self.file.write(host + off % cs, IoBuf::from_slice(data), WriteFlags::default()).counted(&self.writes).await;
             return d.res.map(|_| ());
         }
         let mut cluster = self.cluster_content(off).await?;
@@ -197,28 +214,69 @@ impl Qcow2Queue {
         let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
         let reuse = (old_host != 0 && e & COPIED != 0).then_some(old_host);
         meta.ensure_l2(gc).await?;
-        let fresh_end = self.s.file.size();
         let host = match reuse {
             Some(h) => h,
             None => meta.alloc_clusters(1).await?,
         };
-        // A new cluster wholly past the end of the file reads as zeroes already: write only
-        // the part that is not zero around the new data (QEMU zeroes it with a fallocate).
-        let mut cluster = cluster;
-        if reuse.is_none() && host >= fresh_end {
-            let end = o + data.len();
-            let start = if basalt_engine::buffer_is_zero(&cluster[..o]) { o } else { 0 };
-            let stop = if basalt_engine::buffer_is_zero(&cluster[end..]) { end } else { cs as usize };
-            cluster.slice(start, stop - start);
-            let d = self.file.write(host + start as u64, cluster, WriteFlags::default()).await;
-            d.res?;
-        } else {
-            let d = self.file.write(host, cluster, WriteFlags::default()).await;
-            d.res?;
+        // When the rest of a new cluster is zero and the file is known to read zeroes there,
+        // write only the new data. Space past the file's end is zeroed ahead with fallocate
+        // (16 clusters at a time) so the cluster is allocated in the file as QEMU's zeroing
+        // fallocate leaves it, at a fraction of the system calls.
+        let end = o + data.len();
+        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed);
+        let zero_cow = fresh && basalt_engine::buffer_is_zero(&cluster[..o]) && basalt_engine::buffer_is_zero(&cluster[end..]);
+        let mut zeroed = false;
+        if zero_cow {
+            let pre = self.s.prealloc_end.load(Ordering::Relaxed).max(host);
+            zeroed = host + cs <= pre || {
+                // The window doubles with what was allocated since open, between 16 clusters
+                // and 64 MiB, so small images stay small and large copies rarely stop for it.
+                let grown = pre.saturating_sub(self.s.open_size);
+                let ahead = grown.clamp(PREALLOC_CLUSTERS * cs, (64 << 20).max(PREALLOC_CLUSTERS * cs));
+                let upto = host + ahead;
+                let z = ZeroFlags { may_unmap: false, no_fallback: true, fua: false };
+                let ok = self.file.write_zeroes(pre, upto - pre, z).await.res.is_ok();
+                if ok {
+                    self.s.prealloc_end.store(upto, Ordering::Relaxed);
+                }
+                ok
+            };
         }
+        self.s.zero_from.fetch_max(host + cs, Ordering::Relaxed);
+        // Write the data without holding the lock, so allocations of other clusters proceed.
+        self.allocating.borrow_mut().insert(gc, Vec::new());
+        drop(g);
+        let d = if zeroed {
+            cluster.slice(o, data.len());
+            self.file.write(host + o as u64, cluster, WriteFlags::default()).await
+        } else {
+            self.file.write(host, cluster, WriteFlags::default()).await
+        };
+        let _g = self.s.alloc.lock().await;
+        let r = match d.res {
+            Ok(_) => self.commit_alloc(gc, e, host, reuse.is_some(), old_host, compressed).await,
+            Err(err) => {
+                if reuse.is_none() {
+                    let _ = meta.free_cluster(host).await;
+                }
+                Err(err)
+            }
+        };
+        if let Some(waiters) = self.allocating.borrow_mut().remove(&gc) {
+            for w in waiters {
+                w.wake();
+            }
+        }
+        r
+    }
+
+    /// Point guest cluster `gc` at its new `host` cluster and drop what it replaced.
+    async fn commit_alloc(&self, gc: u64, e: u64, host: u64, reused: bool, old_host: u64, compressed: bool) -> MResult<()> {
+        let meta = self.meta();
         let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
-        meta.set_entry(gc, host | COPIED, bitmap).await?;
-        if reuse.is_none() {
+        // Replacing a cluster: the entry must be on disk before the old cluster's refcount drops.
+        meta.set_entry(gc, host | COPIED, bitmap, !reused && (old_host != 0 || compressed)).await?;
+        if !reused {
             if old_host != 0 {
                 meta.free_cluster(old_host).await?;
             } else if let Ok(Mapping::Compressed { host: h, len }) = self.s.layout.decode(e, 0, 0) {
@@ -226,6 +284,20 @@ impl Qcow2Queue {
             }
         }
         Ok(())
+    }
+
+    async fn wait_allocation(&self, gc: u64) {
+        std::future::poll_fn(|cx| {
+            let mut a = self.allocating.borrow_mut();
+            match a.get_mut(&gc) {
+                None => Poll::Ready(()),
+                Some(w) => {
+                    w.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
     async fn free_compressed(&self, host: u64, len: u64) -> MResult<()> {
@@ -324,7 +396,7 @@ impl Qcow2Queue {
         if new == e && !ext {
             return Ok(());
         }
-        meta.set_entry(gc, new, bitmap).await?;
+        meta.set_entry(gc, new, bitmap, !keep).await?;
         if !keep {
             // In-flight writes may still target the old cluster: let them land first.
             while self.writes.count() > 0 {
@@ -441,7 +513,20 @@ impl NodeQueue for Qcow2NodeQueue {
     }
 
     fn flush(&self) -> IoFuture {
-        self.0.file.flush()
+        let q = self.0.clone();
+        if q.s.lock_meta().dirty_count() == (0, 0) {
+            return q.file.flush();
+        }
+        IoFuture::boxed(async move {
+            let r = {
+                let _g = q.s.alloc.lock().await;
+                q.meta().writeback().await
+            };
+            match r {
+                Ok(()) => q.file.flush().await,
+                Err(e) => IoDone::err(e),
+            }
+        })
     }
 
     fn block_status(&self, off: u64, len: u64) -> LocalBoxFuture<'_, Result<BlockStatus, IoStatus>> {

@@ -1,13 +1,16 @@
 //! The metadata of an open qcow2 image: the active L1 table, a cache of L2 tables, the
 //! refcount table and a cache of refcount blocks, and the operations that change them.
 //!
-//! Metadata is written through: every change reaches the image file before the operation that
-//! depends on it continues, in the order that keeps the image consistent after a crash —
-//! a cluster's refcount before any L2 entry points to it, an L2 table before the L1 entry that
-//! points to it; and when freeing, the L2 entry is cleared before the refcount drops. A crash
-//! can leak clusters (which `check -r` repairs) but never leave an entry pointing at a free
-//! cluster. Changes happen under the node's allocation lock; cached lookups take only a short
-//! mutex, never held across I/O.
+//! Ordering keeps the image consistent after a crash: a cluster's refcount reaches the disk
+//! before any L2 entry pointing to it, an L2 table before the L1 entry pointing to it, and when
+//! a cluster is freed or replaced, the L2 entry that stopped pointing to it before its refcount
+//! drops. Allocation only changes the caches (refcount blocks and L2 tables become dirty); a
+//! write-back — on flush, when the dirty tables fill the caches, and before any structural
+//! change — writes dirty refcount blocks, flushes, then writes dirty L2 tables. Entries that
+//! stop pointing at a cluster are written through at once. A crash can leak clusters (which
+//! `check -r` repairs) but never leave an entry pointing at a free cluster. Dirty tables are
+//! never evicted. Changes happen under the node's allocation lock; cached lookups take only a
+//! short mutex, never held across I/O.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,17 +48,33 @@ pub(crate) struct Shared {
     pub owner: Mutex<Option<u16>>,
     /// Pass discards of freed clusters down to the file (`pass-discard-request`).
     pub pass_discard: bool,
+    /// From here on the file is known to read zeroes (never written by us since open).
+    pub zero_from: std::sync::atomic::AtomicU64,
+    /// The file has been zeroed ahead (fallocate) up to here.
+    pub prealloc_end: std::sync::atomic::AtomicU64,
+    /// File size when opened (rounded up to clusters).
+    pub open_size: u64,
+}
+
+/// Dirty tables allowed before a write-back is forced, whatever the cache size.
+const DIRTY_MIN: usize = 32;
+
+/// A cached table: its content, when it was last used, and whether it differs from disk.
+pub(crate) struct Cached2<T> {
+    data: T,
+    used: u64,
+    dirty: bool,
 }
 
 /// Cached tables.
 pub(crate) struct Meta {
     pub l1: Vec<u64>,
-    l2: HashMap<u64, (Vec<u64>, u64)>,
+    l2: HashMap<u64, Cached2<Vec<u64>>>,
     l2_capacity: usize,
     /// Bumped on every L2 change, so a table loaded concurrently with a change is not cached.
     pub l2_seq: u64,
     pub reftable: Vec<u64>,
-    refblocks: HashMap<u64, (Vec<u8>, u64)>,
+    refblocks: HashMap<u64, Cached2<Vec<u8>>>,
     refblock_capacity: usize,
     tick: u64,
     /// First cluster index that may be free.
@@ -82,38 +101,57 @@ impl Meta {
         self.tick += 1;
         let t = self.tick;
         self.l2.get_mut(&off).map(|e| {
-            e.1 = t;
-            &mut e.0
+            e.used = t;
+            &mut e.data
         })
     }
 
-    fn insert_l2(&mut self, off: u64, words: Vec<u64>) {
-        if self.l2.len() >= self.l2_capacity {
-            if let Some(k) = self.l2.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
-                self.l2.remove(&k);
-            }
+    fn mark_l2_dirty(&mut self, off: u64) {
+        if let Some(e) = self.l2.get_mut(&off) {
+            e.dirty = true;
         }
+    }
+
+    fn insert_l2(&mut self, off: u64, words: Vec<u64>) {
+        evict(&mut self.l2, self.l2_capacity);
         self.tick += 1;
-        self.l2.insert(off, (words, self.tick));
+        self.l2.insert(off, Cached2 { data: words, used: self.tick, dirty: false });
     }
 
     fn refblock(&mut self, off: u64) -> Option<&mut Vec<u8>> {
         self.tick += 1;
         let t = self.tick;
         self.refblocks.get_mut(&off).map(|e| {
-            e.1 = t;
-            &mut e.0
+            e.used = t;
+            &mut e.data
         })
     }
 
-    fn insert_refblock(&mut self, off: u64, block: Vec<u8>) {
-        if self.refblocks.len() >= self.refblock_capacity {
-            if let Some(k) = self.refblocks.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
-                self.refblocks.remove(&k);
-            }
+    fn mark_refblock_dirty(&mut self, off: u64) {
+        if let Some(e) = self.refblocks.get_mut(&off) {
+            e.dirty = true;
         }
+    }
+
+    fn insert_refblock(&mut self, off: u64, block: Vec<u8>) {
+        evict(&mut self.refblocks, self.refblock_capacity);
         self.tick += 1;
-        self.refblocks.insert(off, (block, self.tick));
+        self.refblocks.insert(off, Cached2 { data: block, used: self.tick, dirty: false });
+    }
+
+    /// Tables changed in memory and not yet written: (refcount blocks, L2 tables).
+    pub(crate) fn dirty_count(&self) -> (usize, usize) {
+        (self.refblocks.values().filter(|e| e.dirty).count(), self.l2.values().filter(|e| e.dirty).count())
+    }
+}
+
+/// Drop the least recently used clean entry when the cache is full. Dirty entries are never
+/// dropped (the cache may grow past its size until they are written back).
+fn evict<T>(m: &mut HashMap<u64, Cached2<T>>, capacity: usize) {
+    if m.len() >= capacity {
+        if let Some(k) = m.iter().filter(|(_, v)| !v.dirty).min_by_key(|(_, v)| v.used).map(|(k, _)| *k) {
+            m.remove(&k);
+        }
     }
 }
 
@@ -222,8 +260,10 @@ impl MetaIo<'_> {
     }
 
     /// Set the entry of guest cluster `gc`, allocating its L2 table if needed. Allocation lock
-    /// held by the caller.
-    pub(crate) async fn set_entry(&self, gc: u64, e: u64, bitmap: u64) -> MResult<()> {
+    /// held by the caller. With `through`, the entry is written now (needed before a cluster
+    /// it stops pointing at may be freed); otherwise the table is left dirty for write-back,
+    /// which writes refcount blocks before L2 tables.
+    pub(crate) async fn set_entry(&self, gc: u64, e: u64, bitmap: u64, through: bool) -> MResult<()> {
         let (l1i, l2i) = self.s.split(gc);
         let l1e = *self.s.lock_meta().l1.get(l1i).ok_or(IoStatus::EINVAL)?;
         let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
@@ -234,21 +274,31 @@ impl MetaIo<'_> {
         };
         self.entry(gc).await?; // make sure the table is cached
         let w = self.s.words;
-        let mut bytes = Vec::with_capacity(16);
-        bytes.extend_from_slice(&e.to_be_bytes());
-        if w == 2 {
-            bytes.extend_from_slice(&bitmap.to_be_bytes());
-        }
-        self.write_bytes(off + (l2i * w * 8) as u64, &bytes).await?;
-        let mut m = self.s.lock_meta();
-        m.l2_seq += 1;
-        if let Some(t) = m.l2(off) {
-            t[l2i * w] = e;
+        if through {
+            let mut bytes = Vec::with_capacity(16);
+            bytes.extend_from_slice(&e.to_be_bytes());
             if w == 2 {
-                t[l2i * w + 1] = bitmap;
+                bytes.extend_from_slice(&bitmap.to_be_bytes());
+            }
+            self.write_bytes(off + (l2i * w * 8) as u64, &bytes).await?;
+        }
+        {
+            let mut m = self.s.lock_meta();
+            m.l2_seq += 1;
+            match m.l2(off) {
+                Some(t) => {
+                    t[l2i * w] = e;
+                    if w == 2 {
+                        t[l2i * w + 1] = bitmap;
+                    }
+                }
+                None => return Err(IoStatus::EIO),
+            }
+            if !through {
+                m.mark_l2_dirty(off);
             }
         }
-        Ok(())
+        self.writeback_if_large().await
     }
 
     /// Make sure guest cluster `gc` has an L2 table (allocating it before any data cluster, as
@@ -267,6 +317,9 @@ impl MetaIo<'_> {
     async fn new_l2(&self, l1i: usize) -> MResult<u64> {
         let off = self.alloc_clusters(1).await?;
         self.write_bytes(off, &vec![0u8; self.s.cs as usize]).await?;
+        self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
+        // The table's refcount must be on disk before the L1 entry points at it.
+        self.writeback().await?;
         let l1_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).l1_table_offset;
         let e = off | COPIED;
         self.write_bytes(l1_off + l1i as u64 * 8, &e.to_be_bytes()).await?;
@@ -322,17 +375,11 @@ impl MetaIo<'_> {
             None => self.new_refblock(c).await?,
         };
         let i = c % self.per_block();
-        let (range, bytes) = {
-            let mut m = self.s.lock_meta();
-            let b = m.refblock(off).ok_or(IoStatus::EIO)?;
-            let r = refcount::set(b, self.s.refcount_order, i, v);
-            // Write at least 8 aligned bytes around the change (cheap, and whole sectors under
-            // O_DIRECT are padded by the queue).
-            let start = r.start / 8 * 8;
-            let end = r.end.next_multiple_of(8).min(b.len());
-            (start..end, b[start..end].to_vec())
-        };
-        self.write_bytes(off + range.start as u64, &bytes).await
+        let mut m = self.s.lock_meta();
+        let b = m.refblock(off).ok_or(IoStatus::EIO)?;
+        refcount::set(b, self.s.refcount_order, i, v);
+        m.mark_refblock_dirty(off);
+        Ok(())
     }
 
     /// Add `delta` to the refcount of cluster index `c`; returns the new value.
@@ -372,6 +419,7 @@ impl MetaIo<'_> {
         let mut block = vec![0u8; self.s.cs as usize];
         refcount::set(&mut block, self.s.refcount_order, b % per, 1);
         self.write_bytes(off, &block).await?;
+        self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
         let rt_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).refcount_table_offset;
         self.write_bytes(rt_off + ti as u64 * 8, &off.to_be_bytes()).await?;
         let mut m = self.s.lock_meta();
@@ -390,6 +438,8 @@ impl MetaIo<'_> {
             let h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
             (h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs / 8)
         };
+        // Changes still in the cache go to disk first: the new table points at the same blocks.
+        Box::pin(self.writeback()).await?;
         let old = self.s.lock_meta().reftable.clone();
         let start = self.s.file.size().div_ceil(cs);
         // Entries: enough for `need`, and for the new table and new blocks themselves.
@@ -438,11 +488,13 @@ impl MetaIo<'_> {
                 Box::pin(self.set_refcount(c, 1)).await?;
             }
         }
+        Box::pin(self.writeback()).await?;
         for (i, b) in &new_blocks {
             self.write_bytes(table[*i as usize], b).await?;
         }
         let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
         self.write_bytes(start * cs, &bytes).await?;
+        self.s.zero_from.fetch_max(next_block * cs, Ordering::Relaxed);
         self.file.flush().await.res?;
         // Switch the header to the new table (offset and size are adjacent fields).
         let mut hf = Vec::with_capacity(12);
@@ -508,6 +560,61 @@ impl MetaIo<'_> {
         let c = host / self.s.cs;
         if self.add_refcount(c, -1).await? == 0 && self.s.pass_discard {
             let _ = self.file.discard(host, self.s.cs).await;
+        }
+        Ok(())
+    }
+}
+
+impl MetaIo<'_> {
+    /// Write every dirty refcount block, then (after a flush, so they are ordered on stable
+    /// storage) every dirty L2 table. Allocation lock held by the caller.
+    pub(crate) async fn writeback(&self) -> MResult<()> {
+        let blocks: Vec<(u64, Vec<u8>)> = {
+            let m = self.s.lock_meta();
+            m.refblocks.iter().filter(|(_, e)| e.dirty).map(|(k, e)| (*k, e.data.clone())).collect()
+        };
+        for (off, b) in &blocks {
+            self.write_bytes(*off, b).await?;
+            let mut m = self.s.lock_meta();
+            if let Some(e) = m.refblocks.get_mut(off) {
+                if e.data == *b {
+                    e.dirty = false;
+                }
+            }
+        }
+        let tables: Vec<(u64, Vec<u64>)> = {
+            let m = self.s.lock_meta();
+            m.l2.iter().filter(|(_, e)| e.dirty).map(|(k, e)| (*k, e.data.clone())).collect()
+        };
+        if tables.is_empty() {
+            return Ok(());
+        }
+        if !blocks.is_empty() {
+            self.file.flush().await.res?;
+        }
+        for (off, t) in &tables {
+            let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_be_bytes()).collect();
+            self.write_bytes(*off, &bytes).await?;
+            let mut m = self.s.lock_meta();
+            if let Some(e) = m.l2.get_mut(off) {
+                if e.data == *t {
+                    e.dirty = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write back when the dirty tables outgrow the caches.
+    async fn writeback_if_large(&self) -> MResult<()> {
+        let (rb, l2) = self.s.lock_meta().dirty_count();
+        let (rc, lc) = {
+            let m = self.s.lock_meta();
+            (m.refblock_capacity, m.l2_capacity)
+        };
+        // Dirty tables stay cached (beyond the cache size if need be) up to a bound.
+        if rb >= rc.max(DIRTY_MIN) || l2 >= lc.max(DIRTY_MIN) {
+            Box::pin(self.writeback()).await?;
         }
         Ok(())
     }

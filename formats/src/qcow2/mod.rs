@@ -282,6 +282,9 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         corrupt: AtomicBool::new(corrupt),
         owner: Mutex::new(None),
         pass_discard,
+        zero_from: fsize.next_multiple_of(cs).into(),
+        prealloc_end: fsize.next_multiple_of(cs).into(),
+        open_size: fsize.next_multiple_of(cs),
     };
     Ok(Arc::new(Qcow2Node { s: Arc::new(shared) }))
 }
