@@ -408,12 +408,14 @@ impl MetaIo<'_> {
                 return Ok(off);
             }
         }
-        // Every cluster of this range has refcount 0 (no block yet): take the first one past
-        // the end of the file (the caller restarts its search afterwards).
-        let end = self.s.file.size().div_ceil(self.s.cs);
-        let b = (ti as u64 * per).max(end).max(1);
+        // Every cluster of this range has refcount 0 (no block yet), so all are free: take the
+        // first one that is not `c` (the caller restarts its search afterwards).
+        let mut b = (ti as u64 * per).max(1);
+        if b == c {
+            b += 1;
+        }
         if b >= (ti as u64 + 1) * per {
-            return Err(self.corrupt(format!("Clusters past the end of the file are in use near cluster {c:#x}")).await);
+            return Err(IoStatus::ENOSPC);
         }
         let off = b * self.s.cs;
         let mut block = vec![0u8; self.s.cs as usize];
