@@ -380,6 +380,9 @@ impl Qcow2Queue {
             } else {
                 (0, 0xffff_ffff_0000_0000)
             }
+        } else if discard && !v3 && has_backing {
+            // Unallocating would expose the backing file's data: QEMU leaves the cluster as it is.
+            return Ok(());
         } else if discard && !v3 {
             (0, 0)
         } else if !v3 {
