@@ -85,6 +85,14 @@ impl Backend {
         })
     }
 
+    /// Write whole clusters compressed (qcow2); ENOTSUP where the format has no compression.
+    pub fn write_compressed(&self, off: u64, buf: IoBuf) -> IoFuture {
+        match self.check(off, buf.len() as u64, true) {
+            Ok(()) => self.q.write_compressed(off, buf),
+            Err(e) => IoFuture::done(buf, Err(e)),
+        }
+    }
+
     /// Make a range read as zeroes.
     pub fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> IoFuture {
         match self.check(off, len, true) {

@@ -110,6 +110,10 @@ pub trait BlockDriver: Sync {
     }
     /// Open a node from `opts` (which the driver consumes; leftovers are an error).
     fn open<'a>(&'a self, graph: &'a Graph, opts: Opts, flags: OpenFlags) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>>;
+    /// Whether the format can write compressed clusters (`convert -c`, `write -c`).
+    fn supports_compression(&self) -> bool {
+        false
+    }
     /// `-o` options for create.
     fn create_opts(&self) -> &'static [CreateOptDesc] {
         &[]

@@ -256,6 +256,11 @@ pub trait NodeQueue {
     fn write_zeroes(&self, _off: u64, _len: u64, _flags: ZeroFlags) -> IoFuture {
         IoFuture::err(IoStatus::ENOTSUP)
     }
+    /// Write a whole cluster (`off` cluster-aligned, `buf` one cluster, or the image's last
+    /// partial cluster) compressed. ENOTSUP for nodes without compression.
+    fn write_compressed(&self, _off: u64, buf: IoBuf) -> IoFuture {
+        IoFuture::done(buf, Err(IoStatus::ENOTSUP))
+    }
     /// Tell the node the range is no longer needed (advisory).
     fn discard(&self, _off: u64, _len: u64) -> IoFuture {
         IoFuture::ok(0)

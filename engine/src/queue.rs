@@ -154,6 +154,11 @@ impl Queue {
         })
     }
 
+    /// Write whole clusters compressed (no padding or splitting: the format checks).
+    pub fn write_compressed(&self, off: u64, buf: IoBuf) -> IoFuture {
+        self.s.q.write_compressed(off, buf)
+    }
+
     /// Flush.
     pub fn flush(&self) -> IoFuture {
         self.s.q.flush()

@@ -15,10 +15,6 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Extension: feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-/// Extension: bitmaps.
-pub const EXT_BITMAPS: u32 = 0x2385_2875;
-/// Extension: full disk encryption header pointer.
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Extension: external data file name.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -34,10 +30,6 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Compatible feature: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-/// Autoclear feature: bitmaps extension is consistent.
-pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// Autoclear feature: external data file is raw.
-pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 const KNOWN_INCOMPAT: u64 = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 

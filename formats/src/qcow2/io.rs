@@ -21,9 +21,6 @@ use crate::qcow2::compress;
 use crate::qcow2::entry::{Mapping, COPIED, ZERO};
 use crate::qcow2::meta::{Cached, MResult, MetaIo, Shared};
 
-/// Fewest clusters zeroed ahead in the file at a time when allocating past its end.
-const PREALLOC_CLUSTERS: u64 = 16;
-
 /// A qcow2 node's queue on one reactor.
 pub(crate) struct Qcow2Queue {
     s: Arc<Shared>,
@@ -220,7 +217,7 @@ impl Qcow2Queue {
         };
         // When the rest of a new cluster is zero and the file is known to read zeroes there,
         // write only the new data. Space past the file's end is zeroed ahead with fallocate
-        // (16 clusters at a time) so the cluster is allocated in the file as QEMU's zeroing
+        // (in a growing window) so the cluster is allocated in the file as QEMU's zeroing
         // fallocate leaves it, at a fraction of the system calls.
         let end = o + data.len();
         let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed);
@@ -229,10 +226,10 @@ impl Qcow2Queue {
         if zero_cow {
             let pre = self.s.prealloc_end.load(Ordering::Relaxed).max(host);
             zeroed = host + cs <= pre || {
-                // The window doubles with what was allocated since open, between 16 clusters
-                // and 64 MiB, so small images stay small and large copies rarely stop for it.
+                // The window doubles with what was allocated since open, from one cluster up to
+                // 8 MiB, so small images stay small and large copies rarely stop for it.
                 let grown = pre.saturating_sub(self.s.open_size);
-                let ahead = grown.clamp(PREALLOC_CLUSTERS * cs, (64 << 20).max(PREALLOC_CLUSTERS * cs));
+                let ahead = grown.clamp(cs, (8 << 20).max(cs));
                 let upto = host + ahead;
                 let z = ZeroFlags { may_unmap: false, no_fallback: true, fua: false };
                 let ok = self.file.write_zeroes(pre, upto - pre, z).await.res.is_ok();
@@ -414,6 +411,66 @@ impl Qcow2Queue {
         Ok(())
     }
 
+    /// Compress and write whole clusters. Compressed data is packed after the previous
+    /// compressed cluster's data when it fits in the same host cluster (whose refcount then
+    /// counts both), as QEMU packs it; data that does not shrink is written normally.
+    async fn write_compressed(self: Rc<Self>, off: u64, buf: IoBuf) -> IoDone {
+        let cs = self.s.cs;
+        let size = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size;
+        let len = buf.len() as u64;
+        if off % cs != 0 || len % cs != 0 && off + len != size {
+            return IoDone { buf: Some(buf), res: Err(IoStatus::EINVAL) };
+        }
+        let mut at = 0u64;
+        while at < len {
+            let n = cs.min(len - at);
+            let mut cluster = vec![0u8; cs as usize];
+            cluster[..n as usize].copy_from_slice(&buf[at as usize..(at + n) as usize]);
+            let r = match compress::compress(self.s.compression, &cluster) {
+                None => self.write_alloc(off + at, &buf[at as usize..(at + n) as usize]).await,
+                Some(c) => self.write_compressed_cluster((off + at) / cs, &c).await,
+            };
+            if let Err(e) = r {
+                return IoDone { buf: Some(buf), res: Err(e) };
+            }
+            at += n;
+        }
+        IoDone { buf: Some(buf), res: Ok(len) }
+    }
+
+    async fn write_compressed_cluster(&self, gc: u64, data: &[u8]) -> MResult<()> {
+        let cs = self.s.cs;
+        self.wait_allocation(gc).await;
+        let _g = self.s.alloc.lock().await;
+        let meta = self.meta();
+        let (e, _) = meta.entry(gc).await?;
+        meta.ensure_l2(gc).await?;
+        let len = data.len() as u64;
+        // Continue in the host cluster of the previous compressed write when it fits.
+        let cursor = self.s.compress_cursor.load(Ordering::Relaxed);
+        let host = match cursor {
+            p if p != 0 && p % cs != 0 && p % cs + len <= cs => {
+                meta.add_refcount(p / cs, 1).await?;
+                p
+            }
+            _ => meta.alloc_clusters(len.div_ceil(cs)).await?,
+        };
+        let d = self.file.write(host, IoBuf::from_slice(data), WriteFlags::default()).await;
+        d.res?;
+        self.s.zero_from.fetch_max((host + len).next_multiple_of(cs), Ordering::Relaxed);
+        self.s.compress_cursor.store(host + len, Ordering::Relaxed);
+        let entry = self.s.layout.compressed_entry(host, len);
+        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
+        let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
+        meta.set_entry(gc, entry, 0, old_host != 0 || compressed).await?;
+        if old_host != 0 {
+            meta.free_cluster(old_host).await?;
+        } else if let Ok(Mapping::Compressed { host: h, len }) = self.s.layout.decode(e, 0, 0) {
+            self.free_compressed(h, len).await?;
+        }
+        Ok(())
+    }
+
     async fn status(&self, off: u64, len: u64) -> Result<BlockStatus, IoStatus> {
         let cs = self.s.cs;
         let first = self.mapping(off).await?;
@@ -513,6 +570,14 @@ impl NodeQueue for Qcow2NodeQueue {
             return IoFuture::err(IoStatus::EPERM);
         }
         IoFuture::boxed(q.clone().zero_or_discard(off, len, true, true))
+    }
+
+    fn write_compressed(&self, off: u64, buf: IoBuf) -> IoFuture {
+        let q = &self.0;
+        if q.s.read_only || q.s.corrupt.load(Ordering::Relaxed) {
+            return IoFuture::done(buf, Err(IoStatus::EPERM));
+        }
+        IoFuture::boxed(q.clone().write_compressed(off, buf))
     }
 
     fn flush(&self) -> IoFuture {

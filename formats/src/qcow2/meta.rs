@@ -54,6 +54,9 @@ pub(crate) struct Shared {
     pub prealloc_end: std::sync::atomic::AtomicU64,
     /// File size when opened (rounded up to clusters).
     pub open_size: u64,
+    /// Where the next compressed cluster's data may go (just after the previous one's, in a
+    /// host cluster we still hold a reference to); 0 for none.
+    pub compress_cursor: std::sync::atomic::AtomicU64,
 }
 
 /// Dirty tables allowed before a write-back is forced, whatever the cache size.
@@ -393,6 +396,11 @@ impl MetaIo<'_> {
         if new == 0 {
             let mut m = self.s.lock_meta();
             m.free_hint = m.free_hint.min(c);
+            // Never pack compressed data into a cluster that was freed (and may be reused).
+            let cur = self.s.compress_cursor.load(Ordering::Relaxed);
+            if cur != 0 && cur.saturating_sub(1) / self.s.cs == c {
+                self.s.compress_cursor.store(0, Ordering::Relaxed);
+            }
         }
         Ok(new)
     }

@@ -88,6 +88,9 @@ impl BlockDriver for Qcow2Driver {
             open(graph, opts, flags).await
         })
     }
+    fn supports_compression(&self) -> bool {
+        true
+    }
     fn create_opts(&self) -> &'static [CreateOptDesc] {
         create::CREATE_OPTS
     }
@@ -285,6 +288,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         zero_from: fsize.next_multiple_of(cs).into(),
         prealloc_end: fsize.next_multiple_of(cs).into(),
         open_size: fsize.next_multiple_of(cs),
+        compress_cursor: 0.into(),
     };
     Ok(Arc::new(Qcow2Node { s: Arc::new(shared) }))
 }

@@ -107,7 +107,7 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     }
     let graph = Graph::new(basalt_formats::registry());
     let drv = graph.registry().get(&out_fmt).ok_or_else(|| format!("Unknown file format '{out_fmt}'"))?;
-    if a.has("c") {
+    if a.has("c") && !drv.supports_compression() {
         return Err("Compression not supported for this file format".into());
     }
     if a.value("B").is_some() {
@@ -169,8 +169,17 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     };
 
     let progress: Box<dyn Fn(u64, u64)> = if a.has("p") && !a.has("q") { progress_printer() } else { Box::new(|_, _| {}) };
-    let opts =
-        CopyOpts { workers, out_of_order: a.has("W"), sparse_size, target_zero, salvage: a.has("salvage"), rate, chunk: 2 << 20 };
+    let compress = if a.has("c") { target.node().cluster_size() } else { None };
+    let opts = CopyOpts {
+        workers,
+        out_of_order: a.has("W"),
+        sparse_size,
+        target_zero,
+        salvage: a.has("salvage"),
+        rate,
+        chunk: 2 << 20,
+        compress,
+    };
     copy::copy(sources, target.clone(), opts, progress).await.map_err(|e| e.to_string())?;
     let f = target.flush().await;
     if let Err(e) = f.res {

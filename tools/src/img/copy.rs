@@ -33,6 +33,8 @@ pub struct CopyOpts {
     pub rate: u64,
     /// Bytes per chunk.
     pub chunk: u64,
+    /// Write data compressed, in clusters of this size (`-c`).
+    pub compress: Option<u64>,
 }
 
 /// Why a copy failed: the byte and the error, as qemu-img reports them.
@@ -223,6 +225,7 @@ async fn worker(sh: Rc<Shared>) {
             }
         }
         let mut i = 0;
+        let mut compressed_upto = 0u64;
         while i < zero.len() {
             let (s, _, z) = zero[i];
             let mut j = i;
@@ -238,6 +241,33 @@ async fn worker(sh: Rc<Shared>) {
                         failed = true;
                         break;
                     }
+                }
+            } else if let Some(cs) = sh.o.compress {
+                // Whole clusters around the data run, compressed (zero clusters stay unwritten
+                // on a fresh target).
+                let cs_start = s / cs * cs;
+                let cs_end = e.next_multiple_of(cs).min(len);
+                let mut c = cs_start.max(compressed_upto);
+                while c < cs_end {
+                    let n = cs.min(len - c);
+                    b.set_window(c as usize, n as usize);
+                    let d = if sh.o.target_zero && basalt_engine::buffer_is_zero(&b) {
+                        basalt_engine::IoDone { buf: Some(b), res: Ok(n) }
+                    } else {
+                        sh.target.write_compressed(global + c, b).await
+                    };
+                    b = d.buf.expect("write returns its buffer");
+                    b.reset(len as usize);
+                    if let Err(err) = d.res {
+                        sh.fail(CopyError::Write(global + c, err));
+                        failed = true;
+                        break;
+                    }
+                    c += n;
+                }
+                compressed_upto = cs_end;
+                if failed {
+                    break;
                 }
             } else {
                 b.set_window(s as usize, (e - s) as usize);
