@@ -78,12 +78,17 @@ fn probed_raw_refuses_a_qcow2_header_in_sector_0() {
         let be = Backend::new(graph.open(o, OpenFlags::read_write()).await.unwrap()).unwrap();
         let d = be.write(0, IoBuf::from_slice(&hdr), WriteFlags::default()).await;
         assert_eq!(d.res, Ok(512));
-        // A json: name giving only the protocol child is probed too.
-        let j = format!(r#"json:{{"file": {{"driver": "file", "filename": "{p}", "locking": "off"}}}}"#);
-        let e = graph.open(Opts::from_filename(&j).unwrap(), OpenFlags::read_only()).await.err().unwrap();
-        assert!(e.msg.contains("'qcow2'"), "{}", e.msg);
-        // Now it probes as qcow2, which is refused with a clear error rather than taken for raw.
+        // Now it probes as qcow2 (and, being a bare header, fails as one rather than opening
+        // as raw); a json: name giving only the protocol child is probed too.
         let e = graph.open(Opts::from_filename(&p).unwrap(), OpenFlags::read_only()).await.err().unwrap();
-        assert!(e.msg.contains("'qcow2'"), "{}", e.msg);
+        assert_ne!(e.kind, basalt_engine::ErrorKind::Unsupported, "{}", e.msg);
+        let j = format!(r#"json:{{"file": {{"driver": "file", "filename": "{p}", "locking": "off"}}}}"#);
+        let e2 = graph.open(Opts::from_filename(&j).unwrap(), OpenFlags::read_only()).await.err().unwrap();
+        assert_eq!(e.msg, e2.msg);
+        // A format Basalt recognises but cannot open (QED) is refused with a clear error.
+        let d = be.write(0, IoBuf::from_slice(b"QED\0\0\0\0\0"), WriteFlags::default()).await;
+        assert_eq!(d.res, Ok(8));
+        let e = graph.open(Opts::from_filename(&p).unwrap(), OpenFlags::read_only()).await.err().unwrap();
+        assert!(e.msg.contains("'qed'"), "{}", e.msg);
     });
 }
