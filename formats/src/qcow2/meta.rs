@@ -385,6 +385,11 @@ impl MetaIo<'_> {
         Ok(())
     }
 
+    /// Set a refcount to what `check` computed (repair).
+    pub(crate) async fn set_refcount_for_repair(&self, c: u64, v: u64) -> MResult<()> {
+        self.set_refcount(c, v).await
+    }
+
     /// Add `delta` to the refcount of cluster index `c`; returns the new value.
     pub(crate) async fn add_refcount(&self, c: u64, delta: i64) -> MResult<u64> {
         let old = self.refcount(c).await?;

@@ -12,6 +12,7 @@
 //! not update them), preallocation other than `off`, shrinking. Each is refused with a clear
 //! error rather than half-done.
 
+mod check;
 mod compress;
 mod create;
 mod entry;
@@ -32,6 +33,7 @@ use basalt_engine::{
 };
 use basalt_reactor::IoBuf;
 
+pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;
 pub use error::Qcow2Error;
 pub use header::Qcow2Header;
@@ -314,6 +316,21 @@ pub struct Qcow2Node {
 }
 
 impl Qcow2Node {
+    /// Check the image's reference counts and metadata (`qemu-img check`), repairing as asked.
+    /// Must run on a reactor; repairs need a read-write node.
+    pub async fn check(&self, repair: Repair) -> BlockResult<CheckReport> {
+        if repair != Repair::None && self.s.read_only {
+            return Err(BlockError::new(ErrorKind::PermissionDenied, "Cannot repair a read-only image"));
+        }
+        let h = self.header();
+        if h.extensions.iter().any(|e| e.kind == 0x2385_2875) {
+            return Err(unsupported("Checking qcow2 images with persistent bitmaps is not supported yet"));
+        }
+        let file = Queue::new(self.s.file.clone())?;
+        let _g = self.s.alloc.lock().await;
+        check::check(&self.s, &file, repair).await.map_err(|e| BlockError::from(e).context("Check failed"))
+    }
+
     /// A copy of the header as it is now.
     pub fn header(&self) -> Qcow2Header {
         self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone()
