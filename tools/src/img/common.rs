@@ -454,6 +454,9 @@ impl Chain {
         let mut depth = 0;
         let mut zero = false;
         let mut beyond_backing = false;
+        // Where the answering layer stores the range even though it defines nothing there
+        // (an unallocated subcluster of an allocated cluster): QEMU reports that offset.
+        let mut stored: (Option<u64>, Option<Arc<dyn Node>>) = (None, None);
         for (i, layer) in self.layers.iter().enumerate() {
             let be = &layer.be;
             depth = i as u32;
@@ -463,6 +466,8 @@ impl Chain {
             }
             let st = be.block_status(off, len.min(be.size() - off)).await?;
             len = st.len;
+            // A protocol node stores its data itself.
+            let file = st.file.clone().or_else(|| st.offset.map(|_| be.node().clone()));
             if st.data || st.zero {
                 return Ok(ChainStatus {
                     len,
@@ -470,8 +475,7 @@ impl Chain {
                     zero: st.zero,
                     allocated: st.allocated,
                     offset: st.offset,
-                    // A protocol node stores its data itself.
-                    file: st.file.or_else(|| st.offset.map(|_| be.node().clone())),
+                    file,
                     compressed: st.compressed,
                     depth,
                     eof: off + len >= size,
@@ -479,17 +483,12 @@ impl Chain {
                 });
             }
             if layer.supports_backing {
-                match self.layers.get(i + 1) {
-                    None => {
-                        zero = true;
-                        break;
-                    }
-                    Some(b) if off >= b.be.size() => {
-                        zero = true;
-                        beyond_backing = true;
-                        break;
-                    }
-                    Some(_) => {}
+                let below = self.layers.get(i + 1);
+                if below.is_none_or(|b| off >= b.be.size()) {
+                    zero = true;
+                    beyond_backing = below.is_some();
+                    stored = (st.offset, file.filter(|_| st.offset.is_some()));
+                    break;
                 }
             }
         }
@@ -498,8 +497,8 @@ impl Chain {
             data: false,
             zero,
             allocated: false,
-            offset: None,
-            file: None,
+            offset: stored.0,
+            file: stored.1,
             compressed: false,
             depth,
             eof: off + len >= size,
