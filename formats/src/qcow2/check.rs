@@ -136,7 +136,6 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
         c.inc(hdr.snapshots_offset, table_len, "snapshot table");
     }
     let mut l2_seen = std::collections::HashSet::new();
-    let mut last_host: Option<u64> = None;
     for (l1_off, l1_size, active) in l1_tables {
         if l1_size == 0 {
             continue;
@@ -159,7 +158,7 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             }
             let l2 = read(file, l2_off, cs as usize).await?;
             // Contiguity is judged within one L2 table, as QEMU judges it.
-            last_host = None;
+            let mut last_host: Option<u64> = None;
             for j in 0..(cs / 8 / words as u64) as usize {
                 let le = be64(&l2, j * words);
                 let bitmap = if words == 2 { be64(&l2, j * words + 1) } else { 0 };

@@ -232,7 +232,8 @@ impl Qcow2Queue {
                 let ahead = grown.clamp(cs, (8 << 20).max(cs));
                 let upto = host + ahead;
                 let z = ZeroFlags { may_unmap: false, no_fallback: true, fua: false };
-                let ok = self.file.write_zeroes(pre, upto - pre, z).await.res.is_ok();
+                let ok =
+                    self.s.fault.hit("data.zero-ahead").is_ok() && self.file.write_zeroes(pre, upto - pre, z).await.res.is_ok();
                 if ok {
                     self.s.prealloc_end.store(upto, Ordering::Relaxed);
                 }
@@ -243,7 +244,9 @@ impl Qcow2Queue {
         // Write the data without holding the lock, so allocations of other clusters proceed.
         self.allocating.borrow_mut().insert(gc, Vec::new());
         drop(g);
-        let d = if zeroed {
+        let d = if let Err(e) = self.s.fault.hit("data.write") {
+            basalt_engine::IoDone { buf: None, res: Err(e) }
+        } else if zeroed {
             cluster.slice(o, data.len());
             self.file.write(host + o as u64, cluster, WriteFlags::default()).await
         } else {
@@ -455,6 +458,7 @@ impl Qcow2Queue {
             }
             _ => meta.alloc_clusters(len.div_ceil(cs)).await?,
         };
+        self.s.fault.hit("compressed.write")?;
         let d = self.file.write(host, IoBuf::from_slice(data), WriteFlags::default()).await;
         d.res?;
         self.s.zero_from.fetch_max((host + len).next_multiple_of(cs), Ordering::Relaxed);
@@ -546,6 +550,9 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.read_only || q.s.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
             return IoFuture::done(buf, Err(IoStatus::EPERM));
         }
+        if q.s.fault.tripped.load(Ordering::Relaxed) {
+            return IoFuture::done(buf, Err(IoStatus::EIO));
+        }
         let cs = q.s.cs;
         let len = buf.len() as u64;
         if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 {
@@ -582,6 +589,9 @@ impl NodeQueue for Qcow2NodeQueue {
 
     fn flush(&self) -> IoFuture {
         let q = self.0.clone();
+        if q.s.fault.tripped.load(Ordering::Relaxed) {
+            return IoFuture::err(IoStatus::EIO);
+        }
         if q.s.lock_meta().dirty_count() == (0, 0) {
             return q.file.flush();
         }

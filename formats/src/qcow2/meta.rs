@@ -54,9 +54,64 @@ pub(crate) struct Shared {
     pub prealloc_end: std::sync::atomic::AtomicU64,
     /// File size when opened (rounded up to clusters).
     pub open_size: u64,
+    /// Named fault-injection points (tests of crash safety).
+    pub fault: Fault,
     /// Where the next compressed cluster's data may go (just after the previous one's, in a
     /// host cluster we still hold a reference to); 0 for none.
     pub compress_cursor: std::sync::atomic::AtomicU64,
+}
+
+/// Fault injection: every metadata write and every data write of an allocation passes a named
+/// point; with `x-fault=POINT` (and `x-fault-after=N`, default 1) the Nth pass of POINT fails,
+/// and from then on every write of the node fails, as if the process died there. Points:
+/// `data.write`, `data.zero-ahead`, `compressed.write`, `l2.alloc`, `l2.entry`, `l1.update`,
+/// `refblock.alloc`, `reftable.update`, `refblock.writeback`, `l2.writeback`,
+/// `reftable.grow.blocks`, `reftable.grow.table`, `reftable.grow.header`.
+#[derive(Default)]
+pub(crate) struct Fault {
+    armed: Mutex<Option<(String, u32)>>,
+    pub tripped: AtomicBool,
+}
+
+/// Every point name, for validating the option.
+pub(crate) const FAULT_POINTS: &[&str] = &[
+    "data.write",
+    "data.zero-ahead",
+    "compressed.write",
+    "l2.alloc",
+    "l2.entry",
+    "l1.update",
+    "refblock.alloc",
+    "reftable.update",
+    "refblock.writeback",
+    "l2.writeback",
+    "reftable.grow.blocks",
+    "reftable.grow.table",
+    "reftable.grow.header",
+];
+
+impl Fault {
+    pub(crate) fn arm(&self, point: String, after: u32) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some((point, after.max(1)));
+    }
+
+    /// Pass a point: Err once the fault fired (now or before).
+    pub(crate) fn hit(&self, point: &str) -> Result<(), IoStatus> {
+        if self.tripped.load(Ordering::Relaxed) {
+            return Err(IoStatus::EIO);
+        }
+        let mut a = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, n)) = a.as_mut() {
+            if p == point {
+                *n -= 1;
+                if *n == 0 {
+                    self.tripped.store(true, Ordering::Relaxed);
+                    return Err(IoStatus::EIO);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Dirty tables allowed before a write-back is forced, whatever the cache size.
@@ -203,7 +258,7 @@ impl MetaIo<'_> {
                     h.incompatible
                 };
                 if h_version(self.s) >= 3 {
-                    let _ = self.write_bytes(72, &inc.to_be_bytes()).await;
+                    let _ = self.write_bytes("header.corrupt", 72, &inc.to_be_bytes()).await;
                     let _ = self.file.flush().await;
                 }
             }
@@ -217,7 +272,8 @@ impl MetaIo<'_> {
         Ok(d.buf.expect("read returns its buffer"))
     }
 
-    pub(crate) async fn write_bytes(&self, off: u64, data: &[u8]) -> MResult<()> {
+    pub(crate) async fn write_bytes(&self, point: &'static str, off: u64, data: &[u8]) -> MResult<()> {
+        self.s.fault.hit(point)?;
         self.file.write(off, IoBuf::from_slice(data), WriteFlags::default()).await.res.map(|_| ())
     }
 
@@ -278,12 +334,14 @@ impl MetaIo<'_> {
         self.entry(gc).await?; // make sure the table is cached
         let w = self.s.words;
         if through {
+            // What the entry now points at must have its refcount on disk first.
+            self.writeback_refblocks().await?;
             let mut bytes = Vec::with_capacity(16);
             bytes.extend_from_slice(&e.to_be_bytes());
             if w == 2 {
                 bytes.extend_from_slice(&bitmap.to_be_bytes());
             }
-            self.write_bytes(off + (l2i * w * 8) as u64, &bytes).await?;
+            self.write_bytes("l2.entry", off + (l2i * w * 8) as u64, &bytes).await?;
         }
         {
             let mut m = self.s.lock_meta();
@@ -319,13 +377,13 @@ impl MetaIo<'_> {
     /// Allocate a zeroed L2 table for L1 index `l1i` and point the L1 entry at it.
     async fn new_l2(&self, l1i: usize) -> MResult<u64> {
         let off = self.alloc_clusters(1).await?;
-        self.write_bytes(off, &vec![0u8; self.s.cs as usize]).await?;
+        self.write_bytes("l2.alloc", off, &vec![0u8; self.s.cs as usize]).await?;
         self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
         // The table's refcount must be on disk before the L1 entry points at it.
         self.writeback().await?;
         let l1_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).l1_table_offset;
         let e = off | COPIED;
-        self.write_bytes(l1_off + l1i as u64 * 8, &e.to_be_bytes()).await?;
+        self.write_bytes("l1.update", l1_off + l1i as u64 * 8, &e.to_be_bytes()).await?;
         let mut m = self.s.lock_meta();
         m.l1[l1i] = e;
         m.l2_seq += 1;
@@ -433,10 +491,10 @@ impl MetaIo<'_> {
         let off = b * self.s.cs;
         let mut block = vec![0u8; self.s.cs as usize];
         refcount::set(&mut block, self.s.refcount_order, b % per, 1);
-        self.write_bytes(off, &block).await?;
+        self.write_bytes("refblock.alloc", off, &block).await?;
         self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
         let rt_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).refcount_table_offset;
-        self.write_bytes(rt_off + ti as u64 * 8, &off.to_be_bytes()).await?;
+        self.write_bytes("reftable.update", rt_off + ti as u64 * 8, &off.to_be_bytes()).await?;
         let mut m = self.s.lock_meta();
         m.reftable[ti] = off;
         m.insert_refblock(off, block);
@@ -505,17 +563,17 @@ impl MetaIo<'_> {
         }
         Box::pin(self.writeback()).await?;
         for (i, b) in &new_blocks {
-            self.write_bytes(table[*i as usize], b).await?;
+            self.write_bytes("reftable.grow.blocks", table[*i as usize], b).await?;
         }
         let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
-        self.write_bytes(start * cs, &bytes).await?;
+        self.write_bytes("reftable.grow.table", start * cs, &bytes).await?;
         self.s.zero_from.fetch_max(next_block * cs, Ordering::Relaxed);
         self.file.flush().await.res?;
         // Switch the header to the new table (offset and size are adjacent fields).
         let mut hf = Vec::with_capacity(12);
         hf.extend_from_slice(&(start * cs).to_be_bytes());
         hf.extend_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.write_bytes(48, &hf).await?;
+        self.write_bytes("reftable.grow.header", 48, &hf).await?;
         {
             let mut h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
             h.refcount_table_offset = start * cs;
@@ -584,19 +642,7 @@ impl MetaIo<'_> {
     /// Write every dirty refcount block, then (after a flush, so they are ordered on stable
     /// storage) every dirty L2 table. Allocation lock held by the caller.
     pub(crate) async fn writeback(&self) -> MResult<()> {
-        let blocks: Vec<(u64, Vec<u8>)> = {
-            let m = self.s.lock_meta();
-            m.refblocks.iter().filter(|(_, e)| e.dirty).map(|(k, e)| (*k, e.data.clone())).collect()
-        };
-        for (off, b) in &blocks {
-            self.write_bytes(*off, b).await?;
-            let mut m = self.s.lock_meta();
-            if let Some(e) = m.refblocks.get_mut(off) {
-                if e.data == *b {
-                    e.dirty = false;
-                }
-            }
-        }
+        let wrote_blocks = self.writeback_refblocks().await?;
         let tables: Vec<(u64, Vec<u64>)> = {
             let m = self.s.lock_meta();
             m.l2.iter().filter(|(_, e)| e.dirty).map(|(k, e)| (*k, e.data.clone())).collect()
@@ -604,12 +650,12 @@ impl MetaIo<'_> {
         if tables.is_empty() {
             return Ok(());
         }
-        if !blocks.is_empty() {
+        if wrote_blocks {
             self.file.flush().await.res?;
         }
         for (off, t) in &tables {
             let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_be_bytes()).collect();
-            self.write_bytes(*off, &bytes).await?;
+            self.write_bytes("l2.writeback", *off, &bytes).await?;
             let mut m = self.s.lock_meta();
             if let Some(e) = m.l2.get_mut(off) {
                 if e.data == *t {
@@ -618,6 +664,24 @@ impl MetaIo<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Write every dirty refcount block; returns whether there were any.
+    pub(crate) async fn writeback_refblocks(&self) -> MResult<bool> {
+        let blocks: Vec<(u64, Vec<u8>)> = {
+            let m = self.s.lock_meta();
+            m.refblocks.iter().filter(|(_, e)| e.dirty).map(|(k, e)| (*k, e.data.clone())).collect()
+        };
+        for (off, b) in &blocks {
+            self.write_bytes("refblock.writeback", *off, b).await?;
+            let mut m = self.s.lock_meta();
+            if let Some(e) = m.refblocks.get_mut(off) {
+                if e.data == *b {
+                    e.dirty = false;
+                }
+            }
+        }
+        Ok(!blocks.is_empty())
     }
 
     /// Write back when the dirty tables outgrow the caches.

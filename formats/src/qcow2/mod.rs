@@ -139,6 +139,16 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     if opts.has_sub("encrypt") || opts.contains("data-file") || opts.has_sub("data-file") {
         return Err(unsupported("qcow2 encryption and external data files are not supported yet"));
     }
+    let fault = opts.take_str("x-fault");
+    let fault_after = opts.take_u64("x-fault-after", 1)?;
+    if let Some(f) = &fault {
+        if !meta::FAULT_POINTS.contains(&f.as_str()) {
+            return Err(BlockError::option(format!(
+                "Unknown fault injection point '{f}' (one of: {})",
+                meta::FAULT_POINTS.join(", ")
+            )));
+        }
+    }
     opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "ignore")?;
     opts.take_enum("detect-zeroes", &["off"], "off")?;
     let backing_opt = if opts.contains("backing") || opts.has_sub("backing") { Some(()) } else { None };
@@ -291,7 +301,11 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         prealloc_end: fsize.next_multiple_of(cs).into(),
         open_size: fsize.next_multiple_of(cs),
         compress_cursor: 0.into(),
+        fault: Default::default(),
     };
+    if let Some(f) = fault {
+        shared.fault.arm(f, fault_after.min(u64::from(u32::MAX)) as u32);
+    }
     Ok(Arc::new(Qcow2Node { s: Arc::new(shared) }))
 }
 
