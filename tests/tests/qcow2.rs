@@ -285,7 +285,7 @@ fn check_qemu_image(dir: &Path, img: &str, ops: &[Op], size: u64, exact_map: boo
     same_info_map(dir, img, exact_map);
 }
 
-/// info and map of the same file, every output form. `exact_map` is false for images with
+/// info, map and check of the same file, every output form. `exact_map` is false for images with
 /// extended L2 entries, whose JSON map still differs (see
 /// `known_bug_extended_l2_map_offsets`); their human map is compared.
 fn same_info_map(dir: &Path, img: &str, exact_map: bool) {
@@ -296,6 +296,8 @@ fn same_info_map(dir: &Path, img: &str, exact_map: bool) {
         &["info", "--backing-chain", "--output=json", img],
         &["info", "-f", "qcow2", "-U", img],
         &["map", img],
+        &["check", img],
+        &["check", "--output=json", img],
     ] {
         same_output(dir, args);
     }
@@ -478,7 +480,9 @@ fn basalt_made(cfgs: &[Cfg]) {
             let size = c.size.to_string();
             must(&basalt_img(dir, &c.create_args(&b, &size)), &format!("basalt-img create {c:?}"));
             must(&qemu_img(dir, &c.create_args(&q, &size)), &format!("qemu-img create {c:?}"));
-            write_both(dir, &b, &q, &workload(c, 0, false, map_safe));
+            // Compressed writes with 1-bit refcounts: see known_bug_compressed_refcount_bits_1.
+            let compressed = !c.opts.contains("refcount_bits=1");
+            write_both(dir, &b, &q, &workload(c, 0, compressed, map_safe));
             qemu_check_clean(dir, &b);
             qemu_identical(dir, &b, &q);
             // Extended L2: Basalt allocates whole clusters (see known_bug_allocation_differs_from_qemu).
@@ -526,7 +530,7 @@ fn basalt_made_backing_chain_of_three() {
             let o = if t == "b" { basalt_img(dir, &args) } else { qemu_img(dir, &args) };
             must(&o, &format!("create {img}"));
         }
-        write_both(dir, &format!("b{name}.qcow2"), &format!("q{name}.qcow2"), &workload(c, k as u64, false, true));
+        write_both(dir, &format!("b{name}.qcow2"), &format!("q{name}.qcow2"), &workload(c, k as u64, k != 1, true));
     }
     for (name, c) in layers {
         let (b, q) = (format!("b{name}.qcow2"), format!("q{name}.qcow2"));
@@ -570,6 +574,8 @@ fn random_op(r: &mut Rng, c: &Cfg) -> Op {
     if r.below(3) == 0 {
         off -= off % cs;
     }
+    // No compressed writes: QEMU refuses them over allocated clusters (EIO), which a random
+    // sequence cannot avoid.
     match r.below(10) {
         0..=5 => Op::Write { off, len, pat: 1 + r.below(255) as u8 },
         6 | 7 => Op::Zero { off, len, unmap: r.below(2) == 0 },
@@ -617,25 +623,90 @@ fn random_extended_l2_and_v2() {
     random_sequences(cfg("compat=0.10,cluster_size=1k", 1024, false, 8 * MIB), 0x5eed_0004, 4, 50);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tools' own refusals.
-
+/// `basalt-img check` prints what qemu-img check prints and exits as it does: clean images,
+/// leaked clusters, refcount errors, repairs; raw images have no checks (63).
 #[test]
-fn check_and_compressed_writes_refused_clearly() {
+fn check_matches_qemu_img() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
-    must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]), "create");
-    for args in [&["check", "a.qcow2"][..], &["check", "--output=json", "a.qcow2"], &["check", "-f", "qcow2", "a.qcow2"]] {
-        let o = basalt_img(dir, args);
-        assert_eq!(o.status.code(), Some(63), "{args:?}");
-        assert!(stdout(&o).is_empty(), "check must not print a result: {}", stdout(&o));
-        assert!(stderr(&o).contains("qcow2") && stderr(&o).contains("not implemented"), "{args:?}: {}", stderr(&o));
+    must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "good.qcow2", "4M"]), "create");
+    let io = ["-c", "write -q -P 1 0 128k", "-c", "write -q -c -P 2 1M 64k", "-c", "write -q -z 2M 64k", "good.qcow2"];
+    must(&qemu_io(dir, &io.map(String::from)), "qemu-io");
+    must(&qemu_img(dir, &["create", "-q", "-f", "raw", "r.raw", "1M"]), "create raw");
+    let h = std::fs::read(dir.join("good.qcow2")).expect("read");
+    let rb = read_u64(&h, read_u64(&h, 48) as usize);
+    // Refcount of the L1 table's cluster (3) raised: a leak. The file grown by two clusters
+    // with a refcount on the first: a leak past the end of the used clusters.
+    patched(dir, "good.qcow2", "leak.qcow2", &[(rb + 6, vec![0, 2])]);
+    let n = (h.len() as u64).div_ceil(65536);
+    patched(dir, "good.qcow2", "leak2.qcow2", &[(rb + 2 * n, vec![0, 1]), (n * 65536 + 65535, vec![0])]);
+    for args in [
+        &["check", "good.qcow2"][..],
+        &["check", "--output=json", "good.qcow2"],
+        &["check", "-q", "good.qcow2"],
+        &["check", "-f", "qcow2", "-U", "good.qcow2"],
+        &["check", "r.raw"],
+        &["check", "--output=json", "r.raw"],
+        &["check", "leak.qcow2"],
+        &["check", "--output=json", "leak2.qcow2"],
+    ] {
+        same_output(dir, args);
     }
-    let o = basalt_io(dir, &["-c".into(), "write -c 0 64k".into(), "a.qcow2".into()]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("compressed writes to qcow2 images are not implemented"), "{}", stdout(&o));
-    // Nothing was written.
-    assert!(json_map(dir, "a.qcow2").contains("\"present\": false"));
+    // Repairs: what is printed on stdout and the exit code agree, and both images end clean
+    // and identical (the driver's own messages on stderr are worded differently, see
+    // known_bug_check_messages).
+    for r in ["leaks", "all"] {
+        for o in ["human", "json"] {
+            for img in ["leak.qcow2", "leak2.qcow2"] {
+                patched(dir, img, "q.qcow2", &[]);
+                patched(dir, img, "b.qcow2", &[]);
+                let out = format!("--output={o}");
+                let q = outcome(&qemu_img(dir, &["check", "-r", r, &out, "q.qcow2"]));
+                let b = outcome(&basalt_img(dir, &["check", "-r", r, &out, "b.qcow2"]));
+                assert_eq!((b.code, b.out.replace("b.qcow2", "q.qcow2")), (q.code, q.out), "check -r {r} {out} {img}");
+                qemu_check_clean(dir, "b.qcow2");
+                qemu_identical(dir, "b.qcow2", "q.qcow2");
+            }
+        }
+    }
+}
+
+/// `basalt-io write -c` writes compressed clusters as qemu-io does, with its errors.
+#[test]
+fn compressed_writes_match_qemu_io() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    for img in ["b.qcow2", "q.qcow2"] {
+        must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "1000k"]), "create");
+    }
+    for cmd in [
+        "write -c 0 4k",
+        "write -c -P 3 8k 12k",
+        "write -c 512 4k",
+        "write -c 16k 1000",
+        "write -c 16k 1024",
+        "write -c 996k 4k",
+        "write -c 998k 2k",
+        "write -c 1000k 4k",
+        "write -c -z 32k 4k",
+        "write -c -f 0 4k",
+        "write -c -P 7 20k 4k",
+        "write -P 9 20k 1k",
+    ] {
+        let args: Vec<String> = vec!["-c".into(), cmd.into()];
+        let strip = |o: &Output| stdout(o).lines().filter(|l| !l.contains("ops;")).collect::<Vec<_>>().join("\n");
+        let q = qemu_io(dir, &[args.clone(), vec!["q.qcow2".into()]].concat());
+        let b = basalt_io(dir, &[args, vec!["b.qcow2".into()]].concat());
+        assert_eq!((b.status.code(), strip(&b)), (q.status.code(), strip(&q)), "{cmd}");
+    }
+    qemu_check_clean(dir, "b.qcow2");
+    qemu_identical(dir, "b.qcow2", "q.qcow2");
+    assert_eq!(json_map(dir, "b.qcow2"), json_map(dir, "q.qcow2"));
+    // raw has no compressed writes: qemu-io's answer.
+    must(&qemu_img(dir, &["create", "-q", "-f", "raw", "r.raw", "1M"]), "create raw");
+    let args: Vec<String> = ["-f", "raw", "-c", "write -c 0 64k", "r.raw"].map(String::from).to_vec();
+    let (q, b) = (qemu_io(dir, &args), basalt_io(dir, &args));
+    assert_eq!((b.status.code(), stdout(&b)), (q.status.code(), stdout(&q)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -821,7 +892,7 @@ fn known_bug_allocation_differs_from_qemu() {
         let size = c.size.to_string();
         must(&basalt_img(dir, &c.create_args(&b, &size)), "create");
         must(&qemu_img(dir, &c.create_args(&q, &size)), "create");
-        write_both(dir, &b, &q, &workload(c, 0, false, c.extended_l2));
+        write_both(dir, &b, &q, &workload(c, 0, true, c.extended_l2));
         assert_eq!(json_map(dir, &b), json_map(dir, &q), "{c:?}");
     }
 }
@@ -877,5 +948,71 @@ fn known_bug_probed_qcow2_does_not_lock_out_writers() {
         let _ = child.wait();
         assert!(!o.status.success(), "qemu-io wrote to an image basalt-io {fmt:?} holds open: {}", stdout(&o));
         assert!(stderr(&o).contains("Failed to get \"write\" lock"), "{}", stderr(&o));
+    }
+}
+
+/// The driver's check messages (stderr) are worded differently from QEMU's: a repaired leak is
+/// one line "Repairing Leaked cluster N ..." where QEMU prints "Leaked cluster N ..." and then
+/// "Repairing cluster N ..."; a data cluster with refcount 0 is one error where QEMU also
+/// reports "ERROR OFLAG_COPIED data cluster: ..." (2 errors); `-r leaks` on such an image
+/// goes on where QEMU stops ("ERROR need to rebuild refcount structures", "Check failed").
+#[test]
+#[ignore = "formats/qcow2 check: messages and counts differ from QEMU's"]
+fn known_bug_check_messages() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "good.qcow2", "4M"]), "create");
+    must(&qemu_io(dir, &["-c", "write -q -P 1 0 128k", "good.qcow2"].map(String::from)), "qemu-io");
+    let h = std::fs::read(dir.join("good.qcow2")).expect("read");
+    let rb = read_u64(&h, read_u64(&h, 48) as usize);
+    patched(dir, "good.qcow2", "leak.qcow2", &[(rb + 6, vec![0, 2])]);
+    patched(dir, "good.qcow2", "err.qcow2", &[(rb + 10, vec![0, 0])]);
+    same_output(dir, &["check", "err.qcow2"]);
+    for (r, img) in [("leaks", "leak.qcow2"), ("leaks", "err.qcow2")] {
+        patched(dir, img, "q.qcow2", &[]);
+        patched(dir, img, "b.qcow2", &[]);
+        let q = outcome(&qemu_img(dir, &["check", "-r", r, "q.qcow2"]));
+        let b = outcome(&basalt_img(dir, &["check", "-r", r, "b.qcow2"]));
+        assert_eq!(b, q, "check -r {r} {img}");
+    }
+}
+
+/// With 1-bit refcounts a host cluster cannot be shared by two compressed clusters: QEMU then
+/// starts a new host cluster; Basalt's second compressed write fails (EIO) and marks the image
+/// corrupt ("Refcount of cluster 0x5 would go from 1 by 1").
+#[test]
+#[ignore = "formats/qcow2 bug: compressed writes overflow 1-bit refcounts"]
+fn known_bug_compressed_refcount_bits_1() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    for img in ["b.qcow2", "q.qcow2"] {
+        must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k,refcount_bits=1", img, "1M"]), "create");
+    }
+    write_both(
+        dir,
+        "b.qcow2",
+        "q.qcow2",
+        &[Op::Compressed { off: 0, len: 4096, pat: 1 }, Op::Compressed { off: 4096, len: 4096, pat: 2 }],
+    );
+    qemu_check_clean(dir, "b.qcow2");
+    qemu_identical(dir, "b.qcow2", "q.qcow2");
+}
+
+/// QEMU writes compressed clusters only where nothing is allocated (anything else fails with
+/// EIO, "write failed: Input/output error"); Basalt overwrites an allocated or compressed
+/// cluster with a compressed one.
+#[test]
+#[ignore = "formats/qcow2 divergence: compressed writes over allocated clusters succeed"]
+fn known_bug_compressed_overwrite_allowed() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    for img in ["b.qcow2", "q.qcow2"] {
+        must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "1M"]), "create");
+    }
+    for cmd in ["write -c -P 7 20k 4k", "write -c -P 8 20k 4k", "write -P 1 0 4k", "write -c -P 2 0 4k"] {
+        let args: Vec<String> = vec!["-c".into(), cmd.into()];
+        let q = qemu_io(dir, &[args.clone(), vec!["q.qcow2".into()]].concat());
+        let b = basalt_io(dir, &[args, vec!["b.qcow2".into()]].concat());
+        assert_eq!(b.status.code(), q.status.code(), "{cmd}: {}", stdout(&q));
     }
 }

@@ -84,7 +84,7 @@ fn qdict_bucket(key: &str) -> u32 {
 /// A JSON object with its keys in the order QEMU's `QDict` iterates them, from `fields` in the
 /// order QEMU inserts them (QAPI struct order): by bucket, and within a bucket the last
 /// inserted first.
-fn qdict(fields: Vec<(&str, Value)>) -> Value {
+pub(crate) fn qdict(fields: Vec<(&str, Value)>) -> Value {
     let mut v: Vec<(usize, &str, Value)> = fields.into_iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
     v.sort_by_key(|(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(*i)));
     Value::Object(v.into_iter().map(|(_, k, v)| (k.to_string(), v)).collect::<Map<String, Value>>())

@@ -3,9 +3,9 @@
 //! Each parses its options in qemu-io's order and with its messages, issues one request
 //! through the backend, times it, and prints the report (unless `-q`). `readv`/`writev` take
 //! several lengths; their buffers are laid end to end in one [`IoBuf`], which is what the
-//! request sees (the engine has no scatter-gather requests). VM state (`-b`) and compressed
-//! writes (`-c`) are not supported by any Basalt driver and fail with ENOTSUP, as they do in
-//! qemu-io on raw images.
+//! request sees (the engine has no scatter-gather requests). Compressed writes (`-c`) go to the
+//! format's compressed-write path (qcow2); formats without one (raw) fail with ENOTSUP, as in
+//! qemu-io. VM state (`-b`) is not supported by any Basalt driver and fails with ENOTSUP.
 
 use std::time::{Duration, Instant};
 
@@ -181,12 +181,6 @@ fn finish_read(
     ret
 }
 
-/// Whether QEMU can write compressed data to this image's format (so refusing is Basalt's
-/// own gap, not the format's).
-fn compress_capable(img: &Image) -> bool {
-    matches!(img.be.node().driver(), "qcow2" | "qcow" | "vmdk")
-}
-
 /// `write [-bcCfnquz] [-P pattern | -s file] off len`.
 pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     let (mut vmstate, mut compressed, mut machine, mut quiet, mut zero) = (false, false, false, false, false);
@@ -258,19 +252,12 @@ pub(crate) async fn write(img: &Image, call: &Call<'_>) -> CmdResult {
     }
     let t = Instant::now();
     let res = match buf {
-        _ if vmstate || (compressed && !zero) => Err(IoStatus::ENOTSUP),
+        _ if vmstate => Err(IoStatus::ENOTSUP),
+        Some(b) if compressed => img.be.write_compressed(offset, b).await.res,
         Some(b) => img.be.write(offset, b, WriteFlags { fua }).await.res,
         None => img.be.write_zeroes(offset, count, ZeroFlags { may_unmap, no_fallback, fua }).await.res,
     };
     let elapsed = t.elapsed();
-    if compressed && !zero && res.is_err() && compress_capable(img) {
-        // QEMU would write compressed clusters here; say that it is Basalt that cannot.
-        outln!(
-            "write failed: Operation not supported (compressed writes to {} images are not implemented yet)",
-            img.be.node().driver()
-        );
-        return Err(Fail);
-    }
     res.map_err(|e| failed("write", e))?;
     if !quiet {
         out!("{}", report("wrote", elapsed, offset, count, count, 1, machine));
