@@ -310,22 +310,50 @@ impl Qcow2Queue {
         Ok(())
     }
 
-    async fn write_slow(self: Rc<Self>, off: u64, buf: IoBuf, flags: WriteFlags) -> IoDone {
+    async fn write_slow(self: Rc<Self>, off: u64, mut buf: IoBuf, flags: WriteFlags) -> IoDone {
         let len = buf.len() as u64;
-        for p in self.pieces(off, len) {
-            let data = &buf[p.at..p.at + p.len as usize];
-            let r = match self.mapping(p.off).await {
-                Ok(Mapping::Data { host, copied: true }) if !self.s.layout.extended_l2 => {
-                    // Counted: a concurrent discard must not free the cluster under it.
-                    let f = self.file.write(host + p.off % self.s.cs, IoBuf::from_slice(data), flags).counted(&self.writes);
-                    f.await.res.map(|_| ())
+        let (ws, wl) = (buf.window_start(), buf.len());
+        let pieces: Vec<Piece> = self.pieces(off, len).collect();
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = pieces[i];
+            let m = match self.mapping(p.off).await {
+                Ok(m) => m,
+                Err(e) => return IoDone { buf: Some(buf), res: Err(e) },
+            };
+            let r = match m {
+                Mapping::Data { host, copied: true } if !self.s.layout.extended_l2 => {
+                    // Straight from the caller's buffer. Counted: a concurrent discard must not
+                    // free the cluster under it.
+                    buf.set_window(ws + p.at, p.len as usize);
+                    let d = self.file.write(host + p.off % self.s.cs, buf, flags).counted(&self.writes).await;
+                    buf = d.buf.expect("write returns its buffer");
+                    buf.set_window(ws, wl);
+                    d.res.map(|_| ())
                 }
-                Ok(_) => self.write_alloc(p.off, data).await,
-                Err(e) => Err(e),
+                Mapping::Unallocated | Mapping::Zero { host: None } if self.whole(p) => {
+                    // A run of whole new clusters: allocated together, written in one request.
+                    let mut n = 1;
+                    while i + n < pieces.len() && n < 512 && self.whole(pieces[i + n]) && self.same_l2(p.off, pieces[i + n].off) {
+                        match self.mapping(pieces[i + n].off).await {
+                            Ok(Mapping::Unallocated | Mapping::Zero { host: None }) => n += 1,
+                            _ => break,
+                        }
+                    }
+                    let end = pieces[i + n - 1].at + pieces[i + n - 1].len as usize;
+                    buf.set_window(ws + p.at, end - p.at);
+                    let (b, r) = self.write_alloc_run(p.off, buf, n as u64).await;
+                    buf = b;
+                    buf.set_window(ws, wl);
+                    i += n - 1;
+                    r
+                }
+                _ => self.write_alloc(p.off, &buf[p.at..p.at + p.len as usize]).await,
             };
             if let Err(e) = r {
                 return IoDone { buf: Some(buf), res: Err(e) };
             }
+            i += 1;
         }
         if flags.fua {
             if let Err(e) = self.file.flush().await.res {
@@ -333,6 +361,96 @@ impl Qcow2Queue {
             }
         }
         IoDone { buf: Some(buf), res: Ok(len) }
+    }
+
+    /// A piece covering a whole cluster (so nothing of the old content survives).
+    fn whole(&self, p: Piece) -> bool {
+        !self.s.layout.extended_l2 && p.off % self.s.cs == 0 && p.len == self.s.cs
+    }
+
+    fn same_l2(&self, a: u64, b: u64) -> bool {
+        (a >> self.s.cluster_bits) / self.s.l2_entries == (b >> self.s.cluster_bits) / self.s.l2_entries
+    }
+
+    /// Allocate `n` contiguous clusters for whole-cluster data at `off` (all unallocated or
+    /// plain zero, within one L2 table) and write them in one request. Falls back to cluster by
+    /// cluster when the mappings changed meanwhile.
+    async fn write_alloc_run(&self, off: u64, data: IoBuf, n: u64) -> (IoBuf, MResult<()>) {
+        let cs = self.s.cs;
+        let gc0 = off / cs;
+        let meta = self.meta();
+        for k in 0..n {
+            self.wait_allocation(gc0 + k).await;
+        }
+        let g = self.s.alloc.lock().await;
+        let mut olds = Vec::with_capacity(n as usize);
+        let mut ok = true;
+        for k in 0..n {
+            let busy = self.allocating.borrow().contains_key(&(gc0 + k));
+            let (e, _) = match meta.entry(gc0 + k).await {
+                Ok(v) => v,
+                Err(e) => return (data, Err(e)),
+            };
+            let free = matches!(self.s.layout.decode(e, 0, 0), Ok(Mapping::Unallocated | Mapping::Zero { host: None }));
+            if busy || !free {
+                ok = false;
+                break;
+            }
+            olds.push(e);
+        }
+        if !ok {
+            drop(g);
+            for k in 0..n {
+                let at = (k * cs) as usize;
+                if let Err(e) = self.write_alloc(off + k * cs, &data[at..at + cs as usize]).await {
+                    return (data, Err(e));
+                }
+            }
+            return (data, Ok(()));
+        }
+        if let Err(e) = meta.ensure_l2(gc0).await {
+            return (data, Err(e));
+        }
+        let host = match meta.alloc_clusters(n).await {
+            Ok(h) => h,
+            Err(e) => return (data, Err(e)),
+        };
+        if let Err(e) = self.s.fault.hit("data.write") {
+            return (data, Err(e));
+        }
+        self.s.zero_from.fetch_max(host + n * cs, Ordering::Relaxed);
+        for k in 0..n {
+            self.allocating.borrow_mut().insert(gc0 + k, Vec::new());
+        }
+        drop(g);
+        let d = self.file.write(host, data, WriteFlags::default()).await;
+        let data = d.buf.expect("write returns its buffer");
+        let _g = self.s.alloc.lock().await;
+        let mut r = Ok(());
+        match d.res {
+            Ok(_) => {
+                for k in 0..n {
+                    if let Err(e) = meta.set_entry(gc0 + k, (host + k * cs) | COPIED, 0, false).await {
+                        r = Err(e);
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                for k in 0..n {
+                    let _ = meta.free_cluster(host + k * cs).await;
+                }
+                r = Err(e);
+            }
+        }
+        for k in 0..n {
+            if let Some(waiters) = self.allocating.borrow_mut().remove(&(gc0 + k)) {
+                for w in waiters {
+                    w.wake();
+                }
+            }
+        }
+        (data, r)
     }
 
     /// Zero or discard whole clusters by changing their entries; partial clusters are written
