@@ -59,9 +59,9 @@ fn workload(path: &str, fault: Option<(&str, u32)>, cluster: u64) -> Outcome {
         // outgrow the first refcount table.
         let bulk = 9u64 << 20;
         let mut model = vec![0u8; 7 << 20];
-        for (i, chunk) in model.chunks_mut(64 << 10).enumerate() {
+        for (i, chunk) in model.chunks_mut(1 << 10).enumerate() {
             chunk.fill(0x80 | i as u8);
-            if be.write(bulk + (i as u64) * (64 << 10), IoBuf::from_slice(chunk), WriteFlags::default()).await.res.is_err() {
+            if be.write(bulk + (i as u64) * (1 << 10), IoBuf::from_slice(chunk), WriteFlags::default()).await.res.is_err() {
                 out.tripped = true;
                 return out;
             }
