@@ -250,10 +250,16 @@ impl Graph {
 
     async fn open_probed(&self, mut opts: Opts, mut flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
         // The protocol node is either given as a `file` child (json:{"file": {...}}) or made
-        // from the top-level filename and protocol options.
-        let (proto, fmt_opts) = if opts.contains("file") || opts.has_sub("file") {
+        // from the top-level filename and protocol options. It is opened once to read the
+        // header; a format other than raw then opens it again itself, so that the file is
+        // locked with the permissions that format takes (as QEMU reopens it).
+        let (proto, mut fmt_opts, proto_opts) = if opts.contains("file") || opts.has_sub("file") {
+            let sub = (!opts.contains("file")).then(|| {
+                let mut copy = opts.clone();
+                copy.take_sub("file")
+            });
             let proto = self.open_child(&mut opts, ChildRole::File, flags.clone()).await?;
-            (proto, opts)
+            (proto, opts, sub)
         } else {
             if !opts.contains("filename") {
                 return Err(BlockError::option("A block device must be specified for \"file\""));
@@ -266,13 +272,20 @@ impl Graph {
                     fmt_opts.set(k, v);
                 }
             }
-            (self.open_protocol(opts, flags.clone()).await?, fmt_opts)
+            let copy = opts.clone();
+            (self.open_protocol(opts, flags.clone()).await?, fmt_opts, Some(copy))
         };
-        let mut fmt_opts = fmt_opts;
         let head = read_head(&proto).await?;
         let drv = self.registry.probe(&head, &proto.filename())?;
         flags.probed = drv.name() == "raw";
-        fmt_opts.set("file", proto.node_name());
+        match proto_opts {
+            Some(p) if drv.name() != "raw" => {
+                self.remove(proto.node_name());
+                drop(proto);
+                fmt_opts.insert_sub("file", p);
+            }
+            _ => fmt_opts.set("file", proto.node_name()),
+        }
         let node = drv.open(self, fmt_opts, flags).await?;
         self.register(&node);
         Ok(node)

@@ -480,7 +480,7 @@ fn basalt_made(cfgs: &[Cfg]) {
             let size = c.size.to_string();
             must(&basalt_img(dir, &c.create_args(&b, &size)), &format!("basalt-img create {c:?}"));
             must(&qemu_img(dir, &c.create_args(&q, &size)), &format!("qemu-img create {c:?}"));
-            // Compressed writes with 1-bit refcounts: see known_bug_compressed_refcount_bits_1.
+            // Compressed writes with 1-bit refcounts: see compressed_writes_with_1_bit_refcounts_start_new_host_clusters.
             let compressed = !c.opts.contains("refcount_bits=1");
             write_both(dir, &b, &q, &workload(c, 0, compressed, map_safe));
             qemu_check_clean(dir, &b);
@@ -797,7 +797,7 @@ fn malformed_images_fail_clearly() {
 
     // Bad L2 and compressed-cluster entries are found when read: the read fails (a bad
     // compressed cluster is named; a bad L2 offset is not yet, see
-    // `known_bug_bad_l2_offset_not_named`), read-only and read-write, and convert stops.
+    // `bad_l2_table_offsets_are_named_and_mark_the_image_corrupt`), read-only and read-write, and convert stops.
     let data_cases: Vec<BadImage> = vec![
         ("l2_unaligned.qcow2", vec![(l1, be64((l2 + 512) | (1 << 63)))], "read failed"),
         ("l2_eof.qcow2", vec![(l1, be64((1 << 40) | (1 << 63)))], "read failed"),
@@ -855,8 +855,7 @@ fn known_bug_extended_l2_map_offsets() {
 /// basalt-img's images differ there, and with 512-byte clusters and a backing file the header
 /// does not fit at all and creation fails (leaving an empty file behind).
 #[test]
-#[ignore = "formats/qcow2 bug: feature name table written for clusters <= 4 KiB"]
-fn known_bug_small_cluster_header() {
+fn small_cluster_headers_match_qemu() {
     let q = tempfile::tempdir().expect("tempdir");
     let b = tempfile::tempdir().expect("tempdir");
     for dir in [q.path(), b.path()] {
@@ -902,8 +901,7 @@ fn known_bug_allocation_differs_from_qemu() {
 /// corrupt, on reads too. Basalt's reads fail with a bare EIO; an unaligned offset is never
 /// named nor marked.
 #[test]
-#[ignore = "formats/qcow2 bug: bad L2 table offsets found by reads are not reported"]
-fn known_bug_bad_l2_offset_not_named() {
+fn bad_l2_table_offsets_are_named_and_mark_the_image_corrupt() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
     must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "good.qcow2", "4M"]), "create");
@@ -922,8 +920,7 @@ fn known_bug_bad_l2_offset_not_named() {
 /// A qcow2 image whose format was probed opens its file before the format chose permissions,
 /// so it does not keep other writers out as QEMU does (and as `-f qcow2` does).
 #[test]
-#[ignore = "engine bug: probed formats do not apply their permissions to the file's locks"]
-fn known_bug_probed_qcow2_does_not_lock_out_writers() {
+fn probed_qcow2_locks_out_writers() {
     use std::io::Write;
     use std::process::Stdio;
     let d = tempfile::tempdir().expect("tempdir");
@@ -981,8 +978,7 @@ fn known_bug_check_messages() {
 /// starts a new host cluster; Basalt's second compressed write fails (EIO) and marks the image
 /// corrupt ("Refcount of cluster 0x5 would go from 1 by 1").
 #[test]
-#[ignore = "formats/qcow2 bug: compressed writes overflow 1-bit refcounts"]
-fn known_bug_compressed_refcount_bits_1() {
+fn compressed_writes_with_1_bit_refcounts_start_new_host_clusters() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
     for img in ["b.qcow2", "q.qcow2"] {
@@ -1002,8 +998,7 @@ fn known_bug_compressed_refcount_bits_1() {
 /// EIO, "write failed: Input/output error"); Basalt overwrites an allocated or compressed
 /// cluster with a compressed one.
 #[test]
-#[ignore = "formats/qcow2 divergence: compressed writes over allocated clusters succeed"]
-fn known_bug_compressed_overwrite_allowed() {
+fn compressed_writes_over_allocated_clusters_fail_as_in_qemu() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
     for img in ["b.qcow2", "q.qcow2"] {

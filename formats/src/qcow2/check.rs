@@ -236,8 +236,10 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             Repair::None => false,
         };
         let kind = if leak { "Leaked cluster" } else { "ERROR cluster" };
-        let prefix = if fix { "Repairing " } else { "" };
-        c.report.messages.push(format!("{prefix}{kind} {k} refcount={stored} reference={computed}"));
+        c.report.messages.push(format!("{kind} {k} refcount={stored} reference={computed}"));
+        if fix {
+            c.report.messages.push(format!("Repairing cluster {k} refcount={stored} reference={computed}"));
+        }
         if fix {
             if computed > refcount::max_refcount(s.refcount_order) {
                 c.report.corruptions += 1;

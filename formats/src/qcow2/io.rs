@@ -468,6 +468,14 @@ impl Qcow2Queue {
                 self.zero_cluster(at / cs, discard, unmap, v3).await
             } else if discard {
                 Ok(()) // partial discards are advisory
+            } else if self.reads_as_zero(at).await {
+                // The rest of the cluster reads as zeroes already: as QEMU, make it a zero
+                // cluster (v3) rather than allocate it; v2 needs nothing.
+                if v3 && !self.s.layout.extended_l2 {
+                    self.zero_cluster(at / cs, false, unmap, v3).await
+                } else {
+                    Ok(())
+                }
             } else {
                 let z = vec![0u8; n as usize];
                 self.write_alloc(at, &z).await
@@ -478,6 +486,19 @@ impl Qcow2Queue {
             at += n;
         }
         IoDone::ok(len)
+    }
+
+    /// Whether the whole cluster containing `off` reads as zeroes without looking at data:
+    /// unallocated without a backing file, or a zero cluster.
+    async fn reads_as_zero(&self, off: u64) -> bool {
+        if self.s.layout.extended_l2 {
+            return false;
+        }
+        match self.mapping(off).await {
+            Ok(Mapping::Zero { .. }) => true,
+            Ok(Mapping::Unallocated) => self.backing.is_none(),
+            _ => false,
+        }
     }
 
     async fn zero_cluster(&self, gc: u64, discard: bool, unmap: bool, v3: bool) -> MResult<()> {
@@ -565,12 +586,21 @@ impl Qcow2Queue {
         let _g = self.s.alloc.lock().await;
         let meta = self.meta();
         let (e, _) = meta.entry(gc).await?;
+        // As QEMU: compressed data only goes to clusters without a host cluster.
+        if e & (crate::qcow2::entry::COMPRESSED | crate::qcow2::entry::OFFSET_MASK) != 0 {
+            return Err(IoStatus::EIO);
+        }
         meta.ensure_l2(gc).await?;
         let len = data.len() as u64;
-        // Continue in the host cluster of the previous compressed write when it fits.
+        // Continue in the host cluster of the previous compressed write when it fits and its
+        // refcount can count one more user.
         let cursor = self.s.compress_cursor.load(Ordering::Relaxed);
+        let room = cursor != 0
+            && cursor % cs != 0
+            && cursor % cs + len <= cs
+            && meta.refcount(cursor / cs).await? < crate::qcow2::refcount::max_refcount(self.s.refcount_order);
         let host = match cursor {
-            p if p != 0 && p % cs != 0 && p % cs + len <= cs => {
+            p if room => {
                 meta.add_refcount(p / cs, 1).await?;
                 p
             }
@@ -618,6 +648,16 @@ impl Qcow2Queue {
             span += self.s.layout.subcluster_size().min(len - span);
         }
         st.len = span.min(len);
+        // Data in the file may still read as zeroes (a hole, or an unwritten extent): ask the
+        // file, as QEMU's block layer does, and report "zero" (still "data") where it is.
+        if let (true, Some(host)) = (st.data && !st.compressed, st.offset) {
+            if let Ok(fs) = self.file.block_status(host, st.len).await {
+                st.len = fs.len.clamp(1, st.len);
+                if fs.zero && !fs.data {
+                    st.zero = true;
+                }
+            }
+        }
         Ok(st)
     }
 }

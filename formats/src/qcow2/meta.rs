@@ -234,6 +234,8 @@ pub(crate) enum Cached {
     Entry(u64, u64),
     /// The L2 table at this offset must be loaded first.
     Load(u64),
+    /// The L1 entry is corrupt (the message names it).
+    Bad(String),
 }
 
 /// Metadata operations, run on the reactor that owns the node with its file queue.
@@ -282,7 +284,8 @@ impl MetaIo<'_> {
         loop {
             match self.cached(gc)? {
                 Cached::Entry(e, b) => return Ok((e, b)),
-                Cached::Load(off) => self.load_l2(off).await?,
+                Cached::Load(off) => self.load_l2(off, self.s.split(gc).0).await?,
+                Cached::Bad(m) => return Err(self.corrupt(m).await),
             }
         }
     }
@@ -295,7 +298,7 @@ impl MetaIo<'_> {
         let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
             Ok(Some(off)) => off,
             Ok(None) => return Ok(Cached::Entry(0, 0)),
-            Err(_) => return Err(IoStatus::EIO),
+            Err(m) => return Ok(Cached::Bad(format!("{m} (L1 index: {l1i:#x})"))),
         };
         let w = self.s.words;
         match m.l2(off) {
@@ -304,9 +307,11 @@ impl MetaIo<'_> {
         }
     }
 
-    async fn load_l2(&self, off: u64) -> MResult<()> {
+    async fn load_l2(&self, off: u64, l1i: usize) -> MResult<()> {
         if off.checked_add(self.s.cs).is_none_or(|e| e > self.s.file.size().next_multiple_of(self.s.cs)) || off == 0 {
-            return Err(self.corrupt(format!("L2 table offset {off:#x} is past the end of the image file")).await);
+            return Err(self
+                .corrupt(format!("L2 table offset {off:#x} is past the end of the image file (L1 index: {l1i:#x})"))
+                .await);
         }
         let seq = self.s.lock_meta().l2_seq;
         let b = self.read_bytes(off, self.s.cs as usize).await?;
