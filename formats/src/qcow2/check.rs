@@ -179,7 +179,7 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
                     continue;
                 }
                 let host = le & OFFSET_MASK;
-                if le & crate::qcow2::entry::L2_RESERVED != 0 || host % cs != 0 {
+                if le & crate::qcow2::entry::L2_RESERVED != 0 || !host.is_multiple_of(cs) {
                     c.report.messages.push(format!("ERROR: invalid L2 entry {le:#x} in L2 table at {l2_off:#x}"));
                     c.report.corruptions += 1;
                     continue;
@@ -207,7 +207,7 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
         if off == 0 {
             continue;
         }
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             c.report.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
             c.report.corruptions += 1;
             continue;

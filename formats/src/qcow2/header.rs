@@ -268,7 +268,7 @@ impl Qcow2Header {
         if self.extended_l2() && self.cluster_bits < 14 {
             return Err(bad("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
         }
-        let aligned = |o: u64| o % cs == 0;
+        let aligned = |o: u64| o.is_multiple_of(cs);
         if !aligned(self.l1_table_offset) {
             return Err(bad("Invalid L1 table offset"));
         }

@@ -365,7 +365,7 @@ impl Qcow2Queue {
 
     /// A piece covering a whole cluster (so nothing of the old content survives).
     fn whole(&self, p: Piece) -> bool {
-        !self.s.layout.extended_l2 && p.off % self.s.cs == 0 && p.len == self.s.cs
+        !self.s.layout.extended_l2 && p.off.is_multiple_of(self.s.cs) && p.len == self.s.cs
     }
 
     fn same_l2(&self, a: u64, b: u64) -> bool {
@@ -463,7 +463,7 @@ impl Qcow2Queue {
         while at < end {
             let cend = ((at / cs) + 1) * cs;
             let n = cend.min(end) - at;
-            let whole = at % cs == 0 && n == cs;
+            let whole = at.is_multiple_of(cs) && n == cs;
             let r = if whole {
                 self.zero_cluster(at / cs, discard, unmap, v3).await
             } else if discard {
@@ -560,7 +560,7 @@ impl Qcow2Queue {
         let cs = self.s.cs;
         let size = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size;
         let len = buf.len() as u64;
-        if off % cs != 0 || len % cs != 0 && off + len != size {
+        if !off.is_multiple_of(cs) || !len.is_multiple_of(cs) && off + len != size {
             return IoDone { buf: Some(buf), res: Err(IoStatus::EINVAL) };
         }
         let mut at = 0u64;
@@ -596,7 +596,7 @@ impl Qcow2Queue {
         // refcount can count one more user.
         let cursor = self.s.compress_cursor.load(Ordering::Relaxed);
         let room = cursor != 0
-            && cursor % cs != 0
+            && !cursor.is_multiple_of(cs)
             && cursor % cs + len <= cs
             && meta.refcount(cursor / cs).await? < crate::qcow2::refcount::max_refcount(self.s.refcount_order);
         let host = match cursor {
