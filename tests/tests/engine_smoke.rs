@@ -80,11 +80,13 @@ fn probed_raw_refuses_a_qcow2_header_in_sector_0() {
         assert_eq!(d.res, Ok(512));
         // Now it probes as qcow2 (and, being a bare header, fails as one rather than opening
         // as raw); a json: name giving only the protocol child is probed too.
+        // Opened by name it is reopened as qcow2, which keeps writers out: our own raw writer
+        // holds it, so that is refused.
         let e = graph.open(Opts::from_filename(&p).unwrap(), OpenFlags::read_only()).await.err().unwrap();
-        assert_ne!(e.kind, basalt_engine::ErrorKind::Unsupported, "{}", e.msg);
+        assert_eq!(e.kind, basalt_engine::ErrorKind::Locked, "{}", e.msg);
         let j = format!(r#"json:{{"file": {{"driver": "file", "filename": "{p}", "locking": "off"}}}}"#);
         let e2 = graph.open(Opts::from_filename(&j).unwrap(), OpenFlags::read_only()).await.err().unwrap();
-        assert_eq!(e.msg, e2.msg);
+        assert!(e2.msg.contains("cluster size"), "{}", e2.msg);
         // A format Basalt recognises but cannot open (QED) is refused with a clear error.
         let d = be.write(0, IoBuf::from_slice(b"QED\0\0\0\0\0"), WriteFlags::default()).await;
         assert_eq!(d.res, Ok(8));
