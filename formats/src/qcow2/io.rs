@@ -563,19 +563,25 @@ impl Qcow2Queue {
         if !off.is_multiple_of(cs) || !len.is_multiple_of(cs) && off + len != size {
             return IoDone { buf: Some(buf), res: Err(IoStatus::EINVAL) };
         }
+        // Compress every cluster of the request on the blocking pool at once (the reactor stays
+        // free and the clusters compress on several cores), then write them in order.
+        let mut jobs = Vec::with_capacity(len.div_ceil(cs) as usize);
         let mut at = 0u64;
         while at < len {
             let n = cs.min(len - at);
             let mut cluster = vec![0u8; cs as usize];
             cluster[..n as usize].copy_from_slice(&buf[at as usize..(at + n) as usize]);
-            let r = match compress::compress(self.s.compression, &cluster) {
+            jobs.push((at, n, basalt_reactor::spawn_local(compress_off_reactor(self.s.compression, cluster))));
+            at += n;
+        }
+        for (at, n, job) in jobs {
+            let r = match job.await {
                 None => self.write_alloc(off + at, &buf[at as usize..(at + n) as usize]).await,
                 Some(c) => self.write_compressed_cluster((off + at) / cs, &c).await,
             };
             if let Err(e) = r {
                 return IoDone { buf: Some(buf), res: Err(e) };
             }
-            at += n;
         }
         IoDone { buf: Some(buf), res: Ok(len) }
     }
@@ -660,6 +666,23 @@ impl Qcow2Queue {
         }
         Ok(st)
     }
+}
+
+/// Compress a cluster on the blocking thread pool.
+async fn compress_off_reactor(t: compress::CompressionType, cluster: Vec<u8>) -> Option<Vec<u8>> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let o2 = out.clone();
+    let _ = basalt_reactor::blocking(
+        move || {
+            let c = compress::compress(t, &cluster);
+            *o2.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+            0
+        },
+        None,
+    )
+    .await;
+    let r = out.lock().unwrap_or_else(|e| e.into_inner()).take().flatten();
+    r
 }
 
 fn status_of(m: Mapping, in_cluster: u64, file: Arc<dyn basalt_engine::Node>) -> BlockStatus {

@@ -249,13 +249,21 @@ async fn worker(sh: Rc<Shared>) {
                 let cs_end = e.next_multiple_of(cs).min(len);
                 let mut c = cs_start.max(compressed_upto);
                 while c < cs_end {
-                    let n = cs.min(len - c);
-                    b.set_window(c as usize, n as usize);
-                    let d = if sh.o.target_zero && basalt_engine::buffer_is_zero(&b) {
-                        basalt_engine::IoDone { buf: Some(b), res: Ok(n) }
-                    } else {
-                        sh.target.write_compressed(global + c, b).await
+                    // Skip zero clusters on a fresh target; write each run of the others in one
+                    // request, so the format compresses its clusters in parallel.
+                    let zero_at = |x: u64| {
+                        sh.o.target_zero && basalt_engine::buffer_is_zero(&b[x as usize..(x + cs.min(len - x)) as usize])
                     };
+                    if zero_at(c) {
+                        c += cs.min(len - c);
+                        continue;
+                    }
+                    let mut e2 = c;
+                    while e2 < cs_end && !zero_at(e2) {
+                        e2 += cs.min(len - e2);
+                    }
+                    b.set_window(c as usize, (e2 - c) as usize);
+                    let d = sh.target.write_compressed(global + c, b).await;
                     b = d.buf.expect("write returns its buffer");
                     b.reset(len as usize);
                     if let Err(err) = d.res {
@@ -263,7 +271,7 @@ async fn worker(sh: Rc<Shared>) {
                         failed = true;
                         break;
                     }
-                    c += n;
+                    c = e2;
                 }
                 compressed_upto = cs_end;
                 if failed {
