@@ -10,30 +10,39 @@ use basalt_reactor::IoBuf;
 use crate::qcow2::header::{self, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
 use crate::qcow2::refcount;
 
-/// `-o` options, in QEMU's order.
+/// `-o` options as QEMU 10 declares them (`qcow2_create_opts`): this order is the order of
+/// qemu-img's `Formatting` line, and the options this driver refuses (encryption, data file)
+/// are listed too, as `-o help` lists them; using one fails with a clear message.
 pub(crate) const CREATE_OPTS: &[CreateOptDesc] = &[
-    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
-    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
-    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
-    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
-    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
-    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
     CreateOptDesc {
         name: "encryption",
         kind: "bool",
         help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     },
     CreateOptDesc { name: "encrypt.format", kind: "str", help: "Encrypt the image, format choices: 'aes', 'luks'" },
+    CreateOptDesc { name: "encrypt.key-secret", kind: "str", help: "ID of secret providing qcow AES key or LUKS passphrase" },
+    CreateOptDesc { name: "encrypt.cipher-alg", kind: "str", help: "Name of encryption cipher algorithm" },
+    CreateOptDesc { name: "encrypt.cipher-mode", kind: "str", help: "Name of encryption cipher mode" },
+    CreateOptDesc { name: "encrypt.ivgen-alg", kind: "str", help: "Name of IV generator algorithm" },
+    CreateOptDesc { name: "encrypt.ivgen-hash-alg", kind: "str", help: "Name of IV generator hash algorithm" },
+    CreateOptDesc { name: "encrypt.hash-alg", kind: "str", help: "Name of encryption hash algorithm" },
+    CreateOptDesc { name: "encrypt.iter-time", kind: "number", help: "Time to spend in PBKDF in milliseconds" },
     CreateOptDesc { name: "cluster_size", kind: "size", help: "qcow2 cluster size" },
+    CreateOptDesc { name: "extended_l2", kind: "bool", help: "Extended L2 tables" },
     CreateOptDesc {
         name: "preallocation",
         kind: "str",
         help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
     },
-    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
-    CreateOptDesc { name: "refcount_bits", kind: "num", help: "Width of a reference count entry in bits" },
     CreateOptDesc { name: "compression_type", kind: "str", help: "Compression method used for image cluster compression" },
-    CreateOptDesc { name: "extended_l2", kind: "bool", help: "Extended L2 tables" },
+    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
+    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
+    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
+    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
+    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
+    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
+    CreateOptDesc { name: "refcount_bits", kind: "number", help: "Width of a reference count entry in bits" },
 ];
 
 fn opt_err(msg: impl Into<String>) -> BlockError {

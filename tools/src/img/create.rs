@@ -46,41 +46,6 @@ Arguments:
 
 ";
 
-/// qcow2's creation options as QEMU 10 declares them (`qcow2_create_opts`): this order is the
-/// order of the `Formatting` line, and the encryption options the driver refuses are listed
-/// too (using one fails in the driver with a clear message), as `-o help` lists them.
-const QCOW2_OPTS: &[CreateOptDesc] = &[
-    CreateOptDesc {
-        name: "encryption",
-        kind: "bool",
-        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
-    },
-    CreateOptDesc { name: "encrypt.format", kind: "str", help: "Encrypt the image, format choices: 'aes', 'luks'" },
-    CreateOptDesc { name: "encrypt.key-secret", kind: "str", help: "ID of secret providing qcow AES key or LUKS passphrase" },
-    CreateOptDesc { name: "encrypt.cipher-alg", kind: "str", help: "Name of encryption cipher algorithm" },
-    CreateOptDesc { name: "encrypt.cipher-mode", kind: "str", help: "Name of encryption cipher mode" },
-    CreateOptDesc { name: "encrypt.ivgen-alg", kind: "str", help: "Name of IV generator algorithm" },
-    CreateOptDesc { name: "encrypt.ivgen-hash-alg", kind: "str", help: "Name of IV generator hash algorithm" },
-    CreateOptDesc { name: "encrypt.hash-alg", kind: "str", help: "Name of encryption hash algorithm" },
-    CreateOptDesc { name: "encrypt.iter-time", kind: "number", help: "Time to spend in PBKDF in milliseconds" },
-    CreateOptDesc { name: "cluster_size", kind: "size", help: "qcow2 cluster size" },
-    CreateOptDesc { name: "extended_l2", kind: "bool", help: "Extended L2 tables" },
-    CreateOptDesc {
-        name: "preallocation",
-        kind: "str",
-        help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
-    },
-    CreateOptDesc { name: "compression_type", kind: "str", help: "Compression method used for image cluster compression" },
-    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
-    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
-    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
-    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
-    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
-    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
-    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
-    CreateOptDesc { name: "refcount_bits", kind: "number", help: "Width of a reference count entry in bits" },
-];
-
 /// Defaults QEMU declares (`def_value_str`), which the `Formatting` line prints when unset.
 fn default_value(fmt: &str, name: &str) -> Option<&'static str> {
     match (fmt, name) {
@@ -95,16 +60,10 @@ fn default_value(fmt: &str, name: &str) -> Option<&'static str> {
 
 /// A format's own creation options. QEMU's raw declares only `size` and leaves the rest
 /// (preallocation...) to the protocol, which decides what help lists and the print order.
-/// qcow2's come in QEMU's order (see [`QCOW2_OPTS`]), followed by any the driver has beyond.
 fn format_opts(drv: &dyn BlockDriver) -> Vec<CreateOptDesc> {
     let all = drv.create_opts().to_vec();
     match drv.name() {
         "raw" => all.into_iter().filter(|d| d.name == "size").collect(),
-        "qcow2" => {
-            let mut v = QCOW2_OPTS.to_vec();
-            v.extend(all.into_iter().filter(|d| !QCOW2_OPTS.iter().any(|q| q.name == d.name)));
-            v
-        }
         _ => all,
     }
 }
