@@ -420,6 +420,8 @@ fn create_matches_qemu_img() {
         "create -f qcow2 -b o.qcow2 -F qcow2 o.qcow2 1M",
         "create -f qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2,cluster_size=8k o.qcow2",
         "create -f qcow2 -o compat=0.10,refcount_bits=8 o.qcow2 1M",
+        "create -f qcow2 -o lazy_refcounts=on o.qcow2 1M",
+        "create -f qcow2 -o compat=0.10,lazy_refcounts=on o.qcow2 1M",
         "create -f qcow2 -o compat=0.10,extended_l2=on o.qcow2 1M",
         "create -f qcow2 -o extended_l2=on,cluster_size=8k o.qcow2 1M",
         "create -f qcow2 -o cluster_size=1000 o.qcow2 1M",
@@ -446,7 +448,6 @@ fn create_matches_qemu_img() {
         ("encryption=on", "encryption"),
         ("encrypt.format=luks", "encryption"),
         ("data_file=x.raw", "data file"),
-        ("lazy_refcounts=on", "lazy_refcounts"),
         ("preallocation=metadata", "preallocation"),
     ] {
         let o = basalt_img(b.path(), &["create", "-f", "qcow2", "-o", opts, "u.qcow2", "1M"]);

@@ -126,3 +126,24 @@ fn leaks_and_refcount_errors_are_found_and_repaired() {
     let o = run(Command::new(basalt_tests::tool("basalt-io")).args(["-f", "qcow2", "-c", "read -P 4 40M 4k", &p]));
     assert!(o.status.success() && !stdout(&o).contains("Pattern verification failed"), "{}", stdout(&o));
 }
+
+#[test]
+fn dirty_lazy_refcount_images_are_repaired_on_open() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("lz.qcow2").to_str().unwrap().to_string();
+    assert!(run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", &p, "64M"])).status.success());
+    // qemu-io aborts without closing: the image stays dirty with refcounts not written.
+    let _ = run(peer("qemu-io").args(["-c", "write -P 9 0 1M", "-c", "write -P 7 5M 64k", "-c", "abort", &p]));
+    let info = stdout(&run(peer("qemu-img").args(["info", &p])));
+    assert!(info.contains("cleanly shut down: no"), "{info}");
+    let (code, _) = qemu_check(&p);
+    assert_ne!(code, 0, "the aborted image needs repair");
+    // Opening it read-write repairs it; the data is there.
+    let o = run(Command::new(basalt_tests::tool("basalt-io")).args(["-c", "read -P 9 0 1M", "-c", "read -P 7 5M 64k", &p]));
+    assert!(o.status.success() && !stdout(&o).contains("verification failed"), "{}", stdout(&o));
+    let (code, out) = qemu_check(&p);
+    assert_eq!(code, 0, "{out}");
+    let info = stdout(&run(peer("qemu-img").args(["info", &p])));
+    assert!(!info.contains("cleanly shut down: no"), "{info}");
+    assert!(info.contains("lazy refcounts: true"), "{info}");
+}

@@ -76,13 +76,8 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         ));
     }
     let lazy = opts.take_str("lazy_refcounts").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
-    if lazy {
-        if version < 3 {
-            return Err(opt_err(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-            ));
-        }
-        return Err(BlockError::new(ErrorKind::Unsupported, "lazy_refcounts=on is not supported yet"));
+    if lazy && version < 3 {
+        return Err(opt_err("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
     }
     let extended_l2 = opts.take_str("extended_l2").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
     if extended_l2 {
@@ -181,7 +176,9 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible,
-        compatible: 0,
+        // Basalt keeps refcounts up to date even with lazy refcounts (always valid); the bit
+        // tells other programs they may postpone them.
+        compatible: if lazy { crate::qcow2::header::COMPAT_LAZY_REFCOUNTS } else { 0 },
         autoclear: 0,
         refcount_order,
         header_length: if version >= 3 { 112 } else { 72 },

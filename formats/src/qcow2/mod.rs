@@ -6,8 +6,11 @@
 //! `refcount` (refcount block entries), `compress`, `meta` (cached tables and the ordered,
 //! written-through metadata updates), `io` (the data path), `create`.
 //!
+//! Lazy refcounts: refcounts are always kept up to date (a valid way to implement them), and a
+//! dirty image left by another program is repaired on a read-write open, as QEMU does.
+//!
 //! Not yet: internal snapshots (images with snapshots open read-only), encryption, external
-//! data files, lazy refcounts (a dirty image opens read-only), persistent bitmaps (their
+//! data files, persistent bitmaps (their
 //! autoclear bit is cleared on the first write, as the spec requires of a program that does
 //! not update them), preallocation other than `off`, shrinking. Each is refused with a clear
 //! error rather than half-done.
@@ -122,9 +125,9 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let rc_cache = opts.take_size("refcount-cache-size", 0)?;
     let cache_size = opts.take_size("cache-size", 0)?;
     let _ = opts.take_u64("cache-clean-interval", 600)?;
-    if opts.take_bool("lazy-refcounts", false)? {
-        return Err(unsupported("lazy-refcounts=on is not supported yet"));
-    }
+    // Refcounts are always kept up to date (and the dirty bit never set), which is a valid
+    // implementation of lazy refcounts; the option is accepted either way.
+    let _ = opts.take_bool("lazy-refcounts", false)?;
     let pass_discard = opts.take_bool("pass-discard-request", true)?;
     let _ = opts.take_bool("pass-discard-snapshot", true)?;
     let _ = opts.take_bool("pass-discard-other", false)?;
@@ -187,11 +190,6 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     if !read_only {
         if corrupt {
             return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Image is corrupt; cannot be opened read/write"));
-        }
-        if dirty {
-            return Err(unsupported(
-                "The image is dirty (lazy refcounts); repairing it on open is not supported yet: open it read-only",
-            ));
         }
         if hdr.nb_snapshots > 0 {
             return Err(unsupported("qcow2 images with internal snapshots can only be opened read-only for now"));
@@ -306,7 +304,24 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     if let Some(f) = fault {
         shared.fault.arm(f, fault_after.min(u64::from(u32::MAX)) as u32);
     }
-    Ok(Arc::new(Qcow2Node { s: Arc::new(shared) }))
+    let node = Qcow2Node { s: Arc::new(shared) };
+    if dirty && !read_only {
+        // Left dirty by a program using lazy refcounts: rebuild the refcounts, then clear the
+        // bit (QEMU repairs the same way on open).
+        let report = node.check(check::Repair::All).await?;
+        if report.corruptions > 0 {
+            return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Could not repair dirty image: corruptions remain"));
+        }
+        let inc = {
+            let mut h = node.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+            h.incompatible &= !header::INCOMPAT_DIRTY;
+            h.incompatible
+        };
+        let d = fq.write(72, IoBuf::from_slice(&inc.to_be_bytes()), Default::default()).await;
+        d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
+        fq.flush().await.res.map_err(BlockError::from)?;
+    }
+    Ok(Arc::new(node))
 }
 
 /// A backing file name relative to the image that names it (as QEMU resolves it).
