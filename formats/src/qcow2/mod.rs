@@ -360,6 +360,32 @@ impl Qcow2Node {
         check::check(&self.s, &file, repair).await.map_err(|e| BlockError::from(e).context("Check failed"))
     }
 
+    /// Record a new backing file (or none) in the header, as `rebase` does: cluster 0 is
+    /// rewritten with the new name and backing-format extension. The open node keeps reading
+    /// through the backing file it was opened with.
+    pub async fn set_backing(&self, name: Option<&str>, fmt: Option<&str>) -> BlockResult<()> {
+        if self.s.read_only {
+            return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
+        }
+        if name.is_some_and(|n| n.len() > 1023) {
+            return Err(BlockError::option("Backing file name too long"));
+        }
+        let _g = self.s.alloc.lock().await;
+        let mut h = self.header();
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = if name.is_some() { fmt.map(str::to_string) } else { None };
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+        let mut cluster0 = h.serialize().map_err(BlockError::from)?;
+        cluster0.resize(self.s.cs as usize, 0);
+        let file = Queue::new(self.s.file.clone())?;
+        let d = file.write(0, IoBuf::from_slice(&cluster0), Default::default()).await;
+        d.res.map_err(|e| BlockError::from(e).context("Could not update the qcow2 header"))?;
+        file.flush().await.res.map_err(BlockError::from)?;
+        *self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        Ok(())
+    }
+
     /// A copy of the header as it is now.
     pub fn header(&self) -> Qcow2Header {
         self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -14,6 +14,7 @@ pub mod create;
 pub mod dd;
 pub mod info;
 pub mod map;
+pub mod rebase;
 pub mod resize;
 
 /// Print an error as qemu-img does (`basalt-img: MESSAGE`).
@@ -60,6 +61,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         "dd" => dd::main(rest).await,
         "info" => info::main(rest).await,
         "map" => map::main(rest).await,
+        "rebase" => rebase::main(rest).await,
         "resize" => resize::main(rest).await,
         _ => {
             error(format!("Command not found: {cmd}"));
