@@ -243,11 +243,14 @@ impl Opts {
             let mut cur = &mut root;
             let parts: Vec<&str> = k.split('.').collect();
             for p in &parts[..parts.len() - 1] {
-                cur = cur
-                    .entry(p.to_string())
-                    .or_insert_with(|| Value::Object(Default::default()))
-                    .as_object_mut()
-                    .expect("dotted keys never collide with a scalar");
+                let slot = cur.entry(p.to_string()).or_insert_with(|| Value::Object(Default::default()));
+                // A user may give both `a=x` and `a.b=y`: the subtree wins (the scalar cannot
+                // hold it), rather than failing.
+                if !slot.is_object() {
+                    *slot = Value::Object(Default::default());
+                }
+                let Value::Object(m) = slot else { unreachable!("just made an object") };
+                cur = m;
             }
             let val = match v {
                 OptValue::Str(s) => Value::String(s.clone()),
@@ -410,6 +413,12 @@ mod tests {
         );
         let o = Opts::parse_keyval("driver=null-co,size=4096", None).unwrap();
         assert_eq!(json_filename(&o), r#"json:{"driver": "null-co", "size": "4096"}"#);
+    }
+
+    #[test]
+    fn to_json_survives_a_scalar_and_a_subtree_of_the_same_name() {
+        let o = Opts::parse_keyval("file=x,file.driver=raw", None).unwrap();
+        assert_eq!(o.to_json(), serde_json::json!({"file": {"driver": "raw"}}));
     }
 
     #[test]
