@@ -386,6 +386,51 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Move the active L1 table to a new place with `need` entries: the new table is written
+    /// (and the refcounts of its clusters) before the header points at it, and the old table is
+    /// freed after.
+    async fn grow_l1(&self, meta: &meta::MetaIo<'_>, file: &Queue, need: u64) -> BlockResult<()> {
+        let cs = self.s.cs;
+        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not grow the L1 table");
+        if need * 8 > header::MAX_L1_BYTES {
+            return Err(BlockError::new(ErrorKind::OutOfBounds, "Active L1 table too large"));
+        }
+        let (old_off, old_size) = {
+            let h = self.header();
+            (h.l1_table_offset, u64::from(h.l1_size))
+        };
+        let clusters = (need * 8).div_ceil(cs);
+        let new_off = meta.alloc_clusters(clusters).await.map_err(fail)?;
+        let mut table: Vec<u64> = self.s.lock_meta().l1.clone();
+        table.resize(need as usize, 0);
+        let mut bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
+        bytes.resize((clusters * cs) as usize, 0);
+        let d = file.write(new_off, IoBuf::from_slice(&bytes), Default::default()).await;
+        d.res.map_err(fail)?;
+        meta.writeback().await.map_err(fail)?;
+        file.flush().await.res.map_err(fail)?;
+        // l1_size and l1_table_offset are adjacent header fields: one write switches both.
+        let mut hf = Vec::with_capacity(12);
+        hf.extend_from_slice(&(need as u32).to_be_bytes());
+        hf.extend_from_slice(&new_off.to_be_bytes());
+        let d = file.write(36, IoBuf::from_slice(&hf), Default::default()).await;
+        d.res.map_err(fail)?;
+        file.flush().await.res.map_err(fail)?;
+        {
+            let mut h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+            h.l1_size = need as u32;
+            h.l1_table_offset = new_off;
+        }
+        self.s.lock_meta().l1 = table;
+        if old_size > 0 {
+            for k in 0..(old_size * 8).div_ceil(cs) {
+                meta.free_cluster(old_off + k * cs).await.map_err(fail)?;
+            }
+        }
+        meta.writeback().await.map_err(fail)?;
+        Ok(())
+    }
+
     /// A copy of the header as it is now.
     pub fn header(&self) -> Qcow2Header {
         self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -481,15 +526,36 @@ impl Node for Qcow2Node {
                 )));
             }
             let cur = self.size();
-            if size < cur {
-                return Err(unsupported("qcow2 doesn't support shrinking images yet"));
-            }
             let h = self.header();
+            let file = Queue::new(self.s.file.clone())?;
+            let meta = meta::MetaIo { s: &self.s, file: &file };
+            let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not resize the qcow2 image");
+            let _g = self.s.alloc.lock().await;
+            if size < cur {
+                // Drop every cluster wholly past the new end (the entry first, then the refcount).
+                let cs = self.s.cs;
+                for gc in size.div_ceil(cs)..cur.div_ceil(cs) {
+                    let (e, _) = meta.entry(gc).await.map_err(fail)?;
+                    if e == 0 {
+                        continue;
+                    }
+                    meta.set_entry(gc, 0, 0, true).await.map_err(fail)?;
+                    if e & entry::COMPRESSED != 0 {
+                        if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
+                            for c in host / cs..=(host + len - 1) / cs {
+                                meta.free_cluster(c * cs).await.map_err(fail)?;
+                            }
+                        }
+                    } else if e & entry::OFFSET_MASK != 0 {
+                        meta.free_cluster(e & entry::OFFSET_MASK).await.map_err(fail)?;
+                    }
+                }
+                meta.writeback().await.map_err(fail)?;
+            }
             let need = size.div_ceil(self.s.cs * h.l2_entries());
             if need > u64::from(h.l1_size) {
-                return Err(unsupported("Growing a qcow2 image beyond its L1 table is not supported yet"));
+                self.grow_l1(&meta, &file, need).await?;
             }
-            let file = Queue::new(self.s.file.clone())?;
             let d = file.write(24, IoBuf::from_slice(&size.to_be_bytes()), Default::default()).await;
             d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
             file.flush().await.res.map_err(BlockError::from)?;

@@ -1,6 +1,8 @@
-//! `basalt-img rebase` against `qemu-img rebase`: safe rebase onto another backing file, unsafe
-//! (`-u`) rebase, and detaching (`-b ''`) leave images identical to qemu-img's results (content
-//! and `info` apart from the file name), clean under `qemu-img check`; errors read the same.
+//! Changing a qcow2 image's shape against qemu-img: `rebase` (safe onto another backing file,
+//! unsafe `-u`, detaching `-b ''`) and `resize` (growing past the L1 table, shrinking with
+//! `--shrink` over data and compressed clusters) leave images identical to qemu-img's results
+//! (content and `info` apart from the file name), clean under `qemu-img check`; errors read the
+//! same.
 
 use std::path::Path;
 use std::process::Command;
@@ -29,7 +31,9 @@ fn setup(dir: &Path) {
 fn info(dir: &Path, img: &str) -> String {
     stdout(&sh(dir, peer("qemu-img").args(["info", img])))
         .lines()
-        .filter(|l| !l.starts_with("image:") && !l.contains("filename:") && !l.contains("disk size"))
+        .filter(|l| {
+            !l.starts_with("image:") && !l.contains("filename:") && !l.contains("disk size") && !l.contains("file length")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -60,4 +64,38 @@ fn rebase_matches_qemu_img() {
         assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
         assert_eq!(stderr(&ours), stderr(&theirs).replace("qemu-img", "basalt-img"), "{args:?}");
     }
+}
+
+#[test]
+fn resize_matches_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    for op in [&["+10G"][..], &["--shrink", "32M"], &["32M"], &["+1M"], &["-1M"]] {
+        for f in ["o.qcow2", "q.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        sh(dir, peer("qemu-img").args(["create", "-q", "-f", "qcow2", "o.qcow2", "64M"]));
+        sh(
+            dir,
+            peer("qemu-io").args(["-c", "write -P 5 0 1M", "-c", "write -P 6 40M 2M", "-c", "write -c -P 7 50M 64k", "o.qcow2"]),
+        );
+        std::fs::copy(dir.join("o.qcow2"), dir.join("q.qcow2")).unwrap();
+        let ours = run(Command::new(tool("basalt-img")).current_dir(dir).arg("resize").arg("o.qcow2").args(op));
+        let theirs = run(peer("qemu-img").current_dir(dir).arg("resize").arg("q.qcow2").args(op));
+        assert_eq!(ours.status.code(), theirs.status.code(), "{op:?}: {}", stderr(&ours));
+        assert_eq!(stdout(&ours), stdout(&theirs), "{op:?}");
+        assert_eq!(stderr(&ours), stderr(&theirs).replace("qemu-img", "basalt-img"), "{op:?}");
+        sh(dir, peer("qemu-img").args(["compare", "o.qcow2", "q.qcow2"]));
+        let c = sh(dir, peer("qemu-img").args(["check", "o.qcow2"]));
+        assert!(stdout(&c).contains("No errors were found"), "{op:?}: {}", stdout(&c));
+        assert_eq!(info(dir, "o.qcow2"), info(dir, "q.qcow2"), "{op:?}");
+    }
+    // After growing past the L1 table, the new space is usable and the image stays clean.
+    let _ = std::fs::remove_file(dir.join("o.qcow2"));
+    sh(dir, peer("qemu-img").args(["create", "-q", "-f", "qcow2", "o.qcow2", "64M"]));
+    sh(dir, Command::new(tool("basalt-img")).args(["resize", "o.qcow2", "+10G"]));
+    let o = sh(dir, Command::new(tool("basalt-io")).args(["-c", "write -P 8 5G 1M", "-c", "read -P 8 5G 1M", "o.qcow2"]));
+    assert!(!stdout(&o).contains("failed") && stdout(&o).contains("read 1048576/1048576"), "{}", stdout(&o));
+    let c = sh(dir, peer("qemu-img").args(["check", "o.qcow2"]));
+    assert!(stdout(&c).contains("No errors were found"), "{}", stdout(&c));
 }
