@@ -287,7 +287,7 @@ fn check_qemu_image(dir: &Path, img: &str, ops: &[Op], size: u64, exact_map: boo
 
 /// info, map and check of the same file, every output form. `exact_map` is false for images with
 /// extended L2 entries, whose JSON map still differs (see
-/// `known_bug_extended_l2_map_offsets`); their human map is compared.
+/// `extended_l2_map_offsets_match_qemu`); their human map is compared.
 fn same_info_map(dir: &Path, img: &str, exact_map: bool) {
     for args in [
         &["info", img][..],
@@ -842,8 +842,7 @@ fn malformed_images_fail_clearly() {
 /// allocated cluster (QEMU reports `BDRV_BLOCK_OFFSET_VALID` for both), so `map --output=json`
 /// differs on images with extended L2 entries.
 #[test]
-#[ignore = "formats/qcow2 bug: block status of extended L2 subclusters lacks the host offset"]
-fn known_bug_extended_l2_map_offsets() {
+fn extended_l2_map_offsets_match_qemu() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
     must(&qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "x.qcow2", "4M"]), "create");

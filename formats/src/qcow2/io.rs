@@ -629,15 +629,31 @@ impl Qcow2Queue {
         Ok(())
     }
 
-    async fn status(&self, off: u64, len: u64) -> Result<BlockStatus, IoStatus> {
+    /// The status of the (sub)cluster at `off` with mapping `m`. With extended L2 entries, an
+    /// unallocated or zero subcluster of a cluster that has a host cluster still reports where
+    /// it would be, as QEMU does.
+    async fn status_at(&self, m: Mapping, off: u64) -> Result<BlockStatus, IoStatus> {
         let cs = self.s.cs;
+        let mut st = status_of(m, off % cs, self.s.file.clone());
+        if self.s.layout.extended_l2 && st.offset.is_none() && matches!(m, Mapping::Unallocated | Mapping::Zero { .. }) {
+            let (e, _) = self.meta().entry(off / cs).await?;
+            let host = e & crate::qcow2::entry::OFFSET_MASK;
+            if e & crate::qcow2::entry::COMPRESSED == 0 && host != 0 {
+                st.offset = Some(host + off % cs);
+                st.file = Some(self.s.file.clone());
+            }
+        }
+        Ok(st)
+    }
+
+    async fn status(&self, off: u64, len: u64) -> Result<BlockStatus, IoStatus> {
         let first = self.mapping(off).await?;
-        let mut st = status_of(first, off % cs, self.s.file.clone());
+        let mut st = self.status_at(first, off).await?;
         let mut span = (self.s.layout.subcluster_size() - off % self.s.layout.subcluster_size()).min(len);
         // Extend over following (sub)clusters with the same status (and contiguous offsets).
         while span < len && span < (64 << 20) {
             let next = self.mapping(off + span).await?;
-            let ns = status_of(next, (off + span) % cs, self.s.file.clone());
+            let ns = self.status_at(next, off + span).await?;
             let contiguous = match (st.offset, ns.offset) {
                 (Some(a), Some(b)) => a + span == b,
                 (None, None) => true,
