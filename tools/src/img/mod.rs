@@ -14,6 +14,7 @@ pub mod create;
 pub mod dd;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod rebase;
 pub mod resize;
 
@@ -61,6 +62,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         "dd" => dd::main(rest).await,
         "info" => info::main(rest).await,
         "map" => map::main(rest).await,
+        "measure" => measure::main(rest).await,
         "rebase" => rebase::main(rest).await,
         "resize" => resize::main(rest).await,
         _ => {

@@ -1,0 +1,243 @@
+//! `basalt-img measure`: how large an image would be, as qemu-img measure computes it.
+//!
+//! For a new image of `--size N`, or for converting an existing one: "required size" is the
+//! metadata for the whole virtual disk plus the clusters that hold data (counted at the output
+//! format's cluster size, as QEMU counts them), "fully allocated size" the metadata plus every
+//! cluster. raw needs exactly its virtual size. `--output=json` gives qemu-img's object; a
+//! qcow2 source adds "bitmaps size" (0: Basalt has no bitmaps to copy yet).
+
+use basalt_engine::{parse_bool, Graph, Opts};
+
+use crate::getopt::opt;
+use crate::img::common::{self, error, Chain, OutputFormat};
+use crate::qjson;
+
+const HELP: &str = "Usage: basalt-img measure [--output=OFMT] [-O OUTPUT_FMT] [-o OPTIONS] [--size N | [--object OBJDEF]
+        [--image-opts] [-f FMT] [-l SNAPSHOT] FILENAME]
+
+Calculates the file size required to create a new image.
+";
+
+/// QEMU's `qcow2_refcount_metadata_size`: refcount table and blocks for `clusters` clusters.
+fn refcount_metadata(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
+    let per_table_cluster = cs / 8;
+    let per_block = cs * 8 / (1 << refcount_order);
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return (blocks + table) * cs;
+        }
+    }
+}
+
+/// QEMU's `qcow2_calc_prealloc_size` less the data: the metadata of a fully allocated image.
+fn qcow2_metadata(size: u64, cs: u64, refcount_order: u32, extended_l2: bool) -> u64 {
+    let aligned = size.next_multiple_of(cs);
+    let entry = if extended_l2 { 16 } else { 8 };
+    let mut meta = cs;
+    let nl2e = (aligned / cs).next_multiple_of(cs / entry);
+    meta += nl2e * entry;
+    let nl1e = (nl2e * entry / cs).next_multiple_of(cs / 8);
+    meta += nl1e * 8;
+    meta += refcount_metadata((meta + aligned) / cs, cs, refcount_order);
+    meta
+}
+
+struct Qcow2Params {
+    cs: u64,
+    refcount_order: u32,
+    extended_l2: bool,
+}
+
+fn qcow2_params(opts: &mut Opts) -> Result<Qcow2Params, String> {
+    let cs = match opts.take_str("cluster_size") {
+        None => 65536,
+        Some(v) => basalt_engine::parse_size(&v).ok_or_else(|| format!("Parameter 'cluster_size' expects a size, not '{v}'"))?,
+    };
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        return Err("Cluster size must be a power of two between 512 and 2048k".into());
+    }
+    let bits: u32 = match opts.take_str("refcount_bits") {
+        None => 16,
+        Some(v) => v.parse().map_err(|_| format!("Parameter 'refcount_bits' expects a number, not '{v}'"))?,
+    };
+    if !bits.is_power_of_two() || bits > 64 {
+        return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
+    }
+    let extended_l2 = opts.take_str("extended_l2").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
+    for k in [
+        "compat",
+        "preallocation",
+        "lazy_refcounts",
+        "compression_type",
+        "backing_file",
+        "backing_fmt",
+        "data_file",
+        "data_file_raw",
+    ] {
+        opts.take_str(k);
+    }
+    if let Some(k) = opts.keys().next() {
+        return Err(format!("Invalid parameter '{k}'"));
+    }
+    Ok(Qcow2Params { cs, refcount_order: bits.trailing_zeros(), extended_l2 })
+}
+
+/// Run the subcommand.
+pub async fn main(args: Vec<String>) -> i32 {
+    let specs = [
+        opt(Some('h'), Some("help"), false),
+        opt(Some('f'), Some("format"), true),
+        opt(Some('O'), Some("target-format"), true),
+        opt(Some('o'), Some("options"), true),
+        opt(Some('l'), Some("snapshot"), true),
+        opt(None, Some("size"), true),
+        opt(None, Some("output"), true),
+        opt(None, Some("image-opts"), false),
+        opt(None, Some("object"), true),
+        opt(Some('U'), Some("force-share"), false),
+    ];
+    let a = match common::parse_args("measure", HELP, &args, &specs) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if let Err(code) = common::check_objects(&a) {
+        return code;
+    }
+    let out = match common::output_format("measure", &a) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    let size_arg = a.value("size");
+    if size_arg.is_some() && !a.operands.is_empty() {
+        error("--size N cannot be used together with a filename.");
+        return 1;
+    }
+    if size_arg.is_none() && a.operands.len() != 1 {
+        error("Either --size N or one filename must be specified.");
+        return 1;
+    }
+    if a.value("snapshot").is_some() {
+        error("Snapshots (-l) are not supported by this build of basalt-img measure");
+        return 1;
+    }
+    let fmt = a.value("target-format").unwrap_or("raw").to_string();
+    let mut opts = Opts::new();
+    for o in a.values("options") {
+        match Opts::parse_keyval(o, None) {
+            Ok(p) => opts.insert_sub_root(p),
+            Err(e) => {
+                error(e.msg);
+                return 1;
+            }
+        }
+    }
+    let qcow2 = match fmt.as_str() {
+        "raw" => {
+            opts.take_str("preallocation");
+            if let Some(k) = opts.keys().next() {
+                error(format!("Invalid parameter '{k}'"));
+                error(format!("Invalid options for file format '{fmt}'"));
+                return 1;
+            }
+            None
+        }
+        "qcow2" => match qcow2_params(&mut opts) {
+            Ok(p) => Some(p),
+            Err(m) => {
+                error(&m);
+                if m.starts_with("Invalid parameter") {
+                    error(format!("Invalid options for file format '{fmt}'"));
+                }
+                return 1;
+            }
+        },
+        other if basalt_formats::registry().get(other).is_some() => {
+            error(format!("Block driver '{other}' does not support size measurement"));
+            return 1;
+        }
+        other => {
+            error(format!("Unknown file format '{other}'"));
+            return 1;
+        }
+    };
+
+    // The virtual size and, for a source image, the data to copy.
+    let (size, data, bitmaps) = match size_arg {
+        Some(s) => match common::strtosz(s) {
+            Ok(v) => (v, 0, false),
+            Err(_) => {
+                error(format!("Invalid image size specified: '{s}'."));
+                return 1;
+            }
+        },
+        None => {
+            let graph = Graph::new(basalt_formats::registry());
+            let mut spec = common::spec_from_args(&a, &a.operands[0], "format");
+            spec.read_only = true;
+            let node = match common::open(&graph, &spec).await {
+                Ok(n) => n,
+                Err(()) => return 1,
+            };
+            let bitmaps = node.driver() == "qcow2";
+            let chain = match Chain::new(node) {
+                Ok(c) => c,
+                Err(e) => {
+                    error(e);
+                    return 1;
+                }
+            };
+            let size = chain.size();
+            let cs = qcow2.as_ref().map_or(512, |q| q.cs);
+            let mut data = 0u64;
+            let mut off = 0u64;
+            while off < size {
+                let st = match chain.status(off, size - off).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error(format!("error getting block status at offset {off}: {e}"));
+                        return 1;
+                    }
+                };
+                let mut n = st.len.max(1);
+                if !st.zero && st.data && st.allocated {
+                    // As QEMU: extend to the end of the cluster, count from the cluster start.
+                    n = (off + n).next_multiple_of(cs) - off;
+                    data += off % cs + n;
+                }
+                off += n;
+            }
+            (size, data, bitmaps)
+        }
+    };
+    let (required, full) = match &qcow2 {
+        None => (size, size),
+        Some(q) => {
+            let meta = qcow2_metadata(size, q.cs, q.refcount_order, q.extended_l2);
+            (meta + data.min(size.next_multiple_of(q.cs)), meta + size.next_multiple_of(q.cs))
+        }
+    };
+    match out {
+        OutputFormat::Human => {
+            println!("required size: {required}");
+            println!("fully allocated size: {full}");
+            if bitmaps {
+                println!("bitmaps size: 0");
+            }
+        }
+        OutputFormat::Json => {
+            let mut m = serde_json::Map::new();
+            if bitmaps {
+                m.insert("bitmaps".into(), 0.into());
+            }
+            m.insert("required".into(), required.into());
+            m.insert("fully-allocated".into(), full.into());
+            println!("{}", qjson::pretty(&serde_json::Value::Object(m)));
+        }
+    }
+    0
+}
