@@ -99,3 +99,60 @@ fn resize_matches_qemu_img() {
     let c = sh(dir, peer("qemu-img").args(["check", "o.qcow2"]));
     assert!(stdout(&c).contains("No errors were found"), "{}", stdout(&c));
 }
+
+#[test]
+fn commit_matches_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    for drop in [false, true] {
+        for f in ["b1.qcow2", "t1.qcow2", "b2.qcow2", "t2.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        for (b, t) in [("b1.qcow2", "t1.qcow2"), ("b2.qcow2", "t2.qcow2")] {
+            sh(dir, peer("qemu-img").args(["create", "-q", "-f", "qcow2", b, "4M"]));
+            sh(dir, peer("qemu-io").args(["-c", "write -P 1 0 4M", b]));
+            sh(dir, peer("qemu-img").args(["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]));
+            sh(
+                dir,
+                peer("qemu-io").args([
+                    "-c",
+                    "write -P 3 0 64k",
+                    "-c",
+                    "write -z 1M 64k",
+                    "-c",
+                    "write -c -P 4 2M 64k",
+                    "-c",
+                    "write -P 5 3146240 1000",
+                    t,
+                ]),
+            );
+        }
+        let mut ours = Command::new(tool("basalt-img"));
+        ours.current_dir(dir).arg("commit");
+        let mut theirs = peer("qemu-img");
+        theirs.current_dir(dir).arg("commit");
+        if drop {
+            ours.arg("-d");
+            theirs.arg("-d");
+        }
+        let o = run(ours.arg("t1.qcow2"));
+        let q = run(theirs.arg("t2.qcow2"));
+        assert_eq!((o.status.code(), stdout(&o)), (q.status.code(), stdout(&q)), "{}", stderr(&o));
+        for (x, y) in [("b1.qcow2", "b2.qcow2"), ("t1.qcow2", "t2.qcow2")] {
+            sh(dir, peer("qemu-img").args(["compare", x, y]));
+            let c = sh(dir, peer("qemu-img").args(["check", x]));
+            assert!(stdout(&c).contains("No errors were found"), "{}", stdout(&c));
+            let (mx, my) = (
+                sh(dir, peer("qemu-img").args(["map", "--output=json", x])),
+                sh(dir, peer("qemu-img").args(["map", "--output=json", y])),
+            );
+            assert_eq!(stdout(&mx), stdout(&my), "drop={drop}: {x} and {y} map differently");
+        }
+    }
+    for args in [&["-b", "x", "t1.qcow2"][..], &["b1.qcow2"]] {
+        let o = run(Command::new(tool("basalt-img")).current_dir(dir).arg("commit").args(args));
+        let q = run(peer("qemu-img").current_dir(dir).arg("commit").args(args));
+        assert_eq!(o.status.code(), q.status.code(), "{args:?}");
+        assert_eq!(stderr(&o), stderr(&q).replace("qemu-img", "basalt-img"), "{args:?}");
+    }
+}

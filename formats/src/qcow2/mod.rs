@@ -360,6 +360,37 @@ impl Qcow2Node {
         check::check(&self.s, &file, repair).await.map_err(|e| BlockError::from(e).context("Check failed"))
     }
 
+    /// Make every cluster unallocated (reads come from the backing file again), freeing what
+    /// they held, as `commit` leaves the top image. Entries are written before refcounts drop.
+    pub async fn make_empty(&self) -> BlockResult<()> {
+        if self.s.read_only {
+            return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
+        }
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = meta::MetaIo { s: &self.s, file: &file };
+        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not empty the image");
+        let _g = self.s.alloc.lock().await;
+        let cs = self.s.cs;
+        for gc in 0..self.size().div_ceil(cs) {
+            let (e, b) = meta.entry(gc).await.map_err(fail)?;
+            if e == 0 && b == 0 {
+                continue;
+            }
+            meta.set_entry(gc, 0, 0, true).await.map_err(fail)?;
+            if e & entry::COMPRESSED != 0 {
+                if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
+                    for c in host / cs..=(host + len - 1) / cs {
+                        meta.free_cluster(c * cs).await.map_err(fail)?;
+                    }
+                }
+            } else if e & entry::OFFSET_MASK != 0 {
+                meta.free_cluster(e & entry::OFFSET_MASK).await.map_err(fail)?;
+            }
+        }
+        meta.writeback().await.map_err(fail)?;
+        file.flush().await.res.map(|_| ()).map_err(BlockError::from)
+    }
+
     /// Record a new backing file (or none) in the header, as `rebase` does: cluster 0 is
     /// rewritten with the new name and backing-format extension. The open node keeps reading
     /// through the backing file it was opened with.

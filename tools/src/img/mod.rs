@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod common;
 pub mod compare;
 pub mod convert;
@@ -56,6 +57,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         }
         "bench" => bench::main(rest).await,
         "check" => check::main(rest).await,
+        "commit" => commit::main(rest).await,
         "compare" => compare::main(rest).await,
         "convert" => convert::main(rest).await,
         "create" => create::main(rest).await,
