@@ -156,3 +156,36 @@ fn commit_matches_qemu_img() {
         assert_eq!(stderr(&o), stderr(&q).replace("qemu-img", "basalt-img"), "{args:?}");
     }
 }
+
+#[test]
+fn preallocation_matches_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    for (opts, size) in [
+        ("preallocation=metadata", "3M"),
+        ("preallocation=falloc", "3M"),
+        ("preallocation=full", "3M"),
+        ("preallocation=falloc,cluster_size=1M", "1100M"),
+        ("preallocation=metadata", "1100M"),
+        ("preallocation=metadata,extended_l2=on", "3M"),
+        ("preallocation=metadata,compat=0.10", "3M"),
+    ] {
+        for f in ["o.qcow2", "q.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        sh(dir, Command::new(tool("basalt-img")).args(["create", "-q", "-f", "qcow2", "-o", opts, "o.qcow2", size]));
+        sh(dir, peer("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", opts, "q.qcow2", size]));
+        sh(dir, peer("qemu-img").args(["compare", "o.qcow2", "q.qcow2"]));
+        let c = sh(dir, peer("qemu-img").args(["check", "o.qcow2"]));
+        assert!(stdout(&c).contains("No errors were found"), "{opts}: {}", stdout(&c));
+        let (mo, mq) = (
+            sh(dir, peer("qemu-img").args(["map", "--output=json", "o.qcow2"])),
+            sh(dir, peer("qemu-img").args(["map", "--output=json", "q.qcow2"])),
+        );
+        assert_eq!(stdout(&mo), stdout(&mq), "{opts}");
+        let (lo, lq) = (std::fs::metadata(dir.join("o.qcow2")).unwrap(), std::fs::metadata(dir.join("q.qcow2")).unwrap());
+        assert_eq!(lo.len(), lq.len(), "{opts}: file lengths");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(lo.blocks() > lo.len() / 512 / 2, lq.blocks() > lq.len() / 512 / 2, "{opts}: allocation on disk");
+    }
+}

@@ -100,12 +100,10 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
             "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
         ));
     }
-    if let Some(p) = opts.take_str("preallocation") {
-        if p != "off" {
-            basalt_engine::Prealloc::parse(&p)?;
-            return Err(BlockError::new(ErrorKind::Unsupported, format!("preallocation={p} is not supported for qcow2 yet")));
-        }
-    }
+    let prealloc = match opts.take_str("preallocation") {
+        None => basalt_engine::Prealloc::Off,
+        Some(p) => basalt_engine::Prealloc::parse(&p)?,
+    };
     if opts.take_str("encryption").is_some_and(|v| parse_bool(&v) == Some(true)) || opts.has_sub("encrypt") {
         return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 encryption is not supported yet"));
     }
@@ -219,5 +217,19 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     write(l1_off, vec![0u8; (l1_size * 8).max(8) as usize]).await.map_err(ctx)?;
     q.flush().await.res.map_err(ctx)?;
     graph.remove(file.node_name());
+    drop(q);
+    drop(file);
+    if prealloc != basalt_engine::Prealloc::Off {
+        let mut o = Opts::new();
+        o.set("driver", "qcow2");
+        o.set("file.filename", filename);
+        let node = graph.open(o, OpenFlags::read_write()).await?;
+        let qn = node
+            .as_any()
+            .downcast_ref::<crate::qcow2::Qcow2Node>()
+            .ok_or_else(|| BlockError::new(ErrorKind::Io, "not a qcow2 node"))?;
+        qn.preallocate(prealloc).await?;
+        graph.remove(node.node_name());
+    }
     Ok(())
 }

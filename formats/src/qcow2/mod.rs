@@ -360,6 +360,37 @@ impl Qcow2Node {
         check::check(&self.s, &file, repair).await.map_err(|e| BlockError::from(e).context("Check failed"))
     }
 
+    /// Allocate every cluster of the image (`preallocation=metadata|falloc|full`): for each L2
+    /// table's range, the table and then its data clusters, as QEMU lays them out; then the file
+    /// is extended to the end of the data, with fallocate (`falloc`) or zeroes (`full`).
+    pub async fn preallocate(&self, mode: Prealloc) -> BlockResult<()> {
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = meta::MetaIo { s: &self.s, file: &file };
+        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not preallocate the image");
+        let _g = self.s.alloc.lock().await;
+        let cs = self.s.cs;
+        let total = self.size().div_ceil(cs);
+        let mut gc = 0;
+        let mut end = self.s.file.size();
+        while gc < total {
+            let n = (self.s.l2_entries - gc % self.s.l2_entries).min(total - gc);
+            meta.ensure_l2(gc).await.map_err(fail)?;
+            let host = meta.alloc_clusters(n).await.map_err(fail)?;
+            for k in 0..n {
+                meta.set_entry(gc + k, (host + k * cs) | entry::COPIED, 0, false).await.map_err(fail)?;
+            }
+            end = end.max(host + n * cs);
+            gc += n;
+        }
+        meta.writeback().await.map_err(fail)?;
+        self.s.zero_from.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
+        let data_mode = if mode == Prealloc::Metadata { Prealloc::Off } else { mode };
+        if end > self.s.file.size() {
+            self.s.file.truncate(end, data_mode).await?;
+        }
+        file.flush().await.res.map(|_| ()).map_err(BlockError::from)
+    }
+
     /// Make every cluster unallocated (reads come from the backing file again), freeing what
     /// they held, as `commit` leaves the top image. Entries are written before refcounts drop.
     pub async fn make_empty(&self) -> BlockResult<()> {
