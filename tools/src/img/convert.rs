@@ -111,6 +111,9 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         return Err("Compression not supported for this file format".into());
     }
     if a.value("B").is_some() {
+        if drv.create_opts().iter().any(|o| o.name == "backing_file") {
+            return Err("-B (a backing file for the target) is not supported by this build of basalt-img convert".into());
+        }
         return Err(format!("Backing file not supported for file format '{out_fmt}'"));
     }
     let (srcs, out) = a.operands.split_at(a.operands.len() - 1);
