@@ -381,6 +381,19 @@ pub async fn read_head(node: &Arc<dyn Node>) -> BlockResult<Vec<u8>> {
     Ok(head)
 }
 
+/// A file name given relative to the image that names it (a backing file), as QEMU resolves
+/// it: absolute names, URLs and `json:` names stay as they are; others are taken from the
+/// image's directory.
+pub fn resolve_relative(image: &str, name: &str) -> String {
+    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+        return name.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}/{}", &image[..i], name),
+        None => name.to_string(),
+    }
+}
+
 /// Parse a `preallocation` create option (with QEMU's create-time wording for a bad value).
 pub fn take_prealloc(opts: &mut Opts) -> BlockResult<Prealloc> {
     match opts.take_str("preallocation") {

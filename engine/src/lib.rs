@@ -19,7 +19,9 @@ mod zero;
 
 pub use backend::Backend;
 pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
-pub use graph::{read_head, take_prealloc, AioMode, BlockDriver, CreateOptDesc, DriverKind, Graph, OpenFlags, Registry};
+pub use graph::{
+    read_head, resolve_relative, take_prealloc, AioMode, BlockDriver, CreateOptDesc, DriverKind, Graph, OpenFlags, Registry,
+};
 pub use io::{InFlight, InFlightGuard, IoDone, IoFuture, SlotKind};
 pub use node::{BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, WriteFlags, ZeroFlags};
 pub use options::{json_filename, parse_bool, parse_number, parse_size, OptValue, Opts};

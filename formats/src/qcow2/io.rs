@@ -254,7 +254,7 @@ impl Qcow2Queue {
         };
         let _g = self.s.alloc.lock().await;
         let r = match d.res {
-            Ok(_) => self.commit_alloc(gc, e, host, reuse.is_some(), old_host, compressed).await,
+            Ok(_) => self.commit_alloc(gc, e, host, reuse.is_some()).await,
             Err(err) => {
                 if reuse.is_none() {
                     let _ = meta.free_cluster(host).await;
@@ -271,17 +271,14 @@ impl Qcow2Queue {
     }
 
     /// Point guest cluster `gc` at its new `host` cluster and drop what it replaced.
-    async fn commit_alloc(&self, gc: u64, e: u64, host: u64, reused: bool, old_host: u64, compressed: bool) -> MResult<()> {
+    async fn commit_alloc(&self, gc: u64, e: u64, host: u64, reused: bool) -> MResult<()> {
         let meta = self.meta();
         let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
         // Replacing a cluster: the entry must be on disk before the old cluster's refcount drops.
-        meta.set_entry(gc, host | COPIED, bitmap, !reused && (old_host != 0 || compressed)).await?;
+        let replaces = e & (crate::qcow2::entry::COMPRESSED | crate::qcow2::entry::OFFSET_MASK) != 0;
+        meta.set_entry(gc, host | COPIED, bitmap, !reused && replaces).await?;
         if !reused {
-            if old_host != 0 {
-                meta.free_cluster(old_host).await?;
-            } else if let Ok(Mapping::Compressed { host: h, len }) = self.s.layout.decode(e, 0, 0) {
-                self.free_compressed(h, len).await?;
-            }
+            meta.free_target(e).await?;
         }
         Ok(())
     }
@@ -298,16 +295,6 @@ impl Qcow2Queue {
             }
         })
         .await
-    }
-
-    async fn free_compressed(&self, host: u64, len: u64) -> MResult<()> {
-        let cs = self.s.cs;
-        let first = host / cs;
-        let last = (host + len - 1) / cs;
-        for c in first..=last {
-            self.meta().free_cluster(c * cs).await?;
-        }
-        Ok(())
     }
 
     async fn write_slow(self: Rc<Self>, off: u64, mut buf: IoBuf, flags: WriteFlags) -> IoDone {
@@ -383,7 +370,6 @@ impl Qcow2Queue {
             self.wait_allocation(gc0 + k).await;
         }
         let g = self.s.alloc.lock().await;
-        let mut olds = Vec::with_capacity(n as usize);
         let mut ok = true;
         for k in 0..n {
             let busy = self.allocating.borrow().contains_key(&(gc0 + k));
@@ -396,7 +382,6 @@ impl Qcow2Queue {
                 ok = false;
                 break;
             }
-            olds.push(e);
         }
         if !ok {
             drop(g);
@@ -544,11 +529,7 @@ impl Qcow2Queue {
             while self.writes.count() > 0 {
                 basalt_reactor::yield_now().await;
             }
-            if old_host != 0 {
-                meta.free_cluster(old_host).await?;
-            } else if let Ok(Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
-                self.free_compressed(host, len).await?;
-            }
+            meta.free_target(e).await?;
         }
         Ok(())
     }
@@ -618,14 +599,8 @@ impl Qcow2Queue {
         self.s.zero_from.fetch_max((host + len).next_multiple_of(cs), Ordering::Relaxed);
         self.s.compress_cursor.store(host + len, Ordering::Relaxed);
         let entry = self.s.layout.compressed_entry(host, len);
-        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
-        let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
-        meta.set_entry(gc, entry, 0, old_host != 0 || compressed).await?;
-        if old_host != 0 {
-            meta.free_cluster(old_host).await?;
-        } else if let Ok(Mapping::Compressed { host: h, len }) = self.s.layout.decode(e, 0, 0) {
-            self.free_compressed(h, len).await?;
-        }
+        // The entry had no host cluster (checked above): nothing is replaced or freed.
+        meta.set_entry(gc, entry, 0, false).await?;
         Ok(())
     }
 

@@ -632,6 +632,35 @@ impl MetaIo<'_> {
         Ok(c * self.s.cs)
     }
 
+    /// Drop the references an L2 entry held: its host cluster, or every host cluster its
+    /// compressed data touches. Call after the entry that replaced it is on disk.
+    pub(crate) async fn free_target(&self, e: u64) -> MResult<()> {
+        let cs = self.s.cs;
+        if e & entry::COMPRESSED != 0 {
+            if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
+                for c in host / cs..=(host + len - 1) / cs {
+                    self.free_cluster(c * cs).await?;
+                }
+            }
+        } else if e & entry::OFFSET_MASK != 0 {
+            self.free_cluster(e & entry::OFFSET_MASK).await?;
+        }
+        Ok(())
+    }
+
+    /// Make guest clusters `range` unallocated, freeing what they held (entries written first).
+    pub(crate) async fn unmap(&self, range: std::ops::Range<u64>) -> MResult<()> {
+        for gc in range {
+            let (e, b) = self.entry(gc).await?;
+            if e == 0 && b == 0 {
+                continue;
+            }
+            self.set_entry(gc, 0, 0, true).await?;
+            self.free_target(e).await?;
+        }
+        self.writeback().await
+    }
+
     /// Drop one reference to the cluster at host offset `host`; when it becomes free, tell the
     /// file (discard) so the space is returned.
     pub(crate) async fn free_cluster(&self, host: u64) -> MResult<()> {

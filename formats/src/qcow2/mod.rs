@@ -240,7 +240,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
                     bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
                     if !backing_opts.contains("driver") && !backing_opts.contains("filename") && !backing_opts.has_sub("file") {
                         if let Some(b) = &hdr.backing_file {
-                            backing_opts.set("file.filename", resolve(&file.filename(), b));
+                            backing_opts.set("file.filename", basalt_engine::resolve_relative(&file.filename(), b));
                         }
                     }
                     Some(Box::pin(graph.open(backing_opts, bf)).await?)
@@ -248,7 +248,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
             }
         } else if let Some(b) = &hdr.backing_file {
             let mut bo = Opts::new();
-            let path = resolve(&file.filename(), b);
+            let path = basalt_engine::resolve_relative(&file.filename(), b);
             match &hdr.backing_format {
                 Some(f) => {
                     bo.set("driver", f.clone());
@@ -324,17 +324,6 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     Ok(Arc::new(node))
 }
 
-/// A backing file name relative to the image that names it (as QEMU resolves it).
-fn resolve(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') || backing.contains("://") || backing.starts_with("json:") {
-        return backing.to_string();
-    }
-    match image.rfind('/') {
-        Some(i) => format!("{}/{}", &image[..i], backing),
-        None => backing.to_string(),
-    }
-}
-
 fn words(b: &[u8]) -> Vec<u64> {
     b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
@@ -401,24 +390,7 @@ impl Qcow2Node {
         let meta = meta::MetaIo { s: &self.s, file: &file };
         let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not empty the image");
         let _g = self.s.alloc.lock().await;
-        let cs = self.s.cs;
-        for gc in 0..self.size().div_ceil(cs) {
-            let (e, b) = meta.entry(gc).await.map_err(fail)?;
-            if e == 0 && b == 0 {
-                continue;
-            }
-            meta.set_entry(gc, 0, 0, true).await.map_err(fail)?;
-            if e & entry::COMPRESSED != 0 {
-                if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
-                    for c in host / cs..=(host + len - 1) / cs {
-                        meta.free_cluster(c * cs).await.map_err(fail)?;
-                    }
-                }
-            } else if e & entry::OFFSET_MASK != 0 {
-                meta.free_cluster(e & entry::OFFSET_MASK).await.map_err(fail)?;
-            }
-        }
-        meta.writeback().await.map_err(fail)?;
+        meta.unmap(0..self.size().div_ceil(self.s.cs)).await.map_err(fail)?;
         file.flush().await.res.map(|_| ()).map_err(BlockError::from)
     }
 
@@ -596,23 +568,7 @@ impl Node for Qcow2Node {
             if size < cur {
                 // Drop every cluster wholly past the new end (the entry first, then the refcount).
                 let cs = self.s.cs;
-                for gc in size.div_ceil(cs)..cur.div_ceil(cs) {
-                    let (e, _) = meta.entry(gc).await.map_err(fail)?;
-                    if e == 0 {
-                        continue;
-                    }
-                    meta.set_entry(gc, 0, 0, true).await.map_err(fail)?;
-                    if e & entry::COMPRESSED != 0 {
-                        if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
-                            for c in host / cs..=(host + len - 1) / cs {
-                                meta.free_cluster(c * cs).await.map_err(fail)?;
-                            }
-                        }
-                    } else if e & entry::OFFSET_MASK != 0 {
-                        meta.free_cluster(e & entry::OFFSET_MASK).await.map_err(fail)?;
-                    }
-                }
-                meta.writeback().await.map_err(fail)?;
+                meta.unmap(size.div_ceil(cs)..cur.div_ceil(cs)).await.map_err(fail)?;
             }
             let need = size.div_ceil(self.s.cs * h.l2_entries());
             if need > u64::from(h.l1_size) {

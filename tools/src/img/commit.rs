@@ -66,7 +66,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         error("Image does not have a backing file");
         return 1;
     };
-    let bpath = resolve(filename, &bname);
+    let bpath = basalt_engine::resolve_relative(filename, &bname);
     if let Some(base) = a.value("base") {
         if base != bname && base != bpath {
             error(format!("Did not find '{base}' in the backing chain of '{filename}'"));
@@ -139,16 +139,6 @@ pub async fn main(args: Vec<String>) -> i32 {
         println!("Image committed.");
     }
     0
-}
-
-fn resolve(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') || backing.contains("://") || backing.starts_with("json:") {
-        return backing.to_string();
-    }
-    match image.rfind('/') {
-        Some(i) => format!("{}/{}", &image[..i], backing),
-        None => backing.to_string(),
-    }
 }
 
 /// Copy what the top image defines into the base: data as data, zero clusters as zeroes.

@@ -89,7 +89,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         let new_node = match &new_backing {
             None => None,
             Some(b) => {
-                let path = resolve(&node.filename(), b);
+                let path = basalt_engine::resolve_relative(&node.filename(), b);
                 let mut s = ImageSpec::new(&path);
                 s.fmt = new_fmt.clone();
                 s.read_only = true;
@@ -126,17 +126,6 @@ pub async fn main(args: Vec<String>) -> i32 {
         return 1;
     }
     0
-}
-
-/// A backing name relative to the image's directory.
-fn resolve(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') || backing.contains("://") || backing.starts_with("json:") {
-        return backing.to_string();
-    }
-    match image.rfind('/') {
-        Some(i) => format!("{}/{}", &image[..i], backing),
-        None => backing.to_string(),
-    }
 }
 
 /// Copy into the image every range it does not allocate whose content (through the old
