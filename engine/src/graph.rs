@@ -19,6 +19,7 @@ use crate::node::{ChildRole, LocalBoxFuture, Node, Perm, Prealloc};
 use crate::options::Opts;
 use crate::probe;
 use crate::queue::Queue;
+use crate::secret::Secrets;
 
 /// Whether a driver is a protocol (leaf) or a format/filter (has a `file` child).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,17 +185,35 @@ impl Registry {
     }
 }
 
-/// A block graph being built or used on one reactor: the registry and the node-names in use.
+/// A block graph being built or used on one reactor: the registry, the node-names in use and
+/// the secrets its drivers may look up (`key-secret`).
 pub struct Graph {
     registry: Registry,
     names: RefCell<HashMap<String, Arc<dyn Node>>>,
     auto: Cell<u64>,
+    secrets: Secrets,
 }
 
 impl Graph {
-    /// An empty graph over `registry`.
+    /// An empty graph over `registry`, with no secrets.
     pub fn new(registry: Registry) -> Graph {
-        Graph { registry, names: RefCell::new(HashMap::new()), auto: Cell::new(0) }
+        Graph::with_secrets(registry, Secrets::new())
+    }
+
+    /// An empty graph over `registry` that shares `secrets` (a handle: secrets added to it
+    /// later are seen too).
+    pub fn with_secrets(registry: Registry, secrets: Secrets) -> Graph {
+        Graph { registry, names: RefCell::new(HashMap::new()), auto: Cell::new(0), secrets }
+    }
+
+    /// The secrets drivers look up by id.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// Add a user-creatable object from its `--object` definition (only `secret` exists).
+    pub fn add_object(&self, def: &str) -> BlockResult<()> {
+        self.secrets.add_object(def)
     }
 
     /// The registry.

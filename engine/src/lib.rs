@@ -4,7 +4,8 @@
 //! roles, permissions and image locking, the typed option tree ([`Opts`]) behind every way a
 //! user names an image, format probing, and [`Queue`], which pads and splits requests so that
 //! each node only sees the alignment and transfer sizes it declared. [`Backend`] is the
-//! user-facing handle with bounds and permission checks.
+//! user-facing handle with bounds and permission checks. [`Secrets`] holds QEMU `secret`
+//! objects that drivers look up by id.
 
 mod backend;
 mod error;
@@ -15,6 +16,7 @@ mod node;
 mod options;
 pub mod probe;
 mod queue;
+pub mod secret;
 mod zero;
 
 pub use backend::Backend;
@@ -26,4 +28,5 @@ pub use io::{InFlight, InFlightGuard, IoDone, IoFuture, SlotKind};
 pub use node::{BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, WriteFlags, ZeroFlags};
 pub use options::{json_filename, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
+pub use secret::Secrets;
 pub use zero::buffer_is_zero;

@@ -1,0 +1,241 @@
+//! QEMU `secret` objects: passwords and keys given on a command line as
+//! `--object secret,id=ID,data=STRING[,format=raw|base64]` or `file=PATH`, looked up by id by the
+//! drivers that need one (LUKS's `key-secret`, qcow2's `encrypt.key-secret`).
+//!
+//! [`Secrets`] is a cheap handle (`Clone` shares it) that is `Send + Sync`; a [`crate::Graph`]
+//! carries one, so a driver finds a secret at open or create time through
+//! [`crate::Graph::secrets`]. Guarantees: definitions are checked as QEMU checks them, with
+//! QEMU's messages (unknown or missing parameters, `data` and `file` both or neither given,
+//! invalid base64, an id that is not an identifier, a duplicate id); secret bytes are wiped from
+//! memory when the last handle drops. AES-encrypted secrets (`keyid`, `iv`) are refused with a
+//! clear error rather than half supported.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroizing;
+
+use crate::error::{BlockError, BlockResult, ErrorKind};
+use crate::options::Opts;
+
+/// Largest secret file read (QEMU reads whole files; a passphrase or key is tiny).
+const MAX_SECRET_FILE: u64 = 1 << 20;
+
+/// Secret bytes, wiped when dropped.
+type SecretBytes = Arc<Zeroizing<Vec<u8>>>;
+
+/// A registry of secrets by id, shared by every clone of the handle.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    map: Arc<Mutex<HashMap<String, SecretBytes>>>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret bytes: only which ids exist.
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.sort();
+        f.debug_struct("Secrets").field("ids", &ids).finish()
+    }
+}
+
+impl Secrets {
+    /// An empty registry.
+    pub fn new() -> Secrets {
+        Secrets::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SecretBytes>> {
+        // A panic while holding the lock cannot leave the map half-updated (every update is one
+        // insert), so a poisoned lock is still usable.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add an object from its command-line definition (`secret,id=ID,data=...`, the first key
+    /// may also be written `qom-type=secret`). Objects of other types are refused.
+    pub fn add_object(&self, def: &str) -> BlockResult<()> {
+        let (id, data) = parse_object(def)?;
+        self.add(&id, data)
+    }
+
+    /// Add the secret `id` holding `data`.
+    pub fn add(&self, id: &str, data: Vec<u8>) -> BlockResult<()> {
+        let mut map = self.lock();
+        if map.contains_key(id) {
+            return Err(BlockError::option(format!("attempt to add duplicate property '{id}' to object (type 'container')")));
+        }
+        map.insert(id.to_string(), Arc::new(Zeroizing::new(data)));
+        Ok(())
+    }
+
+    /// The bytes of the secret `id`.
+    pub fn get(&self, id: &str) -> BlockResult<Vec<u8>> {
+        let s = self.lock().get(id).cloned();
+        match s {
+            Some(s) => Ok(s.as_slice().to_vec()),
+            None => Err(BlockError::new(ErrorKind::NotFound, format!("No secret with id '{id}'"))),
+        }
+    }
+
+    /// The secret `id` as UTF-8 text (passphrases), with QEMU's error when it is not.
+    pub fn get_utf8(&self, id: &str) -> BlockResult<Zeroizing<String>> {
+        let bytes = Zeroizing::new(self.get(id)?);
+        match std::str::from_utf8(&bytes) {
+            Ok(s) => Ok(Zeroizing::new(s.to_string())),
+            Err(_) => Err(BlockError::option(format!("Data from secret {id} is not valid UTF-8"))),
+        }
+    }
+
+    /// Whether `id` is defined.
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+}
+
+/// Parse a `secret` object definition into its id and bytes.
+fn parse_object(def: &str) -> BlockResult<(String, Vec<u8>)> {
+    let mut o = Opts::parse_keyval(def, Some("qom-type"))?;
+    let ty = o.take_str("qom-type").ok_or_else(|| BlockError::option("Parameter 'qom-type' is missing"))?;
+    if ty != "secret" {
+        return Err(BlockError::option(format!("Parameter 'qom-type' does not accept value '{ty}'")));
+    }
+    let id = o.take_str("id").ok_or_else(|| BlockError::option("Parameter 'id' is missing"))?;
+    if !is_identifier(&id) {
+        return Err(BlockError::option(
+            "Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+        ));
+    }
+    let data = o.take_str("data");
+    let file = o.take_str("file");
+    let base64 = match o.take_str("format").as_deref() {
+        None | Some("raw") => false,
+        Some("base64") => true,
+        Some(f) => return Err(BlockError::option(format!("Parameter 'format' does not accept value '{f}'"))),
+    };
+    let keyid = o.take_str("keyid");
+    let iv = o.take_str("iv");
+    if let Some(k) = o.keys().next() {
+        return Err(BlockError::option(format!("Parameter '{k}' is unexpected")));
+    }
+    if keyid.is_some() || iv.is_some() {
+        return Err(BlockError::new(
+            ErrorKind::Unsupported,
+            format!("Secret '{id}': AES-encrypted secrets (keyid, iv) are not supported"),
+        ));
+    }
+    let raw = Zeroizing::new(match (data, file) {
+        (Some(_), Some(_)) => return Err(BlockError::option("'file' and 'data' are mutually exclusive")),
+        (None, None) => return Err(BlockError::option("Either 'file' or 'data' must be provided")),
+        (Some(d), None) => d.into_bytes(),
+        (None, Some(path)) => read_secret_file(&path)?,
+    });
+    let bytes = if base64 { base64_decode(&raw)? } else { raw.to_vec() };
+    Ok((id, bytes))
+}
+
+fn read_secret_file(path: &str) -> BlockResult<Vec<u8>> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| {
+        let msg = crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+        BlockError::new(ErrorKind::NotFound, format!("Unable to read {path}: Failed to open file “{path}”: {msg}"))
+    };
+    let f = std::fs::File::open(path).map_err(fail)?;
+    let mut out = Vec::new();
+    f.take(MAX_SECRET_FILE + 1).read_to_end(&mut out).map_err(fail)?;
+    if out.len() as u64 > MAX_SECRET_FILE {
+        return Err(BlockError::option(format!("Unable to read {path}: secret files are limited to {MAX_SECRET_FILE} bytes")));
+    }
+    Ok(out)
+}
+
+/// QOM's identifier rule: a letter, then letters, digits, `-`, `.`, `_`.
+fn is_identifier(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic()) && c.all(|ch| ch.is_ascii_alphanumeric() || "-._".contains(ch))
+}
+
+/// Base64 as QEMU accepts it: any character outside the alphabet (and `=`) is an error; `=`
+/// is skipped wherever it stands and a trailing partial group yields the bytes it completes
+/// (QEMU's decoder is as lenient).
+fn base64_decode(s: &[u8]) -> BlockResult<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3 + 3);
+    let (mut acc, mut n) = (0u32, 0u32);
+    for &c in s {
+        if c == b'=' {
+            continue;
+        }
+        let v = val(c).ok_or_else(|| BlockError::option("Base64 data contains invalid characters"))?;
+        acc = (acc << 6) | v;
+        n += 1;
+        if n == 4 {
+            out.extend_from_slice(&acc.to_be_bytes()[1..]);
+            acc = 0;
+            n = 0;
+        }
+    }
+    match n {
+        2 => out.push((acc >> 4) as u8),
+        3 => out.extend_from_slice(&((acc >> 2) as u16).to_be_bytes()),
+        _ => {}
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_base64_and_file() {
+        let s = Secrets::new();
+        s.add_object("secret,id=a,data=abc").unwrap();
+        s.add_object("qom-type=secret,id=b,data=YWJjZA==,format=base64").unwrap();
+        s.add_object("secret,id=c,data=YWJ,format=base64").unwrap();
+        let dir = std::env::temp_dir().join(format!("basalt-secret-{}", std::process::id()));
+        std::fs::write(&dir, b"pw\n").unwrap();
+        s.add_object(&format!("secret,id=d,file={}", dir.display())).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(s.get("a").unwrap(), b"abc");
+        assert_eq!(s.get("b").unwrap(), b"abcd");
+        assert_eq!(s.get("c").unwrap(), b"ab");
+        assert_eq!(s.get("d").unwrap(), b"pw\n");
+        let clone = s.clone();
+        clone.add("e", vec![1]).unwrap();
+        assert!(s.contains("e"));
+        assert!(!format!("{s:?}").contains("abc"));
+    }
+
+    #[test]
+    fn errors_read_as_qemu() {
+        let s = Secrets::new();
+        let e = |def: &str| s.add_object(def).unwrap_err().msg;
+        assert_eq!(e("secret,id=s"), "Either 'file' or 'data' must be provided");
+        assert_eq!(e("secret,id=s,data=a,file=/x"), "'file' and 'data' are mutually exclusive");
+        assert_eq!(e("secret,id=s,data=@@,format=base64"), "Base64 data contains invalid characters");
+        assert_eq!(e("secret,id=s,data=a,format=hex"), "Parameter 'format' does not accept value 'hex'");
+        assert_eq!(e("secret,data=a"), "Parameter 'id' is missing");
+        assert_eq!(e("secret,id=s,data=a,foo=1"), "Parameter 'foo' is unexpected");
+        assert_eq!(e("id=s,data=a"), "Parameter 'qom-type' is missing");
+        assert_eq!(e("iothread,id=s"), "Parameter 'qom-type' does not accept value 'iothread'");
+        assert!(e("secret,id=1s,data=a").starts_with("Parameter 'id' expects an identifier"));
+        assert!(e("secret,id=s,file=/nonexistent/x").starts_with("Unable to read /nonexistent/x: "));
+        assert!(e("secret,id=s,data=a,keyid=k").contains("not supported"));
+        s.add_object("secret,id=s,data=").unwrap();
+        assert_eq!(s.get("s").unwrap(), b"");
+        assert_eq!(e("secret,id=s,data=b"), "attempt to add duplicate property 's' to object (type 'container')");
+        assert_eq!(s.get("t").unwrap_err().msg, "No secret with id 't'");
+        s.add("bad", vec![0xff, 0xfe]).unwrap();
+        assert_eq!(s.get_utf8("bad").unwrap_err().msg, "Data from secret bad is not valid UTF-8");
+    }
+}
