@@ -240,8 +240,44 @@ pub trait Node: Send + Sync + Any {
     fn probed(&self) -> bool {
         false
     }
+    /// Internal snapshots, in table order (formats without them have none).
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+    /// Take an internal snapshot of the current state named `name` (`qemu-img snapshot -c`).
+    /// The caller has quiesced I/O on the node, as QEMU drains before a snapshot.
+    fn snapshot_create(&self, _name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async { Err(BlockError::new(ErrorKind::Unsupported, "Operation not supported")) })
+    }
+    /// Revert to the snapshot with this ID, or else this name (`qemu-img snapshot -a`).
+    fn snapshot_goto(&self, _id_or_name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async { Err(BlockError::new(ErrorKind::Unsupported, "Operation not supported")) })
+    }
+    /// Delete the first snapshot with this name (`qemu-img snapshot -d`).
+    fn snapshot_delete(&self, _name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async { Err(BlockError::new(ErrorKind::Unsupported, "Operation not supported")) })
+    }
     /// Downcasting, for drivers that need to recognise their own nodes.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// An internal snapshot as `qemu-img snapshot -l` and `info` list it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique ID.
+    pub id: String,
+    /// Name (may be empty, may repeat).
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Nanoseconds part of the creation time.
+    pub date_nsec: u32,
+    /// Guest clock at creation, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    pub icount: Option<u64>,
 }
 
 /// The data-plane half of a node on one reactor. Offsets and lengths honour the node's

@@ -112,30 +112,25 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
 
     // Active L1 table and its L2 tables (and snapshots').
     let mut l1_tables = vec![(hdr.l1_table_offset, hdr.l1_size, true)];
-    if hdr.nb_snapshots > 0 {
-        let mut off = hdr.snapshots_offset;
-        let mut table_len = 0u64;
-        for _ in 0..hdr.nb_snapshots {
-            let b = read(file, off, 40).await?;
-            let l1_off = u64::from_be_bytes(b[0..8].try_into().unwrap_or_default());
-            let l1_size = u32::from_be_bytes(b[8..12].try_into().unwrap_or_default());
-            let id_len = u64::from(u16::from_be_bytes([b[12], b[13]]));
-            let name_len = u64::from(u16::from_be_bytes([b[14], b[15]]));
-            let extra = u64::from(u32::from_be_bytes(b[36..40].try_into().unwrap_or_default()));
-            let len = (40 + extra + id_len + name_len).next_multiple_of(8);
-            table_len += len;
-            off += len;
-            if u64::from(l1_size) * 8 > crate::qcow2::header::MAX_L1_BYTES {
-                c.report.messages.push(format!("ERROR snapshot L1 table size {l1_size} too large"));
-                c.report.corruptions += 1;
-                continue;
-            }
-            c.inc(l1_off, u64::from(l1_size) * 8, "snapshot L1 table");
-            l1_tables.push((l1_off, l1_size, false));
+    let snaps = s.snapshots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for sn in &snaps.list {
+        if u64::from(sn.l1_size) * 8 > crate::qcow2::header::MAX_L1_BYTES {
+            c.report.messages.push(format!("ERROR snapshot L1 table size {} too large", sn.l1_size));
+            c.report.corruptions += 1;
+            continue;
         }
-        c.inc(hdr.snapshots_offset, table_len, "snapshot table");
+        c.inc(sn.l1_table_offset, u64::from(sn.l1_size) * 8, "snapshot L1 table");
+        if sn.l1_size > 0 && sn.l1_table_offset + u64::from(sn.l1_size) * 8 <= fsize.next_multiple_of(cs) {
+            l1_tables.push((sn.l1_table_offset, sn.l1_size, false));
+        }
     }
-    let mut l2_seen = std::collections::HashSet::new();
+    if !snaps.list.is_empty() {
+        c.inc(hdr.snapshots_offset, snaps.bytes, "snapshot table");
+    }
+    // Every L2 table, with how many L1 entries reference it (snapshots share tables) and
+    // whether the active table is one of them; tables are then read once each.
+    let mut l2_refs: Vec<(u64, u32, bool)> = Vec::new();
+    let mut l2_index = std::collections::HashMap::new();
     for (l1_off, l1_size, active) in l1_tables {
         if l1_size == 0 {
             continue;
@@ -153,49 +148,61 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
                 }
             };
             c.inc(l2_off, cs, "L2 table");
-            if l2_off + cs > fsize.next_multiple_of(cs) || !l2_seen.insert(l2_off) {
+            if l2_off + cs > fsize.next_multiple_of(cs) {
                 continue;
             }
-            let l2 = read(file, l2_off, cs as usize).await?;
-            // Contiguity is judged within one L2 table, as QEMU judges it.
-            let mut last_host: Option<u64> = None;
-            for j in 0..(cs / 8 / words as u64) as usize {
-                let le = be64(&l2, j * words);
-                let bitmap = if words == 2 { be64(&l2, j * words + 1) } else { 0 };
-                if le == 0 && bitmap & 0xffff_ffff == 0 {
-                    continue;
-                }
-                if le & entry::COMPRESSED != 0 {
-                    if let Ok(Mapping::Compressed { host, len }) = layout.decode(le, 0, 0) {
+            let k = *l2_index.entry(l2_off).or_insert_with(|| {
+                l2_refs.push((l2_off, 0, false));
+                l2_refs.len() - 1
+            });
+            l2_refs[k].1 += 1;
+            l2_refs[k].2 |= active;
+        }
+    }
+    for (l2_off, refs, active) in l2_refs {
+        let l2 = read(file, l2_off, cs as usize).await?;
+        // Contiguity is judged within one L2 table, as QEMU judges it.
+        let mut last_host: Option<u64> = None;
+        for j in 0..(cs / 8 / words as u64) as usize {
+            let le = be64(&l2, j * words);
+            let bitmap = if words == 2 { be64(&l2, j * words + 1) } else { 0 };
+            if le == 0 && bitmap & 0xffff_ffff == 0 {
+                continue;
+            }
+            if le & entry::COMPRESSED != 0 {
+                if let Ok(Mapping::Compressed { host, len }) = layout.decode(le, 0, 0) {
+                    for _ in 0..refs {
                         c.inc(host, len.min(2 * cs), "compressed cluster");
-                        if active {
-                            c.report.allocated_clusters += 1;
-                            c.report.compressed_clusters += 1;
-                            // Fragmented by nature (QEMU counts them so); the contiguity
-                            // chain of standard clusters goes on past them.
-                            c.report.fragmented_clusters += 1;
-                        }
                     }
-                    continue;
-                }
-                let host = le & OFFSET_MASK;
-                if le & crate::qcow2::entry::L2_RESERVED != 0 || !host.is_multiple_of(cs) {
-                    c.report.messages.push(format!("ERROR: invalid L2 entry {le:#x} in L2 table at {l2_off:#x}"));
-                    c.report.corruptions += 1;
-                    continue;
-                }
-                if host == 0 {
-                    continue;
-                }
-                c.inc(host, cs, "data cluster");
-                // Standard and preallocated zero clusters count as allocated, as QEMU counts them.
-                if active {
-                    c.report.allocated_clusters += 1;
-                    if last_host.is_some_and(|p| p + cs != host) {
+                    if active {
+                        c.report.allocated_clusters += 1;
+                        c.report.compressed_clusters += 1;
+                        // Fragmented by nature (QEMU counts them so); the contiguity
+                        // chain of standard clusters goes on past them.
                         c.report.fragmented_clusters += 1;
                     }
-                    last_host = Some(host);
                 }
+                continue;
+            }
+            let host = le & OFFSET_MASK;
+            if le & crate::qcow2::entry::L2_RESERVED != 0 || !host.is_multiple_of(cs) {
+                c.report.messages.push(format!("ERROR: invalid L2 entry {le:#x} in L2 table at {l2_off:#x}"));
+                c.report.corruptions += 1;
+                continue;
+            }
+            if host == 0 {
+                continue;
+            }
+            for _ in 0..refs {
+                c.inc(host, cs, "data cluster");
+            }
+            // Standard and preallocated zero clusters count as allocated, as QEMU counts them.
+            if active {
+                c.report.allocated_clusters += 1;
+                if last_host.is_some_and(|p| p + cs != host) {
+                    c.report.fragmented_clusters += 1;
+                }
+                last_host = Some(host);
             }
         }
     }
@@ -257,13 +264,62 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             c.report.corruptions += 1;
         }
     }
-    // COPIED flags must match refcount 1 in the active tables (only counted; repaired on -r all
-    // by rewriting the flag is not done yet).
-    let _ = COPIED;
+    // The COPIED flags of the active tables must say whether the refcount is exactly one.
+    // Any repair fixes them (as qemu-img does, even with `-r leaks`).
+    check_copied(s, &meta, &mut c.report, repair != Repair::None).await?;
     if repair != Repair::None {
         meta.writeback().await?;
         file.flush().await.res?;
     }
     c.report.image_end_offset = end * cs;
     Ok(c.report)
+}
+
+async fn check_copied(s: &Shared, meta: &MetaIo<'_>, report: &mut CheckReport, fix: bool) -> Result<(), IoStatus> {
+    let cs = s.cs;
+    let end = s.file.size().next_multiple_of(cs);
+    let l1 = s.lock_meta().l1.clone();
+    for (i, &l1e) in l1.iter().enumerate() {
+        let Ok(Some(l2_off)) = entry::l1_l2_offset(l1e, s.cluster_bits) else { continue };
+        if l2_off + cs > end {
+            continue;
+        }
+        let rc = meta.refcount(l2_off / cs).await?;
+        if (rc == 1) != (l1e & COPIED != 0) {
+            if fix {
+                report.messages.push(format!("Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
+                meta.set_l1_entry(i, l1e ^ COPIED).await?;
+                report.corruptions_fixed += 1;
+            } else {
+                report.messages.push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
+                report.corruptions += 1;
+            }
+        }
+        let mut t = meta.l2_table(l2_off).await?;
+        let mut changed = false;
+        for k in (0..t.len()).step_by(s.words) {
+            let e = t[k];
+            let host = e & OFFSET_MASK;
+            if e & entry::COMPRESSED != 0 || host == 0 || !host.is_multiple_of(cs) || e & entry::L2_RESERVED != 0 {
+                continue;
+            }
+            let rc = meta.refcount(host / cs).await?;
+            if (rc == 1) == (e & COPIED != 0) {
+                continue;
+            }
+            if fix {
+                report.messages.push(format!("Repairing OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"));
+                t[k] = e ^ COPIED;
+                changed = true;
+                report.corruptions_fixed += 1;
+            } else {
+                report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"));
+                report.corruptions += 1;
+            }
+        }
+        if changed {
+            meta.put_l2_table(l2_off, t).await?;
+        }
+    }
+    Ok(())
 }

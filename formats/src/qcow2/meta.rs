@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     /// Where the next compressed cluster's data may go (just after the previous one's, in a
     /// host cluster we still hold a reference to); 0 for none.
     pub compress_cursor: std::sync::atomic::AtomicU64,
+    /// The internal snapshot table.
+    pub snapshots: Mutex<crate::qcow2::snapshot::SnapshotTable>,
 }
 
 /// Fault injection: every metadata write and every data write of an allocation passes a named
@@ -66,7 +68,8 @@ pub(crate) struct Shared {
 /// and from then on every write of the node fails, as if the process died there. Points:
 /// `data.write`, `data.zero-ahead`, `compressed.write`, `l2.alloc`, `l2.entry`, `l1.update`,
 /// `refblock.alloc`, `reftable.update`, `refblock.writeback`, `l2.writeback`,
-/// `reftable.grow.blocks`, `reftable.grow.table`, `reftable.grow.header`.
+/// `reftable.grow.blocks`, `reftable.grow.table`, `reftable.grow.header`, `l2.cow`,
+/// `snapshot.l1`, `snapshot.table`, `snapshot.header`, `l1.write`.
 #[derive(Default)]
 pub(crate) struct Fault {
     armed: Mutex<Option<(String, u32)>>,
@@ -88,6 +91,11 @@ pub(crate) const FAULT_POINTS: &[&str] = &[
     "reftable.grow.blocks",
     "reftable.grow.table",
     "reftable.grow.header",
+    "l2.cow",
+    "snapshot.l1",
+    "snapshot.table",
+    "snapshot.header",
+    "l1.write",
 ];
 
 impl Fault {
@@ -332,7 +340,7 @@ impl MetaIo<'_> {
         let l1e = *self.s.lock_meta().l1.get(l1i).ok_or(IoStatus::EINVAL)?;
         let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
             Ok(Some(off)) if l1e & COPIED != 0 => off,
-            Ok(Some(_)) => return Err(IoStatus::ENOTSUP), // shared L2 table: internal snapshots
+            Ok(Some(shared)) => self.cow_l2(l1i, shared).await?,
             Ok(None) => self.new_l2(l1i).await?,
             Err(m) => return Err(self.corrupt(m).await),
         };
@@ -377,6 +385,60 @@ impl MetaIo<'_> {
             Ok(Some(_)) => Ok(()),
             Err(m) => Err(self.corrupt(m).await),
         }
+    }
+
+    /// A copy of the L2 table at `off`, loaded into the cache when needed.
+    pub(crate) async fn l2_table(&self, off: u64) -> MResult<Vec<u64>> {
+        loop {
+            if let Some(t) = self.s.lock_meta().l2(off) {
+                return Ok(t.clone());
+            }
+            self.load_l2(off, 0).await?;
+        }
+    }
+
+    /// Replace the L2 table at `off` in the cache (written back later, after the refcounts).
+    pub(crate) async fn put_l2_table(&self, off: u64, words: Vec<u64>) -> MResult<()> {
+        {
+            let mut m = self.s.lock_meta();
+            m.l2_seq += 1;
+            match m.l2(off) {
+                Some(t) => *t = words,
+                None => m.insert_l2(off, words),
+            }
+            m.mark_l2_dirty(off);
+        }
+        self.writeback_if_large().await
+    }
+
+    /// Write entry `l1i` of the active L1 table (through to disk) and cache it.
+    pub(crate) async fn set_l1_entry(&self, l1i: usize, e: u64) -> MResult<()> {
+        let l1_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).l1_table_offset;
+        self.write_bytes("l1.update", l1_off + l1i as u64 * 8, &e.to_be_bytes()).await?;
+        let mut m = self.s.lock_meta();
+        if let Some(x) = m.l1.get_mut(l1i) {
+            *x = e;
+        }
+        m.l2_seq += 1;
+        Ok(())
+    }
+
+    /// Give L1 index `l1i` its own copy of the L2 table at `old`, which a snapshot shares: the
+    /// copy is written and its refcount reaches the disk before the L1 entry points at it, and
+    /// the old table's refcount drops after. The data clusters keep their refcounts: each is
+    /// still referenced once through each table.
+    async fn cow_l2(&self, l1i: usize, old: u64) -> MResult<u64> {
+        let words = self.l2_table(old).await?;
+        let off = self.alloc_clusters(1).await?;
+        let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
+        self.write_bytes("l2.cow", off, &bytes).await?;
+        self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
+        self.writeback().await?;
+        self.file.flush().await.res?;
+        self.set_l1_entry(l1i, off | COPIED).await?;
+        self.s.lock_meta().insert_l2(off, words);
+        self.free_cluster(old).await?;
+        Ok(off)
     }
 
     /// Allocate a zeroed L2 table for L1 index `l1i` and point the L1 entry at it.

@@ -9,8 +9,10 @@
 //! Lazy refcounts: refcounts are always kept up to date (a valid way to implement them), and a
 //! dirty image left by another program is repaired on a read-write open, as QEMU does.
 //!
-//! Not yet: internal snapshots (images with snapshots open read-only), encryption, external
-//! data files, persistent bitmaps (their
+//! Internal snapshots (`snapshot`, `snapshot_ops`): create, revert, delete; writes copy
+//! clusters and L2 tables that a snapshot shares.
+//!
+//! Not yet: encryption, external data files, persistent bitmaps (their
 //! autoclear bit is cleared on the first write, as the spec requires of a program that does
 //! not update them), preallocation other than `off`, shrinking. Each is refused with a clear
 //! error rather than half-done.
@@ -25,6 +27,8 @@ mod io;
 mod lock;
 mod meta;
 mod refcount;
+mod snapshot;
+mod snapshot_ops;
 
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
@@ -191,11 +195,9 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         if corrupt {
             return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Image is corrupt; cannot be opened read/write"));
         }
-        if hdr.nb_snapshots > 0 {
-            return Err(unsupported("qcow2 images with internal snapshots can only be opened read-only for now"));
-        }
     }
     let cs = hdr.cluster_size();
+    let snapshots = snapshot_ops::load(&fq, &hdr, fsize).await?;
     // Tables.
     let l1_bytes = u64::from(hdr.l1_size) * 8;
     let l1 = if l1_bytes > 0 {
@@ -300,6 +302,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         open_size: fsize.next_multiple_of(cs),
         compress_cursor: 0.into(),
         fault: Default::default(),
+        snapshots: Mutex::new(snapshots),
     };
     if let Some(f) = fault {
         shared.fault.arm(f, fault_after.min(u64::from(u32::MAX)) as u32);
@@ -580,6 +583,21 @@ impl Node for Qcow2Node {
             self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size = size;
             Ok(())
         })
+    }
+    fn snapshots(&self) -> Vec<basalt_engine::SnapshotInfo> {
+        self.snapshot_infos()
+    }
+    fn snapshot_create(&self, name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        let name = name.to_string();
+        Box::pin(async move { self.snapshot_create_named(&name).await })
+    }
+    fn snapshot_goto(&self, id_or_name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        let name = id_or_name.to_string();
+        Box::pin(async move { self.snapshot_goto_named(&name).await })
+    }
+    fn snapshot_delete(&self, name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
+        let name = name.to_string();
+        Box::pin(async move { self.snapshot_delete_named(&name).await })
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

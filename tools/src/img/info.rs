@@ -166,6 +166,10 @@ pub fn node_info(node: &Arc<dyn Node>) -> Value {
             f.push(("backing-filename-format", json!(fmt)));
         }
     }
+    let snaps = node.snapshots();
+    if !snaps.is_empty() {
+        f.push(("snapshots", Value::Array(snaps.iter().map(super::snapshot::json).collect())));
+    }
     if let Some(fs) = format_specific(node) {
         f.push(("format-specific", fs));
     }
@@ -237,6 +241,13 @@ fn human_node(out: &mut String, node: &Arc<dyn Node>, level: usize, protocol: bo
         out.push('\n');
         if let Some(fmt) = fmt {
             out.push_str(&format!("{ind}backing file format: {fmt}\n"));
+        }
+    }
+    let snaps = node.snapshots();
+    if !snaps.is_empty() {
+        out.push_str(&format!("{ind}Snapshot list:\n{ind}{}\n", super::snapshot::header_line()));
+        for sn in &snaps {
+            out.push_str(&format!("{ind}{}\n", super::snapshot::line(sn)));
         }
     }
     if let Some(data) = format_specific(node).as_ref().and_then(|v| v.get("data")) {

@@ -18,6 +18,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;
 
 /// Print an error as qemu-img does (`basalt-img: MESSAGE`).
 pub fn error(msg: impl std::fmt::Display) {
@@ -37,6 +38,7 @@ Command syntax:
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+  snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 ";
 
 /// Run basalt-img with `args` (without the program name); returns the exit code.
@@ -67,6 +69,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         "measure" => measure::main(rest).await,
         "rebase" => rebase::main(rest).await,
         "resize" => resize::main(rest).await,
+        "snapshot" => snapshot::main(rest).await,
         _ => {
             error(format!("Command not found: {cmd}"));
             1
