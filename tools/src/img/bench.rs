@@ -5,7 +5,7 @@
 //! by the step, `depth` at a time; the run is timed from the first request to the last
 //! completion and reported as "Run completed in N seconds.", as qemu-img does.
 
-use basalt_engine::{parse_number, parse_size, Backend, Graph};
+use basalt_engine::{parse_number, parse_size, Backend};
 
 use crate::bench::{self, BenchJob, Pattern};
 use crate::getopt::{self, opt};
@@ -101,7 +101,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     spec.read_only = !write;
     spec.cache = Some(if a.has("nocache") { "none".into() } else { a.value("cache").unwrap_or("writeback").to_string() });
     spec.aio = a.value("aio").map(str::to_string);
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let (node, writethrough) = match image::open(&graph, &spec).await {
         Ok(n) => n,
         Err(e) => {

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use basalt_engine::{ErrorKind, Graph, Node};
+use basalt_engine::{ErrorKind, Node};
 use basalt_formats::qcow2::{CheckReport, Qcow2Node, Repair};
 use serde_json::{json, Value};
 
@@ -95,7 +95,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     let mut spec = common::spec_from_args(&a, &a.operands[0], "format");
     spec.read_only = !a.has("repair");
     spec.cache = cache;
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let Ok(node) = common::open(&graph, &spec).await else {
         return 1;
     };

@@ -5,7 +5,7 @@
 //! ranges are left alone. `-b BASE` may name the image's backing file; committing further down
 //! a chain is refused with a clear error.
 
-use basalt_engine::{Backend, Graph, Opts, WriteFlags, ZeroFlags};
+use basalt_engine::{Backend, Opts, WriteFlags, ZeroFlags};
 use basalt_formats::qcow2::Qcow2Node;
 
 use crate::getopt::opt;
@@ -47,7 +47,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         return 1;
     }
     let filename = &a.operands[0];
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     // Learn what the image is and what it is backed by.
     let mut probe = common::spec_from_args(&a, filename, "format");
     probe.read_only = true;
@@ -74,7 +74,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         }
     }
     drop(graph);
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     // The backing file read-write, and the image without it (its own clusters only).
     let mut bspec = ImageSpec::new(&bpath);
     bspec.fmt = bfmt;

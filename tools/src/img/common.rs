@@ -12,7 +12,7 @@ use std::fmt::Display;
 use std::io::Write;
 use std::sync::Arc;
 
-use basalt_engine::{Backend, ChildRole, Graph, IoStatus, Node, Opts, Perm};
+use basalt_engine::{Backend, ChildRole, Graph, IoStatus, Node, Perm};
 
 use crate::getopt::{self, Args, OptSpec};
 use crate::image::{self, ImageSpec};
@@ -66,31 +66,28 @@ pub fn output_format(cmd: &str, args: &Args) -> Result<OutputFormat, i32> {
     }
 }
 
-/// Validate `--object` definitions. Basalt has no user-creatable objects that a raw image
-/// needs; `secret` objects are accepted (and unused), as qemu-img accepts them.
+/// Validate `--object` definitions as qemu-img does at start-up: `secret` objects are parsed,
+/// read and decoded now (so a bad one fails before anything is opened); other types are refused.
 pub fn check_objects(args: &Args) -> Result<(), i32> {
+    let secrets = basalt_engine::Secrets::new();
     for def in args.values("object") {
-        let mut o = match Opts::parse_keyval(def, Some("qom-type")) {
-            Ok(o) => o,
-            Err(e) => {
-                error(e.msg);
-                return Err(1);
-            }
-        };
-        let Some(ty) = o.take_str("qom-type") else {
-            error("Parameter 'qom-type' is missing");
-            return Err(1);
-        };
-        if ty != "secret" {
-            error(format!("Parameter 'qom-type' does not accept value '{ty}'"));
-            return Err(1);
-        }
-        if !o.contains("id") {
-            error("Parameter 'id' is missing");
+        if let Err(e) = secrets.add_object(def) {
+            error(e.msg);
             return Err(1);
         }
     }
     Ok(())
+}
+
+/// A graph for a subcommand, holding the secrets of its `--object` options (checked by
+/// [`check_objects`] first; a secret file that vanished since is missed, and reported by the
+/// driver that looks it up).
+pub fn graph(args: &Args) -> Graph {
+    let graph = Graph::new(basalt_formats::registry());
+    for def in args.values("object") {
+        let _ = graph.add_object(def);
+    }
+    graph
 }
 
 /// `-T`: a source cache mode, checked as qemu-img checks it.

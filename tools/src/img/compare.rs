@@ -16,7 +16,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
-use basalt_engine::{Backend, Graph, IoStatus};
+use basalt_engine::{Backend, IoStatus};
 use basalt_reactor::{spawn_local, IoBuf, JoinHandle};
 
 use super::common::{self, Chain, Progress};
@@ -199,7 +199,7 @@ pub async fn main(args: Vec<String>) -> i32 {
 }
 
 async fn run(a: &crate::getopt::Args, cache: Option<String>, quiet: bool, progress: &mut Progress) -> i32 {
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let mut chains = Vec::new();
     for (i, key) in ["a-format", "b-format"].iter().enumerate() {
         let mut spec = common::spec_from_args(a, &a.operands[i], key);

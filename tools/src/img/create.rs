@@ -221,7 +221,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     }
     let elems = split_list(&options);
     let fmt = a.value("format").unwrap_or("raw").to_string();
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     if has_help(&elems) {
         return option_help(&graph, &fmt, a.operands.first().map(String::as_str));
     }

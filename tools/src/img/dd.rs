@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use basalt_engine::{Backend, Graph, IoStatus, Opts, WriteFlags};
+use basalt_engine::{Backend, IoStatus, Opts, WriteFlags};
 use basalt_reactor::{spawn_local, JoinHandle};
 
 use super::common;
@@ -116,7 +116,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         common::error("Must specify both input and output files");
         return 1;
     };
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let mut spec = common::spec_from_args(&a, &input, "format");
     spec.read_only = true;
     let Ok(src) = common::open(&graph, &spec).await else {

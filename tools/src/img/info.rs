@@ -375,7 +375,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         common::error("--image-opts and --format are mutually exclusive");
         return 1;
     }
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let chain = match collect_chain(&graph, spec, a.has("backing-chain")).await {
         Ok(c) => c,
         Err(e) => {

@@ -11,7 +11,6 @@
 
 use std::io::Write;
 
-use basalt_engine::Graph;
 
 use super::common::{self, Chain, ChainStatus, OutputFormat};
 use crate::getopt::opt;
@@ -176,7 +175,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     }
     let mut spec = common::spec_from_args(&a, &a.operands[0], "format");
     spec.read_only = true;
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let Ok(node) = common::open(&graph, &spec).await else {
         return 1;
     };

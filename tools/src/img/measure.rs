@@ -6,7 +6,7 @@
 //! cluster. raw needs exactly its virtual size. `--output=json` gives qemu-img's object; a
 //! qcow2 source adds "bitmaps size" (0: Basalt has no bitmaps to copy yet).
 
-use basalt_engine::{parse_bool, Graph, Opts};
+use basalt_engine::{parse_bool, Opts};
 
 use crate::getopt::opt;
 use crate::img::common::{self, error, Chain, OutputFormat};
@@ -176,7 +176,7 @@ pub async fn main(args: Vec<String>) -> i32 {
             }
         },
         None => {
-            let graph = Graph::new(basalt_formats::registry());
+            let graph = crate::img::common::graph(&a);
             let mut spec = common::spec_from_args(&a, &a.operands[0], "format");
             spec.read_only = true;
             let node = match common::open(&graph, &spec).await {

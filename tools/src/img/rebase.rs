@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use basalt_engine::{Backend, Graph, Node, WriteFlags};
+use basalt_engine::{Backend, Node, WriteFlags};
 use basalt_formats::qcow2::Qcow2Node;
 use basalt_reactor::IoBuf;
 
@@ -70,7 +70,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         return 1;
     }
 
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let mut spec = common::spec_from_args(&a, filename, "format");
     spec.cache = Some(a.value("cache").unwrap_or("writeback").to_string());
     let (node, writethrough) = match image::open(&graph, &spec).await {

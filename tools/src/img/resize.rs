@@ -6,7 +6,7 @@
 //! only for growing, and the new size must be positive. The image is opened read-write with
 //! the resize permission.
 
-use basalt_engine::{Graph, Prealloc};
+use basalt_engine::Prealloc;
 
 use super::common;
 use crate::getopt::{opt, OptSpec};
@@ -145,7 +145,7 @@ pub async fn main(args: Vec<String>) -> i32 {
         }
     };
     let spec = common::resize_spec(common::spec_from_args(&a, &operands[0], "format"));
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let Ok(node) = common::open(&graph, &spec).await else {
         return 1;
     };

@@ -3,7 +3,7 @@
 //! then by name; `-d` by name). Also the snapshot table that `info` prints, in qemu-img's
 //! columns, dates in local time.
 
-use basalt_engine::{Graph, SnapshotInfo};
+use basalt_engine::SnapshotInfo;
 
 use super::common;
 use crate::getopt::opt;
@@ -153,7 +153,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     let filename = &a.operands[0];
     let mut spec = common::spec_from_args(&a, filename, "format");
     spec.read_only = action == Action::List;
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = crate::img::common::graph(&a);
     let Ok(node) = common::open(&graph, &spec).await else {
         return 1;
     };

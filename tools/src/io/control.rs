@@ -55,7 +55,7 @@ pub(crate) fn sigraise(call: &Call<'_>) -> CmdResult {
 
 /// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
 pub(crate) async fn open(s: &mut Session, call: &Call<'_>) -> CmdResult {
-    let mut req = OpenRequest::default();
+    let mut req = OpenRequest { secrets: s.secrets.clone(), ..OpenRequest::default() };
     let mut g = call.getopt("snCro:kt:d:Ui:");
     let refuse = |msg: &str| {
         errln!("basalt-io: {msg}");

@@ -56,6 +56,7 @@ mod table;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use basalt_engine::Secrets;
 use basalt_reactor::JoinHandle;
 
 use crate::getopt::{self, opt};
@@ -77,6 +78,8 @@ pub(crate) struct Session {
     pub aio: Vec<JoinHandle<()>>,
     /// `quit` was given.
     pub quit: bool,
+    /// The `--object` secrets, for every image opened.
+    pub secrets: Secrets,
 }
 
 impl Session {
@@ -164,25 +167,16 @@ fn error(msg: impl std::fmt::Display) {
     errln!("basalt-io: {msg}");
 }
 
-/// `--object`: secrets are accepted (nothing in Basalt uses them yet); other types are refused.
-fn check_object(def: &str) -> Result<(), String> {
-    let o = basalt_engine::Opts::parse_keyval(def, Some("qom-type")).map_err(|e| e.msg)?;
-    match o.get_str("qom-type").as_deref() {
-        Some("secret") if o.contains("id") => Ok(()),
-        Some("secret") => Err("Parameter 'id' is missing".into()),
-        Some(t) => Err(format!("Parameter 'qom-type' does not accept value '{t}'")),
-        None => Err("Parameter 'qom-type' is missing".into()),
-    }
-}
-
-/// Parse the command line: the open request and the `-c` commands, or the exit code.
-fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<String>), i32> {
+/// Parse the command line: the open request, the `-c` commands and the `--object` secrets (for
+/// later `open` commands too), or the exit code.
+fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<String>, Secrets), i32> {
     let a = getopt::parse(args, &specs()).map_err(|e| {
         error(e);
         out!("{USAGE}");
         1
     })?;
     let mut req = OpenRequest::default();
+    let secrets = Secrets::new();
     let mut cmds = Vec::new();
     for o in &a.opts {
         let v = o.value.clone().unwrap_or_default();
@@ -217,7 +211,7 @@ fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<Strin
                 Some(d) => req.discard = Some(d),
                 None => return Err(refuse(format!("Invalid discard option: {v}"))),
             },
-            "object" => check_object(&v).map_err(refuse)?,
+            "object" => secrets.add_object(&v).map_err(|e| refuse(e.msg))?,
             "snapshot" => return Err(refuse("snapshot mode (-s) is not supported".into())),
             "native-aio" => return Err(refuse("aio=native (Linux AIO) is not supported; use -i io_uring or -i threads".into())),
             "trace" => return Err(refuse("tracing (-T) is not supported".into())),
@@ -243,12 +237,13 @@ fn parse_command_line(args: &[String]) -> Result<(Option<OpenRequest>, Vec<Strin
         error("--image-opts and -f are mutually exclusive");
         return Err(1);
     }
+    req.secrets = secrets.clone();
     match a.operands.first() {
         Some(f) => {
             req.filename = Some(f.clone());
-            Ok((Some(req), cmds))
+            Ok((Some(req), cmds, secrets))
         }
-        None => Ok((None, cmds)),
+        None => Ok((None, cmds, secrets)),
     }
 }
 
@@ -282,11 +277,11 @@ async fn read_line() -> Option<String> {
 
 /// Run basalt-io with `args` (without the program name); returns the exit code.
 pub async fn main(args: Vec<String>) -> i32 {
-    let (req, cmds) = match parse_command_line(&args) {
+    let (req, cmds, secrets) = match parse_command_line(&args) {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let mut s = Session { img: None, aio: Vec::new(), quit: false };
+    let mut s = Session { img: None, aio: Vec::new(), quit: false, secrets };
     if let Some(req) = req {
         match open::open(&req).await {
             Ok(img) => s.img = Some(img),

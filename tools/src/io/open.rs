@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use basalt_engine::{Backend, DriverKind, Graph, Node, Opts};
+use basalt_engine::{Backend, DriverKind, Graph, Node, Opts, Secrets};
 
 use crate::image::{parse_cache, spec_flags, spec_opts, ImageSpec};
 
@@ -34,6 +34,8 @@ pub(crate) struct OpenRequest {
     pub discard: Option<bool>,
     /// `open -o`: block driver options.
     pub options: Option<String>,
+    /// The `--object` secrets drivers may look up.
+    pub secrets: Secrets,
 }
 
 /// An open image: its graph, root node and backend.
@@ -70,7 +72,7 @@ pub(crate) async fn open(req: &OpenRequest) -> Result<Image, String> {
         (Some(f), false) => format!("can't open device {f}: {msg}"),
         _ => format!("can't open: {msg}"),
     };
-    let graph = Graph::new(basalt_formats::registry());
+    let graph = Graph::with_secrets(basalt_formats::registry(), req.secrets.clone());
     let mut extra = match &req.options {
         Some(o) => Opts::parse_keyval(o, None).map_err(|e| fail(e.msg))?,
         None => Opts::new(),
