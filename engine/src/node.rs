@@ -226,6 +226,10 @@ pub trait Node: Send + Sync + Any {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// Whether guest data is encrypted (`qemu-img info`'s `encrypted`).
+    fn encrypted(&self) -> bool {
+        false
+    }
     /// QEMU's `format-specific` info object (`{"type": ..., "data": {...}}`), when the format
     /// has one.
     fn format_specific(&self) -> Option<serde_json::Value> {

@@ -212,6 +212,9 @@ impl Node for LuksNode {
     fn allocated_size(&self) -> Option<u64> {
         self.file.allocated_size()
     }
+    fn encrypted(&self) -> bool {
+        true
+    }
     fn format_specific(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({ "type": "luks", "data": self.header.info_json() }))
     }

@@ -157,6 +157,9 @@ pub fn node_info(node: &Arc<dyn Node>) -> Value {
     if let Some(cs) = node.cluster_size() {
         f.push(("cluster-size", json!(cs)));
     }
+    if node.encrypted() {
+        f.push(("encrypted", json!(true)));
+    }
     if let Some((name, full, fmt)) = backing_fields(node) {
         f.push(("backing-filename", json!(name)));
         if let Some(full) = full {
@@ -227,6 +230,9 @@ fn human_node(out: &mut String, node: &Arc<dyn Node>, level: usize, protocol: bo
     out.push_str(&format!("{ind}disk size: {disk}\n"));
     if let Some(cs) = node.cluster_size() {
         out.push_str(&format!("{ind}cluster_size: {cs}\n"));
+    }
+    if node.encrypted() {
+        out.push_str(&format!("{ind}encrypted: yes\n"));
     }
     if has_get_info(node) && is_dirty(node) {
         out.push_str(&format!("{ind}cleanly shut down: no\n"));
