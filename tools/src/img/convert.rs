@@ -142,6 +142,9 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         create_opts.insert_sub_root(parsed);
     }
     let prealloc = create_opts.get_str("preallocation");
+    // As qemu-img: the target is opened with the key secrets it was created with.
+    let key_secrets: Vec<(&str, String)> =
+        ["key-secret", "encrypt.key-secret"].into_iter().filter_map(|k| create_opts.get_str(k).map(|v| (k, v))).collect();
     if !skip_create {
         let size = match create_opts.take_str("size") {
             Some(s) => parse_size(&s).ok_or_else(|| format!("Invalid size '{s}'"))?,
@@ -159,6 +162,16 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     spec.fmt = if target_opts { None } else { Some(out_fmt.clone()) };
     spec.image_opts = target_opts;
     spec.cache = Some(a.value("t").unwrap_or("unsafe").to_string());
+    if !target_opts && !key_secrets.is_empty() {
+        let mut o = Opts::new();
+        o.set("driver", out_fmt.clone());
+        o.set("file.filename", out.to_string());
+        for (k, v) in &key_secrets {
+            o.set(k, v.clone());
+        }
+        spec.filename = basalt_engine::json_filename(&o);
+        spec.fmt = None;
+    }
     let (tnode, writethrough) = image::open(&graph, &spec).await.map_err(|e| e.to_string())?;
     let mut target = Backend::new(tnode).map_err(|e| e.to_string())?;
     target.set_writethrough(writethrough);
