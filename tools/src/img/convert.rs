@@ -105,7 +105,7 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     if a.has("bitmaps") {
         return Err("Source lacks bitmap support".into());
     }
-    let graph = crate::img::common::graph(&a);
+    let graph = crate::img::common::graph(a);
     let drv = graph.registry().get(&out_fmt).ok_or_else(|| format!("Unknown file format '{out_fmt}'"))?;
     if a.has("c") && !drv.supports_compression() {
         return Err("Compression not supported for this file format".into());
