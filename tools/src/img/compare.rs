@@ -199,7 +199,7 @@ pub async fn main(args: Vec<String>) -> i32 {
 }
 
 async fn run(a: &crate::getopt::Args, cache: Option<String>, quiet: bool, progress: &mut Progress) -> i32 {
-    let graph = crate::img::common::graph(&a);
+    let graph = crate::img::common::graph(a);
     let mut chains = Vec::new();
     for (i, key) in ["a-format", "b-format"].iter().enumerate() {
         let mut spec = common::spec_from_args(a, &a.operands[i], key);
