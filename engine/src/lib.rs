@@ -25,7 +25,9 @@ pub use graph::{
     read_head, resolve_relative, take_prealloc, AioMode, BlockDriver, CreateOptDesc, DriverKind, Graph, OpenFlags, Registry,
 };
 pub use io::{InFlight, InFlightGuard, IoDone, IoFuture, SlotKind};
-pub use node::{BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags, ZeroFlags};
+pub use node::{
+    BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags, ZeroFlags,
+};
 pub use options::{json_filename, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
 pub use secret::Secrets;

@@ -191,10 +191,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     }
     let dirty = hdr.incompatible & header::INCOMPAT_DIRTY != 0;
     let corrupt = hdr.incompatible & header::INCOMPAT_CORRUPT != 0;
-    if !read_only {
-        if corrupt {
-            return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Image is corrupt; cannot be opened read/write"));
-        }
+    if !read_only && corrupt {
+        return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Image is corrupt; cannot be opened read/write"));
     }
     let cs = hdr.cluster_size();
     let snapshots = snapshot_ops::load(&fq, &hdr, fsize).await?;

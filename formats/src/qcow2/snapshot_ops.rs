@@ -70,6 +70,13 @@ pub(crate) fn info(sn: &Qcow2Snapshot) -> SnapshotInfo {
     }
 }
 
+fn overflow(order: u32) -> BlockError {
+    BlockError::new(
+        ErrorKind::Unsupported,
+        format!("Reference count overflow: refcount_bits={} cannot count one more reference to a cluster", 1u32 << order),
+    )
+}
+
 fn fail(what: &'static str) -> impl Fn(IoStatus) -> BlockError {
     move |e| BlockError::from(e).context(what)
 }
@@ -110,6 +117,41 @@ impl MetaIo<'_> {
         } else {
             self.add_refcount(c, addend).await.map(|_| ())
         }
+    }
+
+    /// Whether every cluster the L1 table `l1` reaches can count one more reference (narrow
+    /// refcounts cannot count many snapshots). Compressed data shared by several entries
+    /// gains one reference per entry.
+    async fn refs_fit(&self, l1: &[u64]) -> MResult<bool> {
+        let cs = self.s.cs;
+        let w = self.s.words;
+        let max = crate::qcow2::refcount::max_refcount(self.s.refcount_order);
+        let mut packed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for &l1e in l1 {
+            let Ok(Some(off)) = entry::l1_l2_offset(l1e, self.s.cluster_bits) else { continue };
+            if self.refcount(off / cs).await? >= max {
+                return Ok(false);
+            }
+            let t = self.l2_table(off).await?;
+            for k in (0..t.len()).step_by(w) {
+                let e = t[k];
+                if e & COMPRESSED != 0 {
+                    if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
+                        for c in host / cs..=(host + len - 1) / cs {
+                            *packed.entry(c).or_default() += 1;
+                        }
+                    }
+                } else if e & OFFSET_MASK != 0 && self.refcount((e & OFFSET_MASK) / cs).await? >= max {
+                    return Ok(false);
+                }
+            }
+        }
+        for (c, n) in packed {
+            if self.refcount(c).await?.saturating_add(n) > max {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Make the COPIED flags of the active tables say whether the refcount is exactly one.
@@ -222,6 +264,10 @@ impl Qcow2Node {
             return Err(BlockError::from(Qcow2Error::Unsupported("Too many snapshots".into())));
         }
         meta.writeback().await.map_err(&f)?;
+        let active = self.s.lock_meta().l1.clone();
+        if !meta.refs_fit(&active).await.map_err(&f)? {
+            return Err(overflow(self.s.refcount_order));
+        }
         let (l1_size, disk_size) = {
             let h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
             (h.l1_size, h.size)
@@ -240,6 +286,8 @@ impl Qcow2Node {
         meta.writeback().await.map_err(&f)?;
         file.flush().await.res.map_err(&f)?;
         meta.fix_copied().await.map_err(&f)?;
+        meta.writeback().await.map_err(&f)?;
+        file.flush().await.res.map_err(&f)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         list.push(Qcow2Snapshot {
             l1_table_offset: l1_off,
@@ -284,6 +332,9 @@ impl Qcow2Node {
             self.grow_l1(&meta, &file, need).await?;
         }
         let sn_l1 = meta.read_l1(&sn).await.map_err(&f)?;
+        if !meta.refs_fit(&sn_l1).await.map_err(&f)? {
+            return Err(overflow(self.s.refcount_order));
+        }
         // References for what the snapshot reaches, before the active table points at it.
         meta.update_refcounts(&sn_l1, 1).await.map_err(&f)?;
         meta.writeback().await.map_err(&f)?;

@@ -11,7 +11,6 @@
 
 use std::io::Write;
 
-
 use super::common::{self, Chain, ChainStatus, OutputFormat};
 use crate::getopt::opt;
 

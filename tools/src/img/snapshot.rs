@@ -51,15 +51,7 @@ fn local_date(secs: u32) -> String {
     if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
         return String::from("????-??-?? ??:??:??");
     }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
+    format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec)
 }
 
 /// The header line of a snapshot table.
@@ -70,13 +62,8 @@ pub fn header_line() -> String {
 /// One snapshot as a table line.
 pub fn line(sn: &SnapshotInfo) -> String {
     let secs = sn.vm_clock_nsec / 1_000_000_000;
-    let clock = format!(
-        "{:04}:{:02}:{:02}.{:03}",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60,
-        (sn.vm_clock_nsec / 1_000_000) % 1000
-    );
+    let clock =
+        format!("{:04}:{:02}:{:02}.{:03}", secs / 3600, (secs / 60) % 60, secs % 60, (sn.vm_clock_nsec / 1_000_000) % 1000);
     let icount = sn.icount.map_or_else(|| "--".to_string(), |i| i.to_string());
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
