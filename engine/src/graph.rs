@@ -250,6 +250,27 @@ impl Graph {
         self.names.borrow_mut().insert(node.node_name().to_string(), node.clone());
     }
 
+    /// Close every node of the graph (see [`Node::close`]), parents before their children, and
+    /// forget them. The first error is returned after every node was closed.
+    pub async fn close(&self) -> BlockResult<()> {
+        let mut nodes: Vec<Arc<dyn Node>> = self.names.borrow_mut().drain().map(|(_, n)| n).collect();
+        let mut first = Ok(());
+        while !nodes.is_empty() {
+            // A node no remaining node has as a child goes next.
+            let is_child = |n: &Arc<dyn Node>, all: &[Arc<dyn Node>]| {
+                all.iter().any(|p| p.children().iter().any(|c| Arc::ptr_eq(&c.node, n)))
+            };
+            let i = (0..nodes.len()).find(|&i| !is_child(&nodes[i], &nodes)).unwrap_or(0);
+            let n = nodes.remove(i);
+            if let Err(e) = n.close().await {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
     /// Forget a node-name (when its node is closed).
     pub fn remove(&self, name: &str) {
         self.names.borrow_mut().remove(name);

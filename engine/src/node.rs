@@ -244,6 +244,11 @@ pub trait Node: Send + Sync + Any {
     fn probed(&self) -> bool {
         false
     }
+    /// Persist what the driver keeps in memory while the node is open (qcow2's dirty bitmaps)
+    /// before it goes away. Called once, when its user is done with it; writes after it fail.
+    fn close(&self) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Internal snapshots, in table order (formats without them have none).
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()

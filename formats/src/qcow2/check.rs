@@ -127,6 +127,34 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
     if !snaps.list.is_empty() {
         c.inc(hdr.snapshots_offset, snaps.bytes, "snapshot table");
     }
+    // Persistent bitmaps: the directory, each table and its data clusters (as on disk now:
+    // removed bitmaps keep their clusters until the bitmaps are stored).
+    let (dir, tables): ((u64, u64), Vec<(u64, u32)>) = {
+        let bm = s.bitmaps.read().unwrap_or_else(|e| e.into_inner());
+        let t = bm.list.iter().map(|b| &b.entry).chain(bm.removed.iter()).map(|e| (e.table_offset, e.table_size)).collect();
+        (bm.directory, t)
+    };
+    c.inc(dir.0, dir.1, "bitmap directory");
+    for (off, n) in tables {
+        if n == 0 {
+            continue;
+        }
+        c.inc(off, u64::from(n) * 8, "bitmap table");
+        if off + u64::from(n) * 8 > fsize.next_multiple_of(cs) {
+            continue;
+        }
+        let t = read(file, off, n as usize * 8).await?;
+        for i in 0..n as usize {
+            match crate::qcow2::bitmap::decode_table_entry(be64(&t, i), cs) {
+                Ok(Some(Some(data))) => c.inc(data, cs, "bitmap data cluster"),
+                Ok(_) => {}
+                Err(m) => {
+                    c.report.messages.push(format!("ERROR {m}"));
+                    c.report.corruptions += 1;
+                }
+            }
+        }
+    }
     // Every L2 table, with how many L1 entries reference it (snapshots share tables) and
     // whether the active table is one of them; tables are then read once each.
     let mut l2_refs: Vec<(u64, u32, bool)> = Vec::new();

@@ -727,6 +727,7 @@ impl NodeQueue for Qcow2NodeQueue {
         }
         let cs = q.s.cs;
         let len = buf.len() as u64;
+        q.s.mark_dirty(off, len);
         if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 {
             if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
                 return q.file.write(host + off % cs, buf, flags).counted(&q.writes);
@@ -740,6 +741,7 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.read_only {
             return IoFuture::err(IoStatus::EPERM);
         }
+        q.s.mark_dirty(off, len);
         IoFuture::boxed(q.clone().zero_or_discard(off, len, false, flags.may_unmap))
     }
 
@@ -748,6 +750,7 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.read_only {
             return IoFuture::err(IoStatus::EPERM);
         }
+        q.s.mark_dirty(off, len);
         IoFuture::boxed(q.clone().zero_or_discard(off, len, true, true))
     }
 
@@ -756,6 +759,7 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.read_only || q.s.corrupt.load(Ordering::Relaxed) {
             return IoFuture::done(buf, Err(IoStatus::EPERM));
         }
+        q.s.mark_dirty(off, buf.len() as u64);
         IoFuture::boxed(q.clone().write_compressed(off, buf))
     }
 

@@ -61,6 +61,10 @@ pub(crate) struct Shared {
     pub compress_cursor: std::sync::atomic::AtomicU64,
     /// The internal snapshot table.
     pub snapshots: Mutex<crate::qcow2::snapshot::SnapshotTable>,
+    /// Persistent dirty bitmaps.
+    pub bitmaps: std::sync::RwLock<crate::qcow2::bitmap_ops::Bitmaps>,
+    /// Whether any loaded bitmap records writes (checked before taking the bitmaps' lock).
+    pub tracking: AtomicBool,
 }
 
 /// Fault injection: every metadata write and every data write of an allocation passes a named

@@ -12,11 +12,16 @@
 //! Internal snapshots (`snapshot`, `snapshot_ops`): create, revert, delete; writes copy
 //! clusters and L2 tables that a snapshot shares.
 //!
-//! Not yet: encryption, external data files, persistent bitmaps (their
-//! autoclear bit is cleared on the first write, as the spec requires of a program that does
-//! not update them), preallocation other than `off`, shrinking. Each is refused with a clear
-//! error rather than half-done.
+//! Persistent dirty bitmaps (`bitmap`, `bitmap_ops`): loaded and marked in use on a
+//! read-write open, recording writes, stored on [`Node::close`]; other autoclear bits are
+//! cleared on a read-write open, as the spec requires of a program that does not keep what
+//! they protect.
+//!
+//! Not yet: encryption, external data files. Each is refused with a clear error rather than
+//! half-done.
 
+mod bitmap;
+mod bitmap_ops;
 mod check;
 mod compress;
 mod create;
@@ -267,14 +272,18 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         };
 
     let mut hdr = hdr;
-    if !read_only && hdr.autoclear != 0 {
-        // We do not maintain what the autoclear bits protect (bitmaps, raw data file): clear them.
-        hdr.autoclear = 0;
+    let bitmaps = bitmap_ops::load(&fq, &hdr, fsize, !read_only).await?;
+    // Autoclear bits protect what a program that does not maintain it must drop: we keep the
+    // bitmaps (when we loaded them), nothing else.
+    let keep = if bitmaps.list.is_empty() { 0 } else { bitmap::AUTOCLEAR_BITMAPS };
+    if !read_only && hdr.autoclear & !keep != 0 {
+        hdr.autoclear &= keep;
         if hdr.version >= 3 {
-            let d = fq.write(88, IoBuf::from_slice(&0u64.to_be_bytes()), Default::default()).await;
+            let d = fq.write(88, IoBuf::from_slice(&hdr.autoclear.to_be_bytes()), Default::default()).await;
             d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
         }
     }
+    let tracking = bitmaps.list.iter().any(|b| b.bits.is_some() && b.entry.enabled());
     let filename = file.filename();
     let shared = Shared {
         name,
@@ -301,6 +310,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         compress_cursor: 0.into(),
         fault: Default::default(),
         snapshots: Mutex::new(snapshots),
+        bitmaps: std::sync::RwLock::new(bitmaps),
+        tracking: AtomicBool::new(tracking),
     };
     if let Some(f) = fault {
         shared.fault.arm(f, fault_after.min(u64::from(u32::MAX)) as u32);
@@ -340,10 +351,6 @@ impl Qcow2Node {
     pub async fn check(&self, repair: Repair) -> BlockResult<CheckReport> {
         if repair != Repair::None && self.s.read_only {
             return Err(BlockError::new(ErrorKind::PermissionDenied, "Cannot repair a read-only image"));
-        }
-        let h = self.header();
-        if h.extensions.iter().any(|e| e.kind == 0x2385_2875) {
-            return Err(unsupported("Checking qcow2 images with persistent bitmaps is not supported yet"));
         }
         let file = Queue::new(self.s.file.clone())?;
         let _g = self.s.alloc.lock().await;
@@ -514,6 +521,10 @@ impl Node for Qcow2Node {
         if h.version >= 3 {
             data.insert("compression-type".into(), CompressionType::from_header(h.compression_type).name().into());
             data.insert("lazy-refcounts".into(), (h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0).into());
+            let bitmaps = self.bitmap_infos();
+            if !bitmaps.is_empty() {
+                data.insert("bitmaps".into(), bitmaps.into());
+            }
         } else {
             data.insert("compression-type".into(), "zlib".into());
         }
@@ -579,7 +590,20 @@ impl Node for Qcow2Node {
             d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
             file.flush().await.res.map_err(BlockError::from)?;
             self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size = size;
+            drop(_g);
+            self.bitmaps_resize(size);
             Ok(())
+        })
+    }
+    fn close(&self) -> LocalBoxFuture<'_, BlockResult<()>> {
+        Box::pin(async move {
+            if self.s.read_only || self.s.fault.tripped.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(());
+            }
+            let r = self.bitmaps_store().await;
+            // Closed: from now on every write fails, as after a crash.
+            self.s.fault.tripped.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
         })
     }
     fn snapshots(&self) -> Vec<basalt_engine::SnapshotInfo> {

@@ -130,8 +130,13 @@ pub async fn main(args: Vec<String>) -> i32 {
         println!("Sending flush every {flush_interval} requests");
     }
     let r = bench::run(be, job).await;
+    let closed = graph.close().await;
     if let Some((_, e)) = r.error {
         error(format!("Failed request: {e}"));
+        return 1;
+    }
+    if let Err(e) = closed {
+        error(e);
         return 1;
     }
     println!("Run completed in {:.3} seconds.", r.elapsed.as_secs_f64());

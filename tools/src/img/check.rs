@@ -105,7 +105,12 @@ pub async fn main(args: Vec<String>) -> i32 {
         None => Repair::None,
     };
     let how = How { filename: a.operands[0].clone(), ofmt, quiet: a.has("quiet") };
-    run(&node, repair, &how).await
+    let code = run(&node, repair, &how).await;
+    if let Err(e) = graph.close().await {
+        common::error(e);
+        return code.max(1);
+    }
+    code
 }
 
 struct How {

@@ -135,6 +135,10 @@ pub async fn main(args: Vec<String>) -> i32 {
             }
         }
     }
+    if let Err(e) = graph.close().await {
+        error(e);
+        return 1;
+    }
     if !a.has("quiet") {
         println!("Image committed.");
     }

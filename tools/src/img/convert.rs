@@ -201,7 +201,7 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     if let Err(e) = f.res {
         return Err(format!("error while flushing: {e}"));
     }
-    Ok(())
+    graph.close().await.map_err(|e| e.to_string())
 }
 
 /// A freshly created target reads as zeroes when its protocol starts empty (files do).

@@ -170,7 +170,12 @@ pub async fn main(args: Vec<String>) -> i32 {
             return 1;
         }
     };
-    match copy(&src, &dst, in_pos as u64, size.max(0) as u64).await {
+    let r = copy(&src, &dst, in_pos as u64, size.max(0) as u64).await;
+    let r = match (r, graph.close().await) {
+        (Ok(()), Err(e)) => Err(e.to_string()),
+        (r, _) => r,
+    };
+    match r {
         Ok(()) => 0,
         Err(e) => {
             common::error(e);

@@ -5,6 +5,7 @@
 //! documented codes.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod common;
@@ -30,6 +31,7 @@ usage: basalt-img [standard options] command [command options]
 
 Command syntax:
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
@@ -58,6 +60,7 @@ pub async fn main(args: Vec<String>) -> i32 {
             0
         }
         "bench" => bench::main(rest).await,
+        "bitmap" => bitmap::main(rest).await,
         "check" => check::main(rest).await,
         "commit" => commit::main(rest).await,
         "compare" => compare::main(rest).await,

@@ -125,6 +125,10 @@ pub async fn main(args: Vec<String>) -> i32 {
         error(format!("Could not change the backing file to '{}': {e}", new_backing.unwrap_or_default()));
         return 1;
     }
+    if let Err(e) = graph.close().await {
+        error(e);
+        return 1;
+    }
     0
 }
 

@@ -167,7 +167,12 @@ pub async fn main(args: Vec<String>) -> i32 {
         );
         return 1;
     }
-    match node.truncate(total as u64, prealloc).await {
+    let r = node.truncate(total as u64, prealloc).await;
+    let r = match (r, graph.close().await) {
+        (Ok(()), c) => c,
+        (e, _) => e,
+    };
+    match r {
         Ok(()) => {
             if !quiet {
                 println!("Image resized.");

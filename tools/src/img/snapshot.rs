@@ -160,10 +160,15 @@ pub async fn main(args: Vec<String>) -> i32 {
         Action::Apply => node.snapshot_goto(&name).await.map_err(|e| format!("Could not apply snapshot '{name}': {}", e.msg)),
         Action::Delete => node.snapshot_delete(&name).await.map_err(|e| format!("Could not delete snapshot '{name}': {}", e.msg)),
     };
-    match r {
-        Ok(()) => 0,
-        Err(m) => {
+    let closed = graph.close().await;
+    match (r, closed) {
+        (Ok(()), Ok(())) => 0,
+        (Err(m), _) => {
             common::error(m);
+            1
+        }
+        (_, Err(e)) => {
+            common::error(e);
             1
         }
     }

@@ -125,6 +125,9 @@ impl Image {
         let _ = self.be.flush().await;
         drop(self.be);
         drop(self.node);
+        if let Err(e) = self.graph.close().await {
+            eprintln!("{}", e.msg);
+        }
         drop(self.graph);
     }
 }
