@@ -249,7 +249,7 @@ impl Qcow2Node {
     /// Add a bitmap (`qemu-img bitmap --add`); stored on close.
     pub fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> BlockResult<()> {
         self.rw_bitmaps()?;
-        let g = granularity.unwrap_or(self.s.cs.max(4096));
+        let g = granularity.unwrap_or(self.s.cs.clamp(4096, 65536));
         if !g.is_power_of_two() || !(512..=1 << bitmap::MAX_GRANULARITY_BITS).contains(&g) {
             return Err(BlockError::option("Granularity must be power of 2 and at least 512"));
         }

@@ -73,7 +73,8 @@ pub(crate) struct Shared {
 /// `data.write`, `data.zero-ahead`, `compressed.write`, `l2.alloc`, `l2.entry`, `l1.update`,
 /// `refblock.alloc`, `reftable.update`, `refblock.writeback`, `l2.writeback`,
 /// `reftable.grow.blocks`, `reftable.grow.table`, `reftable.grow.header`, `l2.cow`,
-/// `snapshot.l1`, `snapshot.table`, `snapshot.header`, `l1.write`.
+/// `snapshot.l1`, `snapshot.table`, `snapshot.header`, `l1.write`, `bitmap.write`,
+/// `bitmap.header`.
 #[derive(Default)]
 pub(crate) struct Fault {
     armed: Mutex<Option<(String, u32)>>,
@@ -100,6 +101,8 @@ pub(crate) const FAULT_POINTS: &[&str] = &[
     "snapshot.table",
     "snapshot.header",
     "l1.write",
+    "bitmap.write",
+    "bitmap.header",
 ];
 
 impl Fault {
