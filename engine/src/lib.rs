@@ -28,7 +28,7 @@ pub use io::{InFlight, InFlightGuard, IoDone, IoFuture, SlotKind};
 pub use node::{
     BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags, ZeroFlags,
 };
-pub use options::{json_filename, parse_bool, parse_number, parse_size, OptValue, Opts};
+pub use options::{json_filename, json_filename_of, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
 pub use secret::Secrets;
 pub use zero::buffer_is_zero;

@@ -267,7 +267,13 @@ impl Opts {
 /// objects for children. Keys come in the order QEMU's QDict iterates them: by hash bucket
 /// (`tdb_hash(key) % 512`), which is what `qemu-img info` prints.
 pub fn json_filename(opts: &Opts) -> String {
-    format!("json:{}", qemu_json(&opts.to_json()))
+    json_filename_of(&opts.to_json())
+}
+
+/// [`json_filename`] of a JSON object as given: keys are kept as they are, so a driver can put
+/// a dotted key at the top level (qcow2's `"encrypt.key-secret"`, as QEMU prints it).
+pub fn json_filename_of(v: &Value) -> String {
+    format!("json:{}", qemu_json(v))
 }
 
 /// QEMU's QDict bucket of a key (its `tdb_hash` modulo the bucket count).

@@ -19,10 +19,7 @@ use basalt_engine::{
 };
 use basalt_reactor::IoBuf;
 
-use crate::crypto::{
-    luks_create, CipherAlg, CipherMode, HashAlg, IvGenAlg, LuksCreateOpts, LuksHeader, SectorCipher, LUKS_HEADER_LEN, LUKS_MAGIC,
-    SECTOR_SIZE,
-};
+use crate::crypto::{luks_create, take_luks_create_opts, LuksHeader, SectorCipher, LUKS_HEADER_LEN, LUKS_MAGIC, SECTOR_SIZE};
 
 /// The `luks` format driver.
 pub struct LuksDriver;
@@ -46,29 +43,8 @@ const CREATE_OPTS: &[CreateOptDesc] = &[
     CreateOptDesc { name: "detached-header", kind: "bool", help: "Create a detached LUKS header" },
 ];
 
-/// QEMU's cipher algorithm names; those other than AES are refused as unsupported.
-const QEMU_CIPHERS: &[&str] = &[
-    "aes-128",
-    "aes-192",
-    "aes-256",
-    "des",
-    "3des",
-    "cast5-128",
-    "serpent-128",
-    "serpent-192",
-    "serpent-256",
-    "twofish-128",
-    "twofish-192",
-    "twofish-256",
-    "sm4",
-];
-
 fn key_secret_required() -> BlockError {
     BlockError::option("Parameter 'key-secret' is required for cipher")
-}
-
-fn not_accepted(key: &str, v: &str) -> BlockError {
-    BlockError::option(format!("Parameter '{key}' does not accept value '{v}'"))
 }
 
 impl BlockDriver for LuksDriver {
@@ -279,55 +255,9 @@ impl NodeQueue for LuksQueue {
     }
 }
 
-/// Parse the create options into the header options and the passphrase's secret id.
-fn create_opts(opts: &mut Opts) -> BlockResult<(LuksCreateOpts, Option<String>)> {
-    let mut o = LuksCreateOpts::default();
-    let key_secret = opts.take_str("key-secret");
-    if let Some(v) = opts.take_str("cipher-alg") {
-        o.alg = match CipherAlg::parse(&v) {
-            Some(a) => a,
-            None if QEMU_CIPHERS.contains(&v.as_str()) => {
-                return Err(BlockError::new(
-                    ErrorKind::Unsupported,
-                    format!("Cipher algorithm '{v}' is not supported (only AES)"),
-                ))
-            }
-            None => return Err(not_accepted("cipher-alg", &v)),
-        };
-    }
-    if let Some(v) = opts.take_str("cipher-mode") {
-        o.mode = CipherMode::parse(&v).ok_or_else(|| not_accepted("cipher-mode", &v))?;
-    }
-    if let Some(v) = opts.take_str("ivgen-alg") {
-        o.ivgen = IvGenAlg::parse(&v).ok_or_else(|| not_accepted("ivgen-alg", &v))?;
-    }
-    let hash = |opts: &mut Opts, key: &str| -> BlockResult<Option<HashAlg>> {
-        match opts.take_str(key) {
-            None => Ok(None),
-            Some(v) if v == "sm3" => {
-                Err(BlockError::new(ErrorKind::Unsupported, format!("Hash algorithm '{v}' is not supported")))
-            }
-            Some(v) => HashAlg::parse(&v).map(Some).ok_or_else(|| not_accepted(key, &v)),
-        }
-    };
-    o.ivgen_hash = hash(opts, "ivgen-hash-alg")?;
-    if let Some(h) = hash(opts, "hash-alg")? {
-        o.hash = h;
-    }
-    if let Some(v) = opts.take_str("iter-time") {
-        o.iter_time_ms = basalt_engine::parse_number(&v)
-            .ok_or_else(|| BlockError::option(format!("Parameter 'iter-time' expects a number, not '{v}'")))?;
-    }
-    if opts.contains("detached-header") {
-        // As QEMU 10's qemu-img: listed, but refused when given.
-        return Err(BlockError::option("Parameter 'detached-header' is unexpected"));
-    }
-    Ok((o, key_secret))
-}
-
 /// Create a `luks` image of `size` guest bytes at `filename`.
 async fn create(graph: &Graph, filename: &str, size: u64, mut opts: Opts) -> BlockResult<()> {
-    let (o, key_secret) = create_opts(&mut opts)?;
+    let (o, key_secret) = take_luks_create_opts(&mut opts)?;
     let id = key_secret.ok_or_else(key_secret_required)?;
     let password = graph.secrets().get_utf8(&id)?;
     let new = luks_create(&o, password.as_bytes())?;
@@ -356,6 +286,7 @@ async fn create(graph: &Graph, filename: &str, size: u64, mut opts: Opts) -> Blo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 
     #[test]
     fn create_options() {
@@ -364,14 +295,14 @@ mod tests {
             None,
         )
         .unwrap();
-        let (c, k) = create_opts(&mut o).unwrap();
+        let (c, k) = take_luks_create_opts(&mut o).unwrap();
         assert_eq!(k.as_deref(), Some("s"));
         assert_eq!(
             (c.alg, c.mode, c.ivgen, c.ivgen_hash, c.hash, c.iter_time_ms),
             (CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv, Some(HashAlg::Sha1), HashAlg::Sha512, 10)
         );
         assert_eq!(o.get_str("preallocation").as_deref(), Some("full"));
-        let e = |s: &str| create_opts(&mut Opts::parse_keyval(s, None).unwrap()).unwrap_err().msg;
+        let e = |s: &str| take_luks_create_opts(&mut Opts::parse_keyval(s, None).unwrap()).unwrap_err().msg;
         assert_eq!(e("cipher-mode=foo"), "Parameter 'cipher-mode' does not accept value 'foo'");
         assert_eq!(e("cipher-alg=foo"), "Parameter 'cipher-alg' does not accept value 'foo'");
         assert!(e("cipher-alg=twofish-128").contains("not supported"));

@@ -124,6 +124,9 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             l1_tables.push((sn.l1_table_offset, sn.l1_size, false));
         }
     }
+    if let Some((off, len)) = s.crypt.as_ref().and_then(|c| c.fde) {
+        c.inc(off, len, "encryption header");
+    }
     if !snaps.list.is_empty() {
         c.inc(hdr.snapshots_offset, snaps.bytes, "snapshot table");
     }

@@ -1,18 +1,21 @@
 //! Creating qcow2 images: the file through its protocol driver, then cluster 0 (header,
 //! extensions, backing file name), the refcount table, refcount blocks and the empty L1
-//! table, laid out as QEMU lays them out (header, refcount table, refcount block, L1).
+//! table, laid out as QEMU lays them out (header, refcount table, refcount block, L1); for
+//! `encrypt.format=luks`, the LUKS header clusters after them where QEMU's allocator puts them
+//! (after the preallocated data with `preallocation`).
 
 use basalt_engine::{
     parse_bool, parse_size, BlockError, BlockResult, CreateOptDesc, ErrorKind, Graph, OpenFlags, Opts, Perm, Queue,
 };
 use basalt_reactor::IoBuf;
 
+use crate::qcow2::encrypt;
 use crate::qcow2::header::{self, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
 use crate::qcow2::refcount;
 
 /// `-o` options as QEMU 10 declares them (`qcow2_create_opts`): this order is the order of
-/// qemu-img's `Formatting` line, and the options this driver refuses (encryption, data file)
-/// are listed too, as `-o help` lists them; using one fails with a clear message.
+/// qemu-img's `Formatting` line, and the options this driver refuses (data file) are listed
+/// too, as `-o help` lists them; using one fails with a clear message.
 pub(crate) const CREATE_OPTS: &[CreateOptDesc] = &[
     CreateOptDesc {
         name: "encryption",
@@ -104,9 +107,7 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         None => basalt_engine::Prealloc::Off,
         Some(p) => basalt_engine::Prealloc::parse(&p)?,
     };
-    if opts.take_str("encryption").is_some_and(|v| parse_bool(&v) == Some(true)) || opts.has_sub("encrypt") {
-        return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 encryption is not supported yet"));
-    }
+    let crypt = encrypt::parse_create_opts(&mut opts)?;
     if opts.take_str("data_file").is_some() || opts.take_str("data_file_raw").is_some_and(|v| parse_bool(&v) == Some(true)) {
         return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 external data files are not supported yet"));
     }
@@ -115,6 +116,11 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     if backing_fmt.is_some() && backing_file.is_none() {
         return Err(opt_err("Backing format cannot be used without backing file"));
     }
+    // The passphrase and the LUKS header (timed PBKDF2) before anything exists on disk.
+    let crypt = match crypt {
+        Some(c) => Some(c.build(graph)?),
+        None => None,
+    };
     // What is left goes to the protocol (nocow, extent_size_hint...).
     let proto = graph.registry().protocol_for(filename).or_else(|| graph.registry().get("file"));
     let proto = proto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
@@ -132,13 +138,14 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         ));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
-    // Metadata clusters: header, refcount table, refcount blocks, L1 — sized to cover themselves.
+    // Metadata clusters: header, refcount table, refcount blocks, L1 — sized to cover themselves
+    // and `extra` clusters after them.
     let per_block = refcount::entries_per_block(cluster_bits, refcount_order);
-    let (rt_clusters, blocks) = {
+    let skeleton = |extra: u64| {
         let mut rt = 1u64;
         let mut nb = 1u64;
         loop {
-            let total = 1 + rt + nb + l1_clusters;
+            let total = 1 + rt + nb + l1_clusters + extra;
             let need_nb = total.div_ceil(per_block);
             let need_rt = (need_nb * 8).div_ceil(cs);
             if need_nb == nb && need_rt == rt {
@@ -148,6 +155,33 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
             rt = need_rt.max(rt);
         }
     };
+    // Refcount block cluster per refcount table entry (0: none).
+    let table_of = |rt: u64, nb: u64| {
+        let mut t = vec![0u64; (rt * cs / 8) as usize];
+        for (b, e) in t.iter_mut().take(nb as usize).enumerate() {
+            *e = 1 + rt + b as u64;
+        }
+        t
+    };
+    let (mut rt_clusters, mut blocks) = skeleton(0);
+    let mut table = table_of(rt_clusters, blocks);
+    // The LUKS header clusters, unless preallocated data must come first (then they are
+    // allocated after it, through the node). QEMU's allocator puts them after the metadata,
+    // with the refcount blocks they need after them; where that would need a bigger refcount
+    // table, the skeleton is sized to cover them instead.
+    let luks_clusters = crypt.as_ref().map_or(0, |c| c.area_len().div_ceil(cs));
+    let mut luks_at = None;
+    if luks_clusters > 0 && prealloc == basalt_engine::Prealloc::Off {
+        let used = 1 + rt_clusters + blocks + l1_clusters;
+        match encrypt::qemu_placement(&mut table, used, luks_clusters, per_block) {
+            Some((start, _)) => luks_at = Some(start),
+            None => {
+                (rt_clusters, blocks) = skeleton(luks_clusters);
+                table = table_of(rt_clusters, blocks);
+                luks_at = Some(1 + rt_clusters + blocks + l1_clusters);
+            }
+        }
+    }
     let rt_off = cs;
     let rb_off = rt_off + rt_clusters * cs;
     let l1_off = rb_off + blocks * cs;
@@ -160,13 +194,14 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     if extended_l2 {
         incompatible |= INCOMPAT_EXTL2;
     }
+    let static_crypt = crypt.as_ref().filter(|_| prealloc == basalt_engine::Prealloc::Off);
     let hdr = Qcow2Header {
         version,
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits,
         size,
-        crypt_method: 0,
+        crypt_method: static_crypt.map_or(0, |c| c.header_value()),
         l1_size: l1_size as u32,
         l1_table_offset: l1_off,
         refcount_table_offset: rt_off,
@@ -181,7 +216,10 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         refcount_order,
         header_length: if version >= 3 { 112 } else { 72 },
         compression_type: compression,
-        extensions: Vec::new(),
+        extensions: match (static_crypt, luks_at) {
+            (Some(c), Some(at)) => vec![c.extension(at * cs)],
+            _ => Vec::new(),
+        },
         backing_file,
         backing_format: backing_fmt,
         data_file: None,
@@ -189,14 +227,17 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     };
     let mut cluster0 = hdr.serialize().map_err(BlockError::from)?;
     cluster0.resize(cs as usize, 0);
-    let mut reftable = vec![0u8; (rt_clusters * cs) as usize];
-    for b in 0..blocks {
-        reftable[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&(rb_off + b * cs).to_be_bytes());
-    }
-    let mut refblocks = vec![0u8; (blocks * cs) as usize];
-    for c in 0..total {
-        let b = (c / per_block) as usize;
-        let blk = &mut refblocks[b * cs as usize..(b + 1) * cs as usize];
+    let reftable: Vec<u8> = table.iter().flat_map(|c| (c * cs).to_be_bytes()).collect();
+    // Every cluster in use: the metadata, the LUKS header clusters and the refcount blocks
+    // placed after them; each counted in the block of its range.
+    let mut refblocks: std::collections::BTreeMap<usize, Vec<u8>> =
+        table.iter().enumerate().filter(|(_, c)| **c != 0).map(|(i, _)| (i, vec![0u8; cs as usize])).collect();
+    let luks_range = luks_at.map_or(0..0, |a| a..a + luks_clusters);
+    let placed = table.iter().copied().filter(|&c| c >= total && !luks_range.contains(&c));
+    for c in (0..total).chain(luks_range.clone()).chain(placed) {
+        let blk = refblocks.get_mut(&((c / per_block) as usize)).ok_or_else(|| {
+            BlockError::new(ErrorKind::Io, format!("qcow2 create: cluster {c} has no refcount block (layout bug)"))
+        })?;
         refcount::set(blk, refcount_order, c % per_block, 1);
     }
 
@@ -213,13 +254,22 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     let ctx = |e| BlockError::from(e).context(format!("Could not write qcow2 metadata to '{filename}'"));
     write(0, cluster0).await.map_err(ctx)?;
     write(rt_off, reftable).await.map_err(ctx)?;
-    write(rb_off, refblocks).await.map_err(ctx)?;
+    for (i, b) in refblocks {
+        write(table[i] * cs, b).await.map_err(ctx)?;
+    }
     write(l1_off, vec![0u8; (l1_size * 8).max(8) as usize]).await.map_err(ctx)?;
+    if let (Some(luks), Some(at)) = (static_crypt.and_then(|c| c.luks.as_ref()), luks_at) {
+        // As QEMU: the header clusters are zeroed (allocated) whole, then the header written.
+        let z = basalt_engine::ZeroFlags { may_unmap: false, no_fallback: false, fua: false };
+        q.write_zeroes(at * cs, luks_clusters * cs, z).await.res.map_err(ctx)?;
+        write(at * cs, luks.area.clone()).await.map_err(ctx)?;
+    }
     q.flush().await.res.map_err(ctx)?;
     graph.remove(file.node_name());
     drop(q);
     drop(file);
     if prealloc != basalt_engine::Prealloc::Off {
+        // Preallocated as a plain image; encryption is set up after it, as QEMU orders it.
         let mut o = Opts::new();
         o.set("driver", "qcow2");
         o.set("file.filename", filename);
@@ -229,6 +279,9 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
             .downcast_ref::<crate::qcow2::Qcow2Node>()
             .ok_or_else(|| BlockError::new(ErrorKind::Io, "not a qcow2 node"))?;
         qn.preallocate(prealloc).await?;
+        if let Some(c) = &crypt {
+            qn.attach_encryption(c).await?;
+        }
         graph.remove(node.node_name());
     }
     Ok(())

@@ -6,6 +6,11 @@
 //! the backing file, compressed clusters, allocating writes (copy-on-write of the rest of the
 //! cluster), zeroing and discarding — runs as a boxed slow path; changes to metadata are
 //! serialised by the node's allocation lock.
+//!
+//! Encrypted images take the slow path always: data is decrypted after it is read, and
+//! encrypted into our own cluster buffer or a bounce copy before it is written (the caller's
+//! buffer is never modified, and no plaintext reaches the file). Compressed clusters are read
+//! as stored (QEMU does not encrypt them) and none are written.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -119,11 +124,15 @@ impl Qcow2Queue {
                 }
             },
             Mapping::Data { host, .. } => {
+                let at = host + p.off % self.s.cs;
                 buf.slice(p.at, p.len as usize);
-                let d = self.file.read(host + p.off % self.s.cs, buf).await;
+                let d = self.file.read(at, buf).await;
                 buf = d.buf.expect("read returns its buffer");
                 buf.set_window(ws, wl);
-                d.res.map(|_| ())
+                match (d.res, &self.s.crypt) {
+                    (Ok(_), Some(c)) => c.decrypt(p.off, at, &mut buf[dst]),
+                    (r, _) => r.map(|_| ()),
+                }
             }
             Mapping::Compressed { host, len } => match self.read_compressed(host, len).await {
                 Ok(cluster) => {
@@ -198,7 +207,12 @@ impl Qcow2Queue {
         // Someone may have allocated it while we waited.
         if let (Mapping::Data { host, copied: true }, false) = (m, self.s.layout.extended_l2) {
             drop(g);
-            let d = self.file.write(host + off % cs, IoBuf::from_slice(data), WriteFlags::default()).counted(&self.writes).await;
+            let at = host + off % cs;
+            let b = match &self.s.crypt {
+                Some(c) => c.encrypted_copy(off, at, data)?,
+                None => IoBuf::from_slice(data),
+            };
+            let d = self.file.write(at, b, WriteFlags::default()).counted(&self.writes).await;
             return d.res.map(|_| ());
         }
         let mut cluster = self.cluster_content(off).await?;
@@ -220,7 +234,8 @@ impl Qcow2Queue {
         // (in a growing window) so the cluster is allocated in the file as QEMU's zeroing
         // fallocate leaves it, at a fraction of the system calls.
         let end = o + data.len();
-        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed);
+        // Encrypted zeroes are not zero bytes: an encrypted cluster is always written whole.
+        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed) && self.s.crypt.is_none();
         let zero_cow = fresh && basalt_engine::buffer_is_zero(&cluster[..o]) && basalt_engine::buffer_is_zero(&cluster[end..]);
         let mut zeroed = false;
         if zero_cow {
@@ -241,6 +256,15 @@ impl Qcow2Queue {
             };
         }
         self.s.zero_from.fetch_max(host + cs, Ordering::Relaxed);
+        if let Some(c) = &self.s.crypt {
+            // `cluster` is our own buffer: encrypt it in place.
+            if let Err(e) = c.encrypt(gc * cs, host, &mut cluster) {
+                if reuse.is_none() {
+                    let _ = meta.free_cluster(host).await;
+                }
+                return Err(e);
+            }
+        }
         // Write the data without holding the lock, so allocations of other clusters proceed.
         self.allocating.borrow_mut().insert(gc, Vec::new());
         drop(g);
@@ -310,13 +334,23 @@ impl Qcow2Queue {
             };
             let r = match m {
                 Mapping::Data { host, copied: true } if !self.s.layout.extended_l2 => {
-                    // Straight from the caller's buffer. Counted: a concurrent discard must not
-                    // free the cluster under it.
-                    buf.set_window(ws + p.at, p.len as usize);
-                    let d = self.file.write(host + p.off % self.s.cs, buf, flags).counted(&self.writes).await;
-                    buf = d.buf.expect("write returns its buffer");
-                    buf.set_window(ws, wl);
-                    d.res.map(|_| ())
+                    let at = host + p.off % self.s.cs;
+                    match &self.s.crypt {
+                        // Encrypted from a copy: the caller's buffer stays as it was.
+                        Some(c) => match c.encrypted_copy(p.off, at, &buf[p.at..p.at + p.len as usize]) {
+                            Ok(b) => self.file.write(at, b, flags).counted(&self.writes).await.res.map(|_| ()),
+                            Err(e) => Err(e),
+                        },
+                        None => {
+                            // Straight from the caller's buffer. Counted: a concurrent discard
+                            // must not free the cluster under it.
+                            buf.set_window(ws + p.at, p.len as usize);
+                            let d = self.file.write(at, buf, flags).counted(&self.writes).await;
+                            buf = d.buf.expect("write returns its buffer");
+                            buf.set_window(ws, wl);
+                            d.res.map(|_| ())
+                        }
+                    }
                 }
                 Mapping::Unallocated | Mapping::Zero { host: None } if self.whole(p) => {
                     // A run of whole new clusters: allocated together, written in one request.
@@ -404,15 +438,33 @@ impl Qcow2Queue {
             return (data, Err(e));
         }
         self.s.zero_from.fetch_max(host + n * cs, Ordering::Relaxed);
+        let bounce = match &self.s.crypt {
+            // Encrypted into a bounce buffer: the caller's buffer stays as it was.
+            Some(c) => match c.encrypted_copy(off, host, &data) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    for k in 0..n {
+                        let _ = meta.free_cluster(host + k * cs).await;
+                    }
+                    return (data, Err(e));
+                }
+            },
+            None => None,
+        };
         for k in 0..n {
             self.allocating.borrow_mut().insert(gc0 + k, Vec::new());
         }
         drop(g);
-        let d = self.file.write(host, data, WriteFlags::default()).await;
-        let data = d.buf.expect("write returns its buffer");
+        let (res, data) = match bounce {
+            Some(b) => (self.file.write(host, b, WriteFlags::default()).await.res, data),
+            None => {
+                let d = self.file.write(host, data, WriteFlags::default()).await;
+                (d.res, d.buf.expect("write returns its buffer"))
+            }
+        };
         let _g = self.s.alloc.lock().await;
         let mut r = Ok(());
-        match d.res {
+        match res {
             Ok(_) => {
                 for k in 0..n {
                     if let Err(e) = meta.set_entry(gc0 + k, (host + k * cs) | COPIED, 0, false).await {
@@ -618,6 +670,11 @@ impl Qcow2Queue {
                 st.file = Some(self.s.file.clone());
             }
         }
+        if self.s.crypt.is_some() {
+            // As QEMU: where encrypted data lies is not reported (it is not the guest's data).
+            st.offset = None;
+            st.file = None;
+        }
         Ok(st)
     }
 
@@ -707,7 +764,7 @@ impl NodeQueue for Qcow2NodeQueue {
         let q = &self.0;
         let cs = q.s.cs;
         let len = buf.len() as u64;
-        if len > 0 && off % cs + len <= cs {
+        if len > 0 && off % cs + len <= cs && q.s.crypt.is_none() {
             if let Some(Mapping::Data { host, .. }) = q.mapping_cached(off) {
                 if !q.s.layout.extended_l2 || off % q.s.layout.subcluster_size() + len <= q.s.layout.subcluster_size() {
                     return q.file.read(host + off % cs, buf);
@@ -728,7 +785,7 @@ impl NodeQueue for Qcow2NodeQueue {
         let cs = q.s.cs;
         let len = buf.len() as u64;
         q.s.mark_dirty(off, len);
-        if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 {
+        if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 && q.s.crypt.is_none() {
             if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
                 return q.file.write(host + off % cs, buf, flags).counted(&q.writes);
             }
@@ -758,6 +815,10 @@ impl NodeQueue for Qcow2NodeQueue {
         let q = &self.0;
         if q.s.read_only || q.s.corrupt.load(Ordering::Relaxed) {
             return IoFuture::done(buf, Err(IoStatus::EPERM));
+        }
+        if q.s.crypt.is_some() {
+            // QEMU would store the compressed data unencrypted: refused rather than leaked.
+            return IoFuture::done(buf, Err(IoStatus::ENOTSUP));
         }
         q.s.mark_dirty(off, buf.len() as u64);
         IoFuture::boxed(q.clone().write_compressed(off, buf))

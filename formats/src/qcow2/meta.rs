@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     /// The internal snapshot table.
     pub snapshots: Mutex<crate::qcow2::snapshot::SnapshotTable>,
     /// Persistent dirty bitmaps.
+    /// Encryption (`None` for a plain image).
+    pub crypt: Option<crate::qcow2::encrypt::Qcow2Crypt>,
     pub bitmaps: std::sync::RwLock<crate::qcow2::bitmap_ops::Bitmaps>,
     /// Whether any loaded bitmap records writes (checked before taking the bitmaps' lock).
     pub tracking: AtomicBool,

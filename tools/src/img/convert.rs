@@ -141,6 +141,12 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         let parsed = Opts::parse_keyval(o, None).map_err(|e| e.to_string())?;
         create_opts.insert_sub_root(parsed);
     }
+    if a.has("c")
+        && (create_opts.get_str("encryption").is_some_and(|v| basalt_engine::parse_bool(&v) == Some(true))
+            || create_opts.contains("encrypt.format"))
+    {
+        return Err("Compression and encryption not supported at the same time".into());
+    }
     let prealloc = create_opts.get_str("preallocation");
     // As qemu-img: the target is opened with the key secrets it was created with.
     let key_secrets: Vec<(&str, String)> =

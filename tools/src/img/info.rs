@@ -228,11 +228,11 @@ fn human_node(out: &mut String, node: &Arc<dyn Node>, level: usize, protocol: bo
         out.push_str(&format!("{ind}virtual size: {} ({size} bytes)\n", size_to_str(size)));
     }
     out.push_str(&format!("{ind}disk size: {disk}\n"));
-    if let Some(cs) = node.cluster_size() {
-        out.push_str(&format!("{ind}cluster_size: {cs}\n"));
-    }
     if node.encrypted() {
         out.push_str(&format!("{ind}encrypted: yes\n"));
+    }
+    if let Some(cs) = node.cluster_size() {
+        out.push_str(&format!("{ind}cluster_size: {cs}\n"));
     }
     if has_get_info(node) && is_dirty(node) {
         out.push_str(&format!("{ind}cleanly shut down: no\n"));
