@@ -93,8 +93,27 @@ fn be64(b: &[u8], i: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The references every cluster of the file has from the image's metadata and data (header,
+/// L1 and L2 tables, snapshots, bitmaps, data and compressed clusters), without the refcount
+/// structures themselves; findings go to the report. Memory: one counter per cluster of the
+/// file.
+pub(crate) async fn references(s: &Shared, file: &Queue) -> Result<(Vec<u32>, CheckReport), IoStatus> {
+    let c = count_metadata(s, file).await?;
+    Ok((c.refs, c.report))
+}
+
 /// Check (and repair) the image. The caller holds the allocation lock when repairing.
 pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<CheckReport, IoStatus> {
+    let cs = s.cs;
+    let fsize = s.file.size();
+    let nb = fsize.div_ceil(cs);
+    let hdr = s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut c = count_metadata(s, file).await?;
+    c.inc(hdr.refcount_table_offset, u64::from(hdr.refcount_table_clusters) * cs, "refcount table");
+    finish(s, file, repair, c, nb).await
+}
+
+async fn count_metadata(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
     let cs = s.cs;
     let hdr = s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let fsize = s.file.size();
@@ -105,8 +124,10 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
     let mut c = Counts { refs: vec![0; nb as usize], cs, report: CheckReport::default() };
     c.report.total_clusters = hdr.size.div_ceil(cs);
     c.inc(0, cs, "header");
+    if let Some((off, len)) = s.crypt.as_ref().and_then(|c| c.fde) {
+        c.inc(off, len, "encryption header");
+    }
     c.inc(hdr.l1_table_offset, u64::from(hdr.l1_size) * 8, "L1 table");
-    c.inc(hdr.refcount_table_offset, u64::from(hdr.refcount_table_clusters) * cs, "refcount table");
     let layout = s.layout;
     let words = s.words;
 
@@ -123,9 +144,6 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
         if sn.l1_size > 0 && sn.l1_table_offset + u64::from(sn.l1_size) * 8 <= fsize.next_multiple_of(cs) {
             l1_tables.push((sn.l1_table_offset, sn.l1_size, false));
         }
-    }
-    if let Some((off, len)) = s.crypt.as_ref().and_then(|c| c.fde) {
-        c.inc(off, len, "encryption header");
     }
     if !snaps.list.is_empty() {
         c.inc(hdr.snapshots_offset, snaps.bytes, "snapshot table");
@@ -237,9 +255,14 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             }
         }
     }
-    // Refcount table and blocks.
+    Ok(c)
+}
+
+/// Add the refcount blocks, compare with the stored refcounts and repair as asked.
+async fn finish(s: &Shared, file: &Queue, repair: Repair, mut c: Counts, nb: u64) -> Result<CheckReport, IoStatus> {
+    let cs = s.cs;
     let rt = s.lock_meta().reftable.clone();
-    let per = refcount::entries_per_block(s.cluster_bits, s.refcount_order);
+    let per = refcount::entries_per_block(s.cluster_bits, s.rc_order());
     for (i, &e) in rt.iter().enumerate() {
         let off = e & OFFSET_MASK;
         if off == 0 {
@@ -279,7 +302,7 @@ pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<Ch
             c.report.messages.push(format!("Repairing cluster {k} refcount={stored} reference={computed}"));
         }
         if fix {
-            if computed > refcount::max_refcount(s.refcount_order) {
+            if computed > refcount::max_refcount(s.rc_order()) {
                 c.report.corruptions += 1;
                 continue;
             }

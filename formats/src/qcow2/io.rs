@@ -637,7 +637,7 @@ impl Qcow2Queue {
         let room = cursor != 0
             && !cursor.is_multiple_of(cs)
             && cursor % cs + len <= cs
-            && meta.refcount(cursor / cs).await? < crate::qcow2::refcount::max_refcount(self.s.refcount_order);
+            && meta.refcount(cursor / cs).await? < crate::qcow2::refcount::max_refcount(self.s.rc_order());
         let host = match cursor {
             p if room => {
                 meta.add_refcount(p / cs, 1).await?;

@@ -38,7 +38,8 @@ pub(crate) struct Shared {
     pub l2_entries: u64,
     /// 64-bit words per L2 entry (1, or 2 with extended L2).
     pub words: usize,
-    pub refcount_order: u32,
+    /// log2 of the refcount width (changes only by `amend`, under the allocation lock).
+    pub refcount_order: std::sync::atomic::AtomicU32,
     pub compression: CompressionType,
     pub hdr: Mutex<Qcow2Header>,
     pub meta: Mutex<Meta>,
@@ -61,9 +62,9 @@ pub(crate) struct Shared {
     pub compress_cursor: std::sync::atomic::AtomicU64,
     /// The internal snapshot table.
     pub snapshots: Mutex<crate::qcow2::snapshot::SnapshotTable>,
-    /// Persistent dirty bitmaps.
     /// Encryption (`None` for a plain image).
     pub crypt: Option<crate::qcow2::encrypt::Qcow2Crypt>,
+    /// Persistent dirty bitmaps.
     pub bitmaps: std::sync::RwLock<crate::qcow2::bitmap_ops::Bitmaps>,
     /// Whether any loaded bitmap records writes (checked before taking the bitmaps' lock).
     pub tracking: AtomicBool,
@@ -214,6 +215,14 @@ impl Meta {
         self.refblocks.insert(off, Cached2 { data: block, used: self.tick, dirty: false });
     }
 
+    /// Use a new refcount table (after `amend` rebuilt the refcount structures): every cached
+    /// refcount block is dropped.
+    pub(crate) fn reset_refcounts(&mut self, reftable: Vec<u64>) {
+        self.reftable = reftable;
+        self.refblocks.clear();
+        self.free_hint = 0;
+    }
+
     /// Tables changed in memory and not yet written: (refcount blocks, L2 tables).
     pub(crate) fn dirty_count(&self) -> (usize, usize) {
         (self.refblocks.values().filter(|e| e.dirty).count(), self.l2.values().filter(|e| e.dirty).count())
@@ -237,6 +246,11 @@ pub(crate) type MResult<T> = Result<T, IoStatus>;
 impl Shared {
     pub(crate) fn lock_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// log2 of the refcount width.
+    pub(crate) fn rc_order(&self) -> u32 {
+        self.refcount_order.load(Ordering::Relaxed)
     }
 
     /// Guest cluster -> (L1 index, L2 index).
@@ -469,7 +483,7 @@ impl MetaIo<'_> {
     }
 
     fn per_block(&self) -> u64 {
-        refcount::entries_per_block(self.s.cluster_bits, self.s.refcount_order)
+        refcount::entries_per_block(self.s.cluster_bits, self.s.rc_order())
     }
 
     /// The refcount block covering cluster index `c`, loaded; `None` when not allocated.
@@ -500,7 +514,7 @@ impl MetaIo<'_> {
                 let i = c % self.per_block();
                 let mut m = self.s.lock_meta();
                 let b = m.refblock(off).ok_or(IoStatus::EIO)?;
-                Ok(refcount::get(b, self.s.refcount_order, i))
+                Ok(refcount::get(b, self.s.rc_order(), i))
             }
         }
     }
@@ -514,7 +528,7 @@ impl MetaIo<'_> {
         let i = c % self.per_block();
         let mut m = self.s.lock_meta();
         let b = m.refblock(off).ok_or(IoStatus::EIO)?;
-        refcount::set(b, self.s.refcount_order, i, v);
+        refcount::set(b, self.s.rc_order(), i, v);
         m.mark_refblock_dirty(off);
         Ok(())
     }
@@ -527,7 +541,7 @@ impl MetaIo<'_> {
     /// Add `delta` to the refcount of cluster index `c`; returns the new value.
     pub(crate) async fn add_refcount(&self, c: u64, delta: i64) -> MResult<u64> {
         let old = self.refcount(c).await?;
-        let new = old.checked_add_signed(delta).filter(|v| *v <= refcount::max_refcount(self.s.refcount_order));
+        let new = old.checked_add_signed(delta).filter(|v| *v <= refcount::max_refcount(self.s.rc_order()));
         let Some(new) = new else {
             return Err(self.corrupt(format!("Refcount of cluster {c:#x} would go from {old} by {delta}")).await);
         };
@@ -566,7 +580,7 @@ impl MetaIo<'_> {
         }
         let off = b * self.s.cs;
         let mut block = vec![0u8; self.s.cs as usize];
-        refcount::set(&mut block, self.s.refcount_order, b % per, 1);
+        refcount::set(&mut block, self.s.rc_order(), b % per, 1);
         self.write_bytes("refblock.alloc", off, &block).await?;
         self.s.zero_from.fetch_max(off + self.s.cs, Ordering::Relaxed);
         let rt_off = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).refcount_table_offset;
@@ -631,7 +645,7 @@ impl MetaIo<'_> {
         for c in start..next_block {
             let bi = c / per;
             if let Some(b) = new_blocks.get_mut(&bi) {
-                refcount::set(b, self.s.refcount_order, c % per, 1);
+                refcount::set(b, self.s.rc_order(), c % per, 1);
             } else {
                 // The range's block already exists: set it there (it is in the old table).
                 Box::pin(self.set_refcount(c, 1)).await?;

@@ -23,13 +23,14 @@
 //! Not yet: external data files. Each is refused with a clear error rather than
 //! half-done.
 
+mod amend;
 mod bitmap;
 mod bitmap_ops;
 mod check;
 mod compress;
 mod create;
-mod entry;
 mod encrypt;
+mod entry;
 mod error;
 mod header;
 mod io;
@@ -245,10 +246,10 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
                 })?),
                 None => {
                     let mut bf = OpenFlags::read_only();
-                    bf.cache_direct = cflags.cache_direct;
                     if no_io {
                         bf.perm = Perm::NONE;
                     }
+                    bf.cache_direct = cflags.cache_direct;
                     bf.aio = cflags.aio;
                     bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
                     if !backing_opts.contains("driver") && !backing_opts.contains("filename") && !backing_opts.has_sub("file") {
@@ -270,10 +271,10 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
                 None => bo.set("filename", path),
             }
             let mut bf = OpenFlags::read_only();
-            bf.cache_direct = cflags.cache_direct;
             if no_io {
                 bf.perm = Perm::NONE;
             }
+            bf.cache_direct = cflags.cache_direct;
             bf.aio = cflags.aio;
             bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
             let node = Box::pin(graph.open(bo, bf)).await.map_err(|e| e.context(format!("Could not open backing file '{b}'")))?;
@@ -311,7 +312,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         cs,
         l2_entries: hdr.l2_entries(),
         words: if hdr.extended_l2() { 2 } else { 1 },
-        refcount_order: hdr.refcount_order,
+        refcount_order: hdr.refcount_order.into(),
         compression: CompressionType::from_header(hdr.compression_type),
         meta: Mutex::new(Meta::new(l1, reftable, (want_l2 / cs) as usize, (want_rc / cs) as usize)),
         hdr: Mutex::new(hdr),
@@ -327,8 +328,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         snapshots: Mutex::new(snapshots),
         bitmaps: std::sync::RwLock::new(bitmaps),
         tracking: AtomicBool::new(tracking),
-    };
         crypt,
+    };
     if let Some(f) = fault {
         shared.fault.arm(f, fault_after.min(u64::from(u32::MAX)) as u32);
     }
@@ -532,10 +533,10 @@ impl Node for Qcow2Node {
     fn cluster_size(&self) -> Option<u64> {
         Some(self.s.cs)
     }
-    fn format_specific(&self) -> Option<serde_json::Value> {
     fn encrypted(&self) -> bool {
         self.s.crypt.is_some()
     }
+    fn format_specific(&self) -> Option<serde_json::Value> {
         let h = self.header();
         let mut data = serde_json::Map::new();
         data.insert("compat".into(), if h.version >= 3 { "1.1" } else { "0.10" }.into());
@@ -550,10 +551,10 @@ impl Node for Qcow2Node {
             data.insert("compression-type".into(), "zlib".into());
         }
         data.insert("refcount-bits".into(), h.refcount_bits().into());
-        if h.version >= 3 {
         if let Some(c) = &self.s.crypt {
             data.insert("encrypt".into(), c.info_json());
         }
+        if h.version >= 3 {
             data.insert("corrupt".into(), (h.incompatible & header::INCOMPAT_CORRUPT != 0).into());
             data.insert("extended-l2".into(), h.extended_l2().into());
         }
@@ -564,13 +565,13 @@ impl Node for Qcow2Node {
         h.backing_file.map(|b| (b, h.backing_format))
     }
     fn create_queue(&self) -> BlockResult<Rc<dyn NodeQueue>> {
-        let me = basalt_reactor::current_id();
         if self.s.crypt.as_ref().is_some_and(|c| !c.has_key()) {
             return Err(BlockError::new(
                 ErrorKind::PermissionDenied,
                 "The encrypted qcow2 image was opened without its key and cannot do I/O",
             ));
         }
+        let me = basalt_reactor::current_id();
         {
             let mut o = self.s.owner.lock().unwrap_or_else(|e| e.into_inner());
             match *o {

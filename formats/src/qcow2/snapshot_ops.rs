@@ -125,7 +125,7 @@ impl MetaIo<'_> {
     async fn refs_fit(&self, l1: &[u64]) -> MResult<bool> {
         let cs = self.s.cs;
         let w = self.s.words;
-        let max = crate::qcow2::refcount::max_refcount(self.s.refcount_order);
+        let max = crate::qcow2::refcount::max_refcount(self.s.rc_order());
         let mut packed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         for &l1e in l1 {
             let Ok(Some(off)) = entry::l1_l2_offset(l1e, self.s.cluster_bits) else { continue };
@@ -266,7 +266,7 @@ impl Qcow2Node {
         meta.writeback().await.map_err(&f)?;
         let active = self.s.lock_meta().l1.clone();
         if !meta.refs_fit(&active).await.map_err(&f)? {
-            return Err(overflow(self.s.refcount_order));
+            return Err(overflow(self.s.rc_order()));
         }
         let (l1_size, disk_size) = {
             let h = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,7 +333,7 @@ impl Qcow2Node {
         }
         let sn_l1 = meta.read_l1(&sn).await.map_err(&f)?;
         if !meta.refs_fit(&sn_l1).await.map_err(&f)? {
-            return Err(overflow(self.s.refcount_order));
+            return Err(overflow(self.s.rc_order()));
         }
         // References for what the snapshot reaches, before the active table points at it.
         meta.update_refcounts(&sn_l1, 1).await.map_err(&f)?;

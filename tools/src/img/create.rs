@@ -102,7 +102,7 @@ fn type_name(kind: &str) -> &str {
 }
 
 /// qemu-img's `-o help` listing (sorted by name).
-fn print_help(list: &[CreateOptDesc]) {
+pub(crate) fn print_help(list: &[CreateOptDesc]) {
     let mut l = list.to_vec();
     l.sort_by_key(|d| d.name);
     for d in l {
@@ -115,7 +115,7 @@ fn print_help(list: &[CreateOptDesc]) {
 }
 
 /// QEMU's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
-fn valid_option_list(s: &str) -> bool {
+pub(crate) fn valid_option_list(s: &str) -> bool {
     if s.is_empty() || s.starts_with(',') {
         return false;
     }
@@ -124,7 +124,7 @@ fn valid_option_list(s: &str) -> bool {
 }
 
 /// Split a QemuOpts list at commas (`,,` is a literal comma).
-fn split_list(s: &str) -> Vec<String> {
+pub(crate) fn split_list(s: &str) -> Vec<String> {
     let mut parts = vec![String::new()];
     let mut it = s.chars().peekable();
     while let Some(c) = it.next() {

@@ -4,6 +4,7 @@
 //! qemu-img: 0 success, 1 error; `compare` 0 identical / 1 different / 2 error; `check` its
 //! documented codes.
 
+pub mod amend;
 pub mod bench;
 pub mod bitmap;
 pub mod check;
@@ -30,6 +31,7 @@ const HELP: &str = "basalt-img: a qemu-img work-alike
 usage: basalt-img [standard options] command [command options]
 
 Command syntax:
+  amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
@@ -59,6 +61,7 @@ pub async fn main(args: Vec<String>) -> i32 {
             println!("basalt-img version {}", env!("CARGO_PKG_VERSION"));
             0
         }
+        "amend" => amend::main(rest).await,
         "bench" => bench::main(rest).await,
         "bitmap" => bitmap::main(rest).await,
         "check" => check::main(rest).await,

@@ -1,0 +1,128 @@
+//! `basalt-img amend`: change format options of an existing image in place, as qemu-img amend
+//! does (`-o compat=...,lazy_refcounts=...,refcount_bits=...,size=...,backing_file=...`).
+//! `-o help` lists what can be amended; formats other than qcow2 cannot be amended.
+
+use basalt_engine::{CreateOptDesc, Opts};
+use basalt_formats::qcow2::Qcow2Node;
+
+use super::common;
+use super::create::{print_help, split_list, valid_option_list};
+use crate::getopt::opt;
+
+const HELP: &str = "Usage:
+Update format-specific options of the image.  Usage:
+
+  basalt-img amend [-f FMT | --image-opts] [t CACHE] [--force] [-p] [-q]
+        [--object OBJDEF -o OPTIONS FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -p, --progres
+     show progress
+  -f, --format FMT
+     specify FILENAME format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+   instead of a file name (incompatible with --format)
+  -t, --cache CACHE
+     cache mode for FILENAME (writeback)
+  --force
+     allow certain unsafe operations
+
+";
+
+/// What qcow2 lets `amend` change, as `qemu-img amend -o help` lists it.
+const QCOW2_AMEND: &[CreateOptDesc] = &[
+    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
+    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
+    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
+    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
+    CreateOptDesc { name: "encrypt.iter-time", kind: "num", help: "Time to spend in PBKDF in milliseconds" },
+    CreateOptDesc { name: "encrypt.keyslot", kind: "num", help: "Select a single keyslot to modify explicitly" },
+    CreateOptDesc {
+        name: "encrypt.new-secret",
+        kind: "str",
+        help: "New secret to set in the matching keyslots. Empty string to erase",
+    },
+    CreateOptDesc { name: "encrypt.old-secret", kind: "str", help: "Select all keyslots that match this password" },
+    CreateOptDesc { name: "encrypt.state", kind: "str", help: "Select new state of affected keyslots (active/inactive)" },
+    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
+    CreateOptDesc { name: "refcount_bits", kind: "num", help: "Width of a reference count entry in bits" },
+    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
+];
+
+/// Run the subcommand.
+pub async fn main(args: Vec<String>) -> i32 {
+    let specs = [
+        opt(Some('h'), Some("help"), false),
+        opt(Some('q'), Some("quiet"), false),
+        opt(Some('p'), Some("progress"), false),
+        opt(Some('f'), Some("format"), true),
+        opt(None, Some("image-opts"), false),
+        opt(Some('t'), Some("cache"), true),
+        opt(None, Some("force"), false),
+        opt(None, Some("object"), true),
+        opt(Some('o'), Some("options"), true),
+    ];
+    let a = match common::parse_args("amend", HELP, &args, &specs) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if let Err(code) = common::check_objects(&a) {
+        return code;
+    }
+    let lists = a.values("options");
+    if lists.is_empty() {
+        return common::usage_error("amend", "Must specify options (-o)");
+    }
+    for l in &lists {
+        if !valid_option_list(l) {
+            common::error(format!("Invalid option list: {l}"));
+            return 1;
+        }
+    }
+    let elems: Vec<String> = lists.iter().flat_map(|l| split_list(l)).collect();
+    let help = elems.iter().any(|e| e == "help" || e == "?");
+    if help && a.operands.is_empty() {
+        common::error("Expecting one image file name");
+        return 1;
+    }
+    if a.operands.len() != 1 {
+        return common::usage_error("amend", "Expecting one image file name");
+    }
+    let filename = &a.operands[0];
+    let mut spec = common::spec_from_args(&a, filename, "format");
+    spec.read_only = help;
+    spec.cache = Some(a.value("cache").unwrap_or("writeback").to_string());
+    let graph = common::graph(&a);
+    let Ok(node) = common::open(&graph, &spec).await else {
+        return 1;
+    };
+    let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() else {
+        common::error(format!("Format driver '{}' does not support option amendment", node.driver()));
+        return 1;
+    };
+    if help {
+        println!("Amend options for 'qcow2':");
+        print_help(QCOW2_AMEND);
+        return 0;
+    }
+    let mut opts = Opts::new();
+    for e in &elems {
+        let (k, v) = e.split_once('=').unwrap_or((e.as_str(), "on"));
+        opts.set(k, v);
+    }
+    let r = q.amend(opts).await;
+    let closed = graph.close().await;
+    match (r, closed) {
+        (Ok(()), Ok(())) => 0,
+        (Err(e), _) | (_, Err(e)) => {
+            common::error(e.msg);
+            1
+        }
+    }
+}
