@@ -45,9 +45,7 @@ fn parse(opts: &mut Opts) -> BlockResult<Want> {
         });
     }
     if let Some(v) = opts.take_str("lazy_refcounts") {
-        w.lazy = Some(
-            basalt_engine::parse_bool(&v).ok_or_else(|| opt_err(format!("Parameter 'lazy_refcounts' expects 'on' or 'off'")))?,
-        );
+        w.lazy = Some(basalt_engine::parse_bool(&v).ok_or_else(|| opt_err("Parameter 'lazy_refcounts' expects 'on' or 'off'"))?);
     }
     if let Some(v) = opts.take_str("refcount_bits") {
         let bits: u32 = v.parse().map_err(|_| opt_err(format!("Parameter 'refcount_bits' expects a number, not '{v}'")))?;
@@ -100,7 +98,8 @@ impl MetaIo<'_> {
                 let table_refs = self.refcount(off / cs).await?;
                 let mut t = self.l2_table(off).await?;
                 let mut changed = false;
-                for k in 0..t.len() {
+                // Downgrades refuse extended L2 entries: one word per entry here.
+                for k in (0..t.len()).step_by(self.s.words) {
                     let e = t[k];
                     if e & ZERO == 0 || e & COMPRESSED != 0 {
                         continue;
