@@ -32,6 +32,7 @@ mod create;
 mod encrypt;
 mod entry;
 mod error;
+pub mod fuzz;
 mod header;
 mod io;
 mod lock;

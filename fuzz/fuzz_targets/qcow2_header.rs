@@ -1,0 +1,4 @@
+//! Fuzz target: qcow2 header parsing must never panic (see basalt_formats::qcow2::fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| basalt_formats::qcow2::fuzz::header(data));
