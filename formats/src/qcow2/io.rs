@@ -575,6 +575,9 @@ impl Qcow2Queue {
         if new == e && !ext {
             return Ok(());
         }
+        // The allocation is kept only where the new entry still points at it (a v2 image has no
+        // zero flag: its cluster is unallocated and freed, as QEMU does).
+        let keep = keep && new & crate::qcow2::entry::OFFSET_MASK != 0;
         meta.set_entry(gc, new, bitmap, !keep).await?;
         if !keep {
             // In-flight writes may still target the old cluster: let them land first.

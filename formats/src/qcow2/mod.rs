@@ -278,7 +278,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
             bf.cache_direct = cflags.cache_direct;
             bf.aio = cflags.aio;
             bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
-            let node = Box::pin(graph.open(bo, bf)).await.map_err(|e| e.context(format!("Could not open backing file '{b}'")))?;
+            let node = Box::pin(graph.open(bo, bf)).await.map_err(|e| e.context("Could not open backing file"))?;
             Some(node)
         } else {
             None

@@ -157,6 +157,15 @@ struct SetOpt {
 }
 
 /// Check `elems` against `list` as QemuOpts does; later settings win.
+/// Whether `v` is one of QEMU's spellings of a boolean.
+fn parse_bool_text(v: &str) -> Option<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
 fn parse_opts(elems: &[String], list: &[CreateOptDesc]) -> Result<Vec<SetOpt>, String> {
     let mut set: Vec<SetOpt> = Vec::new();
     for e in elems {
@@ -175,6 +184,9 @@ fn parse_opts(elems: &[String], list: &[CreateOptDesc]) -> Result<Vec<SetOpt>, S
                 let n = common::opt_size(d.name, &v)?;
                 ((n as i64).to_string(), n.to_string())
             }
+            // qcow2 reads the deprecated `encryption` as text: only "on" and "off" mean what
+            // they say (QEMU then takes any other value as an encryption format and refuses it).
+            "bool" if d.name == "encryption" && parse_bool_text(&v).is_some() => (v.clone(), v.clone()),
             "bool" => match v.as_str() {
                 "on" | "yes" | "true" | "y" => (v.clone(), "on".to_string()),
                 "off" | "no" | "false" | "n" => (v.clone(), "off".to_string()),
@@ -425,7 +437,10 @@ async fn open_backing(graph: &Graph, name: &str, fmt: Option<&str>) -> Result<st
     spec.force_share = true;
     // The file driver's error already names the file, as QEMU's does: no second prefix.
     let opts = crate::image::spec_opts(graph, &spec).map_err(|e| e.msg)?;
-    let (flags, _) = crate::image::spec_flags(&spec).map_err(|e| e.msg)?;
+    let (mut flags, _) = crate::image::spec_flags(&spec).map_err(|e| e.msg)?;
+    // As QEMU (BDRV_O_NO_IO): only its size and format are needed, so an encrypted backing
+    // file opens without its key.
+    flags.perm = basalt_engine::Perm::NONE;
     graph.open(opts, flags).await.map_err(|e| e.msg)
 }
 
