@@ -7,6 +7,12 @@ use std::thread::JoinHandle;
 
 use crate::reactor::{Reactor, ReactorConfig, ReactorHandle};
 
+/// Stack of a reactor thread: the main thread's usual 8 MiB rather than Rust's 2 MiB default,
+/// since async call chains can nest deeply (a format opening its backing file opens a format
+/// that opens its backing file, and debug builds keep large poll frames). Only touched pages
+/// are committed.
+const REACTOR_STACK: usize = 8 << 20;
+
 /// Settings for a set of reactors.
 #[derive(Clone, Debug, Default)]
 pub struct RuntimeConfig {
@@ -41,20 +47,21 @@ impl Runtime {
         for (i, core) in cores.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let rc = config.reactor.clone();
-            let t = std::thread::Builder::new().name(format!("basalt-reactor-{i}")).spawn(move || {
-                if pin {
-                    core_affinity::set_for_current(core_affinity::CoreId { id: core });
-                }
-                match Reactor::new(rc) {
-                    Ok(r) => {
-                        let _ = tx.send(Ok(r.handle()));
-                        r.run();
+            let t =
+                std::thread::Builder::new().name(format!("basalt-reactor-{i}")).stack_size(REACTOR_STACK).spawn(move || {
+                    if pin {
+                        core_affinity::set_for_current(core_affinity::CoreId { id: core });
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
+                    match Reactor::new(rc) {
+                        Ok(r) => {
+                            let _ = tx.send(Ok(r.handle()));
+                            r.run();
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
                     }
-                }
-            })?;
+                })?;
             let h = rx.recv().map_err(|_| std::io::Error::other("reactor thread died during start"))??;
             handles.push(h);
             threads.push(t);

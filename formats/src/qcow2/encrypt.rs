@@ -57,7 +57,8 @@ pub(crate) struct Qcow2Crypt {
     pub method: CryptMethod,
     /// The LUKS header area in the file: (offset, length).
     pub fde: Option<(u64, u64)>,
-    luks: Option<LuksHeader>,
+    /// Boxed: an open image's shared state stays small (opening a backing chain nests opens).
+    luks: Option<Box<LuksHeader>>,
     /// `None` when opened without I/O (no key).
     cipher: Option<Arc<SectorCipher>>,
 }
@@ -101,7 +102,7 @@ impl Qcow2Crypt {
     pub fn info_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("format".into(), self.method.name().into());
-        if let Some(serde_json::Value::Object(l)) = self.luks.as_ref().map(LuksHeader::info_json) {
+        if let Some(serde_json::Value::Object(l)) = self.luks.as_ref().map(|l| l.info_json()) {
             m.extend(l);
         }
         serde_json::Value::Object(m)
@@ -248,7 +249,7 @@ pub(crate) async fn open(
                 }
                 None => None,
             };
-            (Some(luks), cipher)
+            (Some(Box::new(luks)), cipher)
         }
     };
     Ok(Some(Qcow2Crypt { method, fde, luks, cipher }))

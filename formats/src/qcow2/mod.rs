@@ -119,6 +119,20 @@ impl BlockDriver for Qcow2Driver {
     }
 }
 
+/// `graph.open` as a boxed future built in this small frame: opening a backing chain nests
+/// opens, and a debug build would otherwise keep a copy of the whole future in every level's
+/// stack frame.
+#[inline(never)]
+fn open_boxed<'a>(graph: &'a Graph, opts: Opts, flags: OpenFlags) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>> {
+    Box::pin(graph.open(opts, flags))
+}
+
+/// A repairing check as a boxed future built in this small frame (see [`open_boxed`]).
+#[inline(never)]
+fn check_boxed(node: &Qcow2Node) -> LocalBoxFuture<'_, BlockResult<CheckReport>> {
+    Box::pin(node.check(check::Repair::All))
+}
+
 fn unsupported(msg: impl Into<String>) -> BlockError {
     BlockError::new(ErrorKind::Unsupported, msg)
 }
@@ -258,7 +272,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
                             backing_opts.set("file.filename", basalt_engine::resolve_relative(&file.filename(), b));
                         }
                     }
-                    Some(Box::pin(graph.open(backing_opts, bf)).await?)
+                    Some(open_boxed(graph, backing_opts, bf).await?)
                 }
             }
         } else if let Some(b) = &hdr.backing_file {
@@ -278,7 +292,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
             bf.cache_direct = cflags.cache_direct;
             bf.aio = cflags.aio;
             bf.shared = Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE);
-            let node = Box::pin(graph.open(bo, bf)).await.map_err(|e| e.context("Could not open backing file"))?;
+            let node = open_boxed(graph, bo, bf).await.map_err(|e| e.context("Could not open backing file"))?;
             Some(node)
         } else {
             None
@@ -338,7 +352,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     if dirty && !read_only {
         // Left dirty by a program using lazy refcounts: rebuild the refcounts, then clear the
         // bit (QEMU repairs the same way on open).
-        let report = node.check(check::Repair::All).await?;
+        let report = check_boxed(&node).await?;
         if report.corruptions > 0 {
             return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Could not repair dirty image: corruptions remain"));
         }
