@@ -600,3 +600,24 @@ fn writes_leave_the_callers_buffer_alone() {
     let probe: Vec<u8> = (0..64u32).map(|i| (i * 31 + 7) as u8).collect();
     assert!(!file.windows(64).any(|w| w == probe.as_slice()), "plaintext found in the image file");
 }
+
+#[test]
+fn measure_counts_the_luks_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,cluster_size=512",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-192,cluster_size=2M",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        "encryption=on",
+        "encrypt.format=luks",
+        "encrypt.format=luks,encrypt.key-secret=nosuch",
+        "encrypt.format=luks,encrypt.cipher-alg=foo",
+        "encrypt.format=luks,encrypt.iter-time=abc",
+    ] {
+        same_output(d, true, &["measure", "--object", SECRET, "-O", "qcow2", "-o", o, "--size", "1G"]);
+    }
+    let o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    same_output(d, true, &["measure", "--object", SECRET, "--output=json", "-O", "qcow2", "-o", o, "--size", "1G"]);
+}

@@ -4,7 +4,10 @@
 //! metadata for the whole virtual disk plus the clusters that hold data (counted at the output
 //! format's cluster size, as QEMU counts them), "fully allocated size" the metadata plus every
 //! cluster. raw needs exactly its virtual size. `--output=json` gives qemu-img's object; a
-//! qcow2 source adds "bitmaps size" (0: Basalt has no bitmaps to copy yet).
+//! qcow2 source adds "bitmaps size" (0: Basalt has no bitmaps to copy yet). A qcow2 target
+//! with `encrypt.format=luks` adds its LUKS header clusters, as QEMU does (computed from the
+//! cipher's key size rather than by building a header: the same figure without the seconds of
+//! key derivation qemu-img spends on it).
 
 use basalt_engine::{parse_bool, Opts};
 
@@ -51,9 +54,32 @@ struct Qcow2Params {
     cs: u64,
     refcount_order: u32,
     extended_l2: bool,
+    /// Bytes of the LUKS header area (`encrypt.format=luks`), 0 without.
+    luks: u64,
 }
 
-fn qcow2_params(opts: &mut Opts) -> Result<Qcow2Params, String> {
+/// The LUKS header area a qcow2 image created with these `encrypt.*` options gets: checked as
+/// QEMU checks them when it measures (the cipher options, the key secret's presence).
+fn luks_area(graph: &basalt_engine::Graph, opts: &mut Opts) -> Result<u64, String> {
+    let mut sub = opts.take_sub("encrypt");
+    if sub.get_str("format").as_deref() != Some("luks") {
+        return Ok(0);
+    }
+    sub.take_str("format");
+    let (o, key) = basalt_formats::crypto::take_luks_create_opts(&mut sub).map_err(|e| e.msg)?;
+    let key = key.ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
+    if !graph.secrets().contains(&key) {
+        return Err(format!("No secret with id '{key}'"));
+    }
+    let (_, payload_sectors) = basalt_formats::crypto::luks_layout(o.mode.key_len(o.alg) as u32);
+    Ok(u64::from(payload_sectors) * basalt_formats::crypto::SECTOR_SIZE as u64)
+}
+
+fn qcow2_params(opts: &mut Opts, graph: &basalt_engine::Graph) -> Result<Qcow2Params, String> {
+    // Typed as qemu-img types `-o` options, before anything else.
+    if opts.get_str("encrypt.iter-time").is_some_and(|v| basalt_engine::parse_number(&v).is_none()) {
+        return Err("Parameter 'encrypt.iter-time' expects a number".into());
+    }
     let cs = match opts.take_str("cluster_size") {
         None => 65536,
         Some(v) => basalt_engine::parse_size(&v).ok_or_else(|| format!("Parameter 'cluster_size' expects a size, not '{v}'"))?,
@@ -69,7 +95,9 @@ fn qcow2_params(opts: &mut Opts) -> Result<Qcow2Params, String> {
         return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
     }
     let extended_l2 = opts.take_str("extended_l2").map(|v| parse_bool(&v).unwrap_or(false)).unwrap_or(false);
+    let luks = luks_area(graph, opts)?;
     for k in [
+        "encryption",
         "compat",
         "preallocation",
         "lazy_refcounts",
@@ -84,7 +112,7 @@ fn qcow2_params(opts: &mut Opts) -> Result<Qcow2Params, String> {
     if let Some(k) = opts.keys().next() {
         return Err(format!("Invalid parameter '{k}'"));
     }
-    Ok(Qcow2Params { cs, refcount_order: bits.trailing_zeros(), extended_l2 })
+    Ok(Qcow2Params { cs, refcount_order: bits.trailing_zeros(), extended_l2, luks })
 }
 
 /// Run the subcommand.
@@ -146,11 +174,11 @@ pub async fn main(args: Vec<String>) -> i32 {
             }
             None
         }
-        "qcow2" => match qcow2_params(&mut opts) {
+        "qcow2" => match qcow2_params(&mut opts, &common::graph(&a)) {
             Ok(p) => Some(p),
             Err(m) => {
                 error(&m);
-                if m.starts_with("Invalid parameter") {
+                if m.starts_with("Invalid parameter") || m.ends_with("expects a number") {
                     error(format!("Invalid options for file format '{fmt}'"));
                 }
                 return 1;
@@ -217,7 +245,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     let (required, full) = match &qcow2 {
         None => (size, size),
         Some(q) => {
-            let meta = qcow2_metadata(size, q.cs, q.refcount_order, q.extended_l2);
+            let meta = qcow2_metadata(size, q.cs, q.refcount_order, q.extended_l2) + q.luks.next_multiple_of(q.cs);
             (meta + data.min(size.next_multiple_of(q.cs)), meta + size.next_multiple_of(q.cs))
         }
     };
