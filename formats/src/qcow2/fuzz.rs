@@ -1,7 +1,8 @@
-//! Fuzz entry points for the qcow2 parsers: the header and its extensions, L1/L2 entries,
-//! refcount blocks, the snapshot table, the bitmap directory and bitmap tables, and
-//! compressed cluster data. Each takes arbitrary bytes and must return (an error is fine)
-//! without panicking, hanging or allocating more than the input bounds.
+//! Fuzz entry points for the qcow2 parsers: the header and its extensions (the encryption
+//! header extension checked too), L1/L2 entries, refcount blocks, the snapshot table, the
+//! bitmap directory and bitmap tables, and compressed cluster data. Each takes arbitrary bytes
+//! and must return (an error is fine) without panicking, hanging or allocating more than the
+//! input bounds.
 //!
 //! They are driven by the cargo-fuzz targets in `fuzz/` (nightly, `cargo fuzz run NAME`) and,
 //! on every test run, by a seeded mutation loop over valid seeds below.
@@ -30,6 +31,8 @@ pub fn header(data: &[u8]) {
         }
         let _ = h.cluster_size();
         let _ = h.l2_entries();
+        // The encryption header extension (FDE): checked against the header and file size.
+        let _ = crate::qcow2::encrypt::parse_fde(&h, fsize);
     }
 }
 
@@ -195,6 +198,19 @@ mod tests {
     #[test]
     fn header_survives_mutation() {
         mutate(&header_seed(), 20_000, header);
+    }
+
+    #[test]
+    fn encrypted_header_survives_mutation() {
+        // crypt_method 2 with its full disk encryption header extension.
+        let mut h = Qcow2Header::parse(&header_seed(), 1 << 40).expect("seed parses");
+        h.crypt_method = crate::qcow2::encrypt::CRYPT_LUKS;
+        let mut fde = 0x60000u64.to_be_bytes().to_vec();
+        fde.extend_from_slice(&2_068_480u64.to_be_bytes());
+        h.extensions.insert(0, crate::qcow2::header::Extension { kind: crate::qcow2::encrypt::EXT_CRYPTO, data: fde });
+        let b = h.serialize().expect("seed serialises");
+        assert!(crate::qcow2::encrypt::parse_fde(&Qcow2Header::parse(&b, 1 << 40).unwrap(), 1 << 40).unwrap().is_some());
+        mutate(&b, 10_000, header);
     }
 
     #[test]
