@@ -554,6 +554,16 @@ fn malformed_extensions_fail_clearly() {
         let o = basalt(d, "basalt-img", &["info", "bad.qcow2"]);
         assert!(!stderr(&o).contains("panicked") && o.status.code().is_some(), "{what}: info");
     }
+    // Key material far into a huge (sparse) area is refused before anything that large is read.
+    let mut b = good.clone();
+    let area = 80u64 << 20;
+    put(&mut b, 128, &area.to_be_bytes());
+    put(&mut b, off + 104, &((area / 512) as u32).to_be_bytes());
+    put(&mut b, off + 208 + 40, &((70u32 << 20) / 512).to_be_bytes());
+    std::fs::write(d.join("far.qcow2"), &b).unwrap();
+    std::fs::OpenOptions::new().write(true).open(d.join("far.qcow2")).unwrap().set_len(off as u64 + area).unwrap();
+    let o = basalt(d, "basalt-io", &["--object", SECRET, "--image-opts", "-c", "read 0 512", &image_opts("far.qcow2")]);
+    assert!(stderr(&o).contains("is not supported"), "{}", stderr(&o));
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub(crate) const CRYPT_AES: u32 = 1;
 /// `crypt_method`: LUKS.
 pub(crate) const CRYPT_LUKS: u32 = 2;
 
+/// Most of the LUKS area read to unlock a key slot.
+const MAX_UNLOCK_AREA: u64 = 64 << 20;
+
 /// Which encryption an image uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CryptMethod {
@@ -240,9 +243,19 @@ pub(crate) async fn open(
                     luks.check_area(len, false)
                         .map_err(|e| invalid(format!("{e}; the qcow2 encryption header area is {len} bytes")))?;
                     let password = graph.secrets().get_utf8(id)?;
-                    // Bounded by the extension length, itself bounded by the file (checked above).
-                    let area_len = usize::try_from(luks.unlock_area_len())
-                        .map_err(|_| BlockError::new(ErrorKind::OutOfBounds, "LUKS key material is too large"))?;
+                    // Within the extension's length, itself within the file (checked above), and
+                    // read whole: capped (QEMU's layouts need about 2 MiB).
+                    let area_len = luks.unlock_area_len();
+                    if area_len > MAX_UNLOCK_AREA {
+                        return Err(BlockError::new(
+                            ErrorKind::OutOfBounds,
+                            format!(
+                                "LUKS key material ends {area_len} bytes into the encryption header area \
+                                 (more than {MAX_UNLOCK_AREA} is not supported)"
+                            ),
+                        ));
+                    }
+                    let area_len = area_len as usize;
                     let area = zeroize::Zeroizing::new(read(fq, off, area_len, "LUKS key material").await?);
                     let mk = luks.unlock(password.as_bytes(), &area)?;
                     Some(Arc::new(luks.sector_cipher(&mk)?))
