@@ -239,11 +239,16 @@ async fn count_metadata(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
                 c.report.corruptions += 1;
                 continue;
             }
-            if host == 0 {
+            // In an external data file, offset 0 with COPIED is a host cluster; data clusters
+            // there have no refcounts in this file.
+            let ext_data = s.layout.data_file;
+            if host == 0 && !(ext_data && le & COPIED != 0) {
                 continue;
             }
-            for _ in 0..refs {
-                c.inc(host, cs, "data cluster");
+            if !ext_data {
+                for _ in 0..refs {
+                    c.inc(host, cs, "data cluster");
+                }
             }
             // Standard and preallocated zero clusters count as allocated, as QEMU counts them.
             if active {
@@ -354,7 +359,12 @@ async fn check_copied(s: &Shared, meta: &MetaIo<'_>, report: &mut CheckReport, f
         for k in (0..t.len()).step_by(s.words) {
             let e = t[k];
             let host = e & OFFSET_MASK;
-            if e & entry::COMPRESSED != 0 || host == 0 || !host.is_multiple_of(cs) || e & entry::L2_RESERVED != 0 {
+            if s.layout.data_file
+                || e & entry::COMPRESSED != 0
+                || host == 0
+                || !host.is_multiple_of(cs)
+                || e & entry::L2_RESERVED != 0
+            {
                 continue;
             }
             let rc = meta.refcount(host / cs).await?;

@@ -108,8 +108,34 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         Some(p) => basalt_engine::Prealloc::parse(&p)?,
     };
     let crypt = encrypt::parse_create_opts(&mut opts)?;
-    if opts.take_str("data_file").is_some() || opts.take_str("data_file_raw").is_some_and(|v| parse_bool(&v) == Some(true)) {
-        return Err(BlockError::new(ErrorKind::Unsupported, "qcow2 external data files are not supported yet"));
+    let data_file = opts.take_str("data_file");
+    let data_raw = opts.take_str("data_file_raw").is_some_and(|v| parse_bool(&v) == Some(true));
+    if data_raw && data_file.is_none() {
+        return Err(opt_err("data-file-raw requires data-file"));
+    }
+    let mut prealloc = prealloc;
+    if data_file.is_some() {
+        if version < 3 {
+            return Err(opt_err(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        if crypt.is_some() {
+            return Err(BlockError::new(
+                ErrorKind::Unsupported,
+                "qcow2 encryption together with an external data file is not supported yet",
+            ));
+        }
+        if matches!(prealloc, basalt_engine::Prealloc::Falloc | basalt_engine::Prealloc::Full) {
+            return Err(BlockError::new(
+                ErrorKind::Unsupported,
+                format!("Preallocation mode '{}' with an external data file is not supported yet", prealloc.name()),
+            ));
+        }
+        // As QEMU: a raw data file maps every cluster 1:1 from the start.
+        if data_raw {
+            prealloc = basalt_engine::Prealloc::Metadata;
+        }
     }
     let backing_file = opts.take_str("backing_file");
     let backing_fmt = opts.take_str("backing_fmt");
@@ -125,6 +151,13 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     let proto = graph.registry().protocol_for(filename).or_else(|| graph.registry().get("file"));
     let proto = proto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
     proto.create(graph, filename, 0, opts).await?;
+    if let Some(df) = &data_file {
+        // The data file, raw, of the virtual size (named as given, relative to the working
+        // directory, as QEMU creates it).
+        let dproto = graph.registry().protocol_for(df).or_else(|| graph.registry().get("file"));
+        let dproto = dproto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
+        dproto.create(graph, df, size, Opts::new()).await?;
+    }
 
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = refcount_bits.trailing_zeros();
@@ -194,6 +227,9 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     if extended_l2 {
         incompatible |= INCOMPAT_EXTL2;
     }
+    if data_file.is_some() {
+        incompatible |= header::INCOMPAT_DATA_FILE;
+    }
     let static_crypt = crypt.as_ref().filter(|_| prealloc == basalt_engine::Prealloc::Off);
     let hdr = Qcow2Header {
         version,
@@ -212,17 +248,18 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         // Basalt keeps refcounts up to date even with lazy refcounts (always valid); the bit
         // tells other programs they may postpone them.
         compatible: if lazy { crate::qcow2::header::COMPAT_LAZY_REFCOUNTS } else { 0 },
-        autoclear: 0,
+        autoclear: if data_raw { header::AUTOCLEAR_DATA_FILE_RAW } else { 0 },
         refcount_order,
         header_length: if version >= 3 { 112 } else { 72 },
         compression_type: compression,
-        extensions: match (static_crypt, luks_at) {
-            (Some(c), Some(at)) => vec![c.extension(at * cs)],
+        extensions: match (static_crypt, luks_at, &data_file) {
+            (Some(c), Some(at), _) => vec![c.extension(at * cs)],
+            (_, _, Some(df)) => vec![header::Extension { kind: header::EXT_DATA_FILE, data: df.as_bytes().to_vec() }],
             _ => Vec::new(),
         },
         backing_file,
         backing_format: backing_fmt,
-        data_file: None,
+        data_file: data_file.clone(),
         feature_names: Vec::new(),
     };
     let mut cluster0 = hdr.serialize().map_err(BlockError::from)?;
@@ -273,6 +310,9 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         let mut o = Opts::new();
         o.set("driver", "qcow2");
         o.set("file.filename", filename);
+        if let Some(df) = &data_file {
+            o.set("data-file.filename", df.clone());
+        }
         let node = graph.open(o, OpenFlags::read_write()).await?;
         let qn = node
             .as_any()

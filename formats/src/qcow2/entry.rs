@@ -48,6 +48,9 @@ pub struct Layout {
     pub cluster_bits: u32,
     /// Extended L2 entries (32 subclusters).
     pub extended_l2: bool,
+    /// Data lives in an external data file: a standard entry with `COPIED` set and offset 0
+    /// maps to host offset 0 of the data file (guest offsets map 1:1 there).
+    pub data_file: bool,
 }
 
 impl Layout {
@@ -80,6 +83,8 @@ impl Layout {
         }
         let host = entry & OFFSET_MASK;
         let copied = entry & COPIED != 0;
+        // Offset 0 is a host cluster only in an external data file, marked by `COPIED`.
+        let present = host != 0 || (self.data_file && copied);
         if host & ((1u64 << self.cluster_bits) - 1) != 0 {
             return Err(format!("Cluster allocation offset {host:#x} unaligned"));
         }
@@ -92,7 +97,7 @@ impl Layout {
             if alloc && zero {
                 return Err("Subcluster is both allocated and zero".into());
             }
-            if alloc && host == 0 {
+            if alloc && !present {
                 return Err("Allocated subcluster in an unallocated cluster".into());
             }
             return Ok(if zero {
@@ -104,9 +109,10 @@ impl Layout {
             });
         }
         if entry & ZERO != 0 {
+            // As QEMU: a zero entry with offset 0 is a plain zero cluster, data file or not.
             return Ok(Mapping::Zero { host: (host != 0).then_some(host) });
         }
-        if host == 0 {
+        if !present {
             return Ok(Mapping::Unallocated);
         }
         Ok(Mapping::Data { host, copied })
@@ -141,7 +147,7 @@ mod tests {
 
     #[test]
     fn decodes_every_kind() {
-        let l = Layout { cluster_bits: 16, extended_l2: false };
+        let l = Layout { cluster_bits: 16, extended_l2: false, data_file: false };
         assert_eq!(l.decode(0, 0, 0), Ok(Mapping::Unallocated));
         assert_eq!(l.decode(COPIED | 0x50000, 0, 0), Ok(Mapping::Data { host: 0x50000, copied: true }));
         assert_eq!(l.decode(ZERO, 0, 0), Ok(Mapping::Zero { host: None }));
@@ -149,7 +155,7 @@ mod tests {
         assert!(l.decode(0x50001 & !1 | 0x200, 0, 0).is_err(), "unaligned");
         let c = l.compressed_entry(0x12345, 1000);
         assert_eq!(l.decode(c, 0, 0), Ok(Mapping::Compressed { host: 0x12345, len: 1024 + 512 - (0x12345 & 511) }));
-        let e = Layout { cluster_bits: 16, extended_l2: true };
+        let e = Layout { cluster_bits: 16, extended_l2: true, data_file: false };
         assert_eq!(e.decode(0x50000, 1 << 3, 3), Ok(Mapping::Data { host: 0x50000, copied: false }));
         assert_eq!(e.decode(0x50000, 1 << 3, 4), Ok(Mapping::Unallocated));
         assert_eq!(e.decode(0, 1 << 36, 4), Ok(Mapping::Zero { host: None }));

@@ -40,7 +40,7 @@ pub fn header(data: &[u8]) {
 pub fn table_entries(data: &[u8]) {
     for cluster_bits in [9u32, 12, 16, 21] {
         for extended_l2 in [false, true] {
-            let layout = Layout { cluster_bits, extended_l2 };
+            let layout = Layout { cluster_bits, extended_l2, data_file: false };
             for w in data.chunks_exact(16) {
                 let (e, b) = (be64(w, 0), be64(w, 8));
                 let _ = entry::l1_l2_offset(e, cluster_bits);

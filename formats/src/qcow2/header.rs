@@ -28,6 +28,8 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature: extended L2 entries.
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Autoclear feature: the external data file is valid as a raw image.
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 /// Compatible feature: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 

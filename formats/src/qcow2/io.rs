@@ -30,6 +30,8 @@ use crate::qcow2::meta::{Cached, MResult, MetaIo, Shared};
 pub(crate) struct Qcow2Queue {
     s: Arc<Shared>,
     file: Queue,
+    /// Where data clusters live: the external data file, or `file` itself.
+    data: Queue,
     backing: Option<Queue>,
     writes: InFlight,
     /// Guest clusters whose allocating write is in flight, with the requests waiting for it.
@@ -45,8 +47,8 @@ struct Piece {
 }
 
 impl Qcow2Queue {
-    pub(crate) fn new(s: Arc<Shared>, file: Queue, backing: Option<Queue>) -> Qcow2Queue {
-        Qcow2Queue { s, file, backing, writes: InFlight::default(), allocating: RefCell::new(HashMap::new()) }
+    pub(crate) fn new(s: Arc<Shared>, file: Queue, data: Queue, backing: Option<Queue>) -> Qcow2Queue {
+        Qcow2Queue { s, file, data, backing, writes: InFlight::default(), allocating: RefCell::new(HashMap::new()) }
     }
 
     fn meta(&self) -> MetaIo<'_> {
@@ -126,7 +128,7 @@ impl Qcow2Queue {
             Mapping::Data { host, .. } => {
                 let at = host + p.off % self.s.cs;
                 buf.slice(p.at, p.len as usize);
-                let d = self.file.read(at, buf).await;
+                let d = self.data.read(at, buf).await;
                 buf = d.buf.expect("read returns its buffer");
                 buf.set_window(ws, wl);
                 match (d.res, &self.s.crypt) {
@@ -212,7 +214,7 @@ impl Qcow2Queue {
                 Some(c) => c.encrypted_copy(off, at, data)?,
                 None => IoBuf::from_slice(data),
             };
-            let d = self.file.write(at, b, WriteFlags::default()).counted(&self.writes).await;
+            let d = self.data.write(at, b, WriteFlags::default()).counted(&self.writes).await;
             return d.res.map(|_| ());
         }
         let mut cluster = self.cluster_content(off).await?;
@@ -223,7 +225,10 @@ impl Qcow2Queue {
         // shared with others (copied away from), or compressed data.
         let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
         let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
-        let reuse = (old_host != 0 && e & COPIED != 0).then_some(old_host);
+        let ext_data = self.s.layout.data_file;
+        // With an external data file the host cluster is the guest cluster's own (1:1, no
+        // refcount): always written in place.
+        let reuse = if ext_data { Some(gc * cs) } else { (old_host != 0 && e & COPIED != 0).then_some(old_host) };
         meta.ensure_l2(gc).await?;
         let host = match reuse {
             Some(h) => h,
@@ -235,7 +240,7 @@ impl Qcow2Queue {
         // fallocate leaves it, at a fraction of the system calls.
         let end = o + data.len();
         // Encrypted zeroes are not zero bytes: an encrypted cluster is always written whole.
-        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed) && self.s.crypt.is_none();
+        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed) && self.s.crypt.is_none() && !ext_data;
         let zero_cow = fresh && basalt_engine::buffer_is_zero(&cluster[..o]) && basalt_engine::buffer_is_zero(&cluster[end..]);
         let mut zeroed = false;
         if zero_cow {
@@ -272,9 +277,9 @@ impl Qcow2Queue {
             basalt_engine::IoDone { buf: None, res: Err(e) }
         } else if zeroed {
             cluster.slice(o, data.len());
-            self.file.write(host + o as u64, cluster, WriteFlags::default()).await
+            self.data.write(host + o as u64, cluster, WriteFlags::default()).await
         } else {
-            self.file.write(host, cluster, WriteFlags::default()).await
+            self.data.write(host, cluster, WriteFlags::default()).await
         };
         let _g = self.s.alloc.lock().await;
         let r = match d.res {
@@ -338,14 +343,14 @@ impl Qcow2Queue {
                     match &self.s.crypt {
                         // Encrypted from a copy: the caller's buffer stays as it was.
                         Some(c) => match c.encrypted_copy(p.off, at, &buf[p.at..p.at + p.len as usize]) {
-                            Ok(b) => self.file.write(at, b, flags).counted(&self.writes).await.res.map(|_| ()),
+                            Ok(b) => self.data.write(at, b, flags).counted(&self.writes).await.res.map(|_| ()),
                             Err(e) => Err(e),
                         },
                         None => {
                             // Straight from the caller's buffer. Counted: a concurrent discard
                             // must not free the cluster under it.
                             buf.set_window(ws + p.at, p.len as usize);
-                            let d = self.file.write(at, buf, flags).counted(&self.writes).await;
+                            let d = self.data.write(at, buf, flags).counted(&self.writes).await;
                             buf = d.buf.expect("write returns its buffer");
                             buf.set_window(ws, wl);
                             d.res.map(|_| ())
@@ -377,7 +382,7 @@ impl Qcow2Queue {
             i += 1;
         }
         if flags.fua {
-            if let Err(e) = self.file.flush().await.res {
+            if let Err(e) = self.data.flush().await.res {
                 return IoDone { buf: Some(buf), res: Err(e) };
             }
         }
@@ -430,9 +435,14 @@ impl Qcow2Queue {
         if let Err(e) = meta.ensure_l2(gc0).await {
             return (data, Err(e));
         }
-        let host = match meta.alloc_clusters(n).await {
-            Ok(h) => h,
-            Err(e) => return (data, Err(e)),
+        let ext_data = self.s.layout.data_file;
+        let host = if ext_data {
+            gc0 * cs
+        } else {
+            match meta.alloc_clusters(n).await {
+                Ok(h) => h,
+                Err(e) => return (data, Err(e)),
+            }
         };
         if let Err(e) = self.s.fault.hit("data.write") {
             return (data, Err(e));
@@ -456,9 +466,9 @@ impl Qcow2Queue {
         }
         drop(g);
         let (res, data) = match bounce {
-            Some(b) => (self.file.write(host, b, WriteFlags::default()).await.res, data),
+            Some(b) => (self.data.write(host, b, WriteFlags::default()).await.res, data),
             None => {
-                let d = self.file.write(host, data, WriteFlags::default()).await;
+                let d = self.data.write(host, data, WriteFlags::default()).await;
                 (d.res, d.buf.expect("write returns its buffer"))
             }
         };
@@ -475,7 +485,9 @@ impl Qcow2Queue {
             }
             Err(e) => {
                 for k in 0..n {
-                    let _ = meta.free_cluster(host + k * cs).await;
+                    if !ext_data {
+                        let _ = meta.free_cluster(host + k * cs).await;
+                    }
                 }
                 r = Err(e);
             }
@@ -494,6 +506,17 @@ impl Qcow2Queue {
     /// as zeroes through the write path.
     async fn zero_or_discard(self: Rc<Self>, off: u64, len: u64, discard: bool, unmap: bool) -> IoDone {
         let cs = self.s.cs;
+        // As QEMU: a raw data file is zeroed first, then the entries (for a discard, the
+        // whole clusters it drops), so it keeps reading as the guest's content.
+        let raw_zero = |at: u64, n: u64| {
+            let z = ZeroFlags { may_unmap: unmap, no_fallback: false, fua: false };
+            self.data.write_zeroes(at, n, z)
+        };
+        if self.s.data_raw && !discard {
+            if let Err(e) = raw_zero(off, len).await.res {
+                return IoDone::err(e);
+            }
+        }
         let v3 = self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).version >= 3;
         let mut at = off;
         let end = off + len;
@@ -501,6 +524,11 @@ impl Qcow2Queue {
             let cend = ((at / cs) + 1) * cs;
             let n = cend.min(end) - at;
             let whole = at.is_multiple_of(cs) && n == cs;
+            if whole && discard && self.s.data_raw {
+                if let Err(e) = raw_zero(at, n).await.res {
+                    return IoDone::err(e);
+                }
+            }
             let r = if whole {
                 self.zero_cluster(at / cs, discard, unmap, v3).await
             } else if discard {
@@ -543,11 +571,14 @@ impl Qcow2Queue {
         let meta = self.meta();
         let (e, _) = meta.entry(gc).await?;
         let ext = self.s.layout.extended_l2;
-        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
-        let old_host = if compressed { 0 } else { e & crate::qcow2::entry::OFFSET_MASK };
+        // In an external data file, offset 0 with COPIED is a host cluster too.
+        let has_host = |e: u64| {
+            e & crate::qcow2::entry::COMPRESSED == 0
+                && (e & crate::qcow2::entry::OFFSET_MASK != 0 || (self.s.layout.data_file && e & COPIED != 0))
+        };
         let has_backing = self.backing.is_some();
         // The new entry: zero flag (v3) or unallocated; keep the allocation when not unmapping.
-        let keep = !discard && !unmap && old_host != 0 && e & COPIED != 0;
+        let keep = !discard && !unmap && has_host(e) && e & COPIED != 0;
         let (new, bitmap) = if ext {
             if discard && !has_backing {
                 (0, 0)
@@ -577,7 +608,7 @@ impl Qcow2Queue {
         }
         // The allocation is kept only where the new entry still points at it (a v2 image has no
         // zero flag: its cluster is unallocated and freed, as QEMU does).
-        let keep = keep && new & crate::qcow2::entry::OFFSET_MASK != 0;
+        let keep = keep && has_host(new);
         meta.set_entry(gc, new, bitmap, !keep).await?;
         if !keep {
             // In-flight writes may still target the old cluster: let them land first.
@@ -664,13 +695,14 @@ impl Qcow2Queue {
     /// it would be, as QEMU does.
     async fn status_at(&self, m: Mapping, off: u64) -> Result<BlockStatus, IoStatus> {
         let cs = self.s.cs;
-        let mut st = status_of(m, off % cs, self.s.file.clone());
+        let mut st = status_of(m, off % cs, self.data.node().clone());
         if self.s.layout.extended_l2 && st.offset.is_none() && matches!(m, Mapping::Unallocated | Mapping::Zero { .. }) {
             let (e, _) = self.meta().entry(off / cs).await?;
             let host = e & crate::qcow2::entry::OFFSET_MASK;
-            if e & crate::qcow2::entry::COMPRESSED == 0 && host != 0 {
+            let present = host != 0 || (self.s.layout.data_file && e & COPIED != 0);
+            if e & crate::qcow2::entry::COMPRESSED == 0 && present {
                 st.offset = Some(host + off % cs);
-                st.file = Some(self.s.file.clone());
+                st.file = Some(self.data.node().clone());
             }
         }
         if self.s.crypt.is_some() {
@@ -707,7 +739,8 @@ impl Qcow2Queue {
         st.len = span.min(len);
         // Data in the file may still read as zeroes (a hole, or an unwritten extent): ask the
         // file, as QEMU's block layer does, and report "zero" (still "data") where it is.
-        if let (true, Some(host)) = (st.data && !st.compressed, st.offset) {
+        // QEMU does not look into an external data file so.
+        if let (true, Some(host), false) = (st.data && !st.compressed, st.offset, self.s.layout.data_file) {
             if let Ok(fs) = self.file.block_status(host, st.len).await {
                 st.len = fs.len.clamp(1, st.len);
                 if fs.zero && !fs.data {
@@ -741,9 +774,16 @@ fn status_of(m: Mapping, in_cluster: u64, file: Arc<dyn basalt_engine::Node>) ->
         Mapping::Unallocated => {
             BlockStatus { len: 0, data: false, zero: false, allocated: false, offset: None, file: None, compressed: false }
         }
-        Mapping::Zero { .. } => {
-            BlockStatus { len: 0, data: false, zero: true, allocated: true, offset: None, file: None, compressed: false }
-        }
+        // A preallocated zero cluster reports where it is, as QEMU does.
+        Mapping::Zero { host } => BlockStatus {
+            len: 0,
+            data: false,
+            zero: true,
+            allocated: true,
+            offset: host.map(|h| h + in_cluster),
+            file: host.map(|_| file),
+            compressed: false,
+        },
         Mapping::Data { host, .. } => BlockStatus {
             len: 0,
             data: true,
@@ -770,7 +810,7 @@ impl NodeQueue for Qcow2NodeQueue {
         if len > 0 && off % cs + len <= cs && q.s.crypt.is_none() {
             if let Some(Mapping::Data { host, .. }) = q.mapping_cached(off) {
                 if !q.s.layout.extended_l2 || off % q.s.layout.subcluster_size() + len <= q.s.layout.subcluster_size() {
-                    return q.file.read(host + off % cs, buf);
+                    return q.data.read(host + off % cs, buf);
                 }
             }
         }
@@ -790,7 +830,7 @@ impl NodeQueue for Qcow2NodeQueue {
         q.s.mark_dirty(off, len);
         if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 && q.s.crypt.is_none() {
             if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
-                return q.file.write(host + off % cs, buf, flags).counted(&q.writes);
+                return q.data.write(host + off % cs, buf, flags).counted(&q.writes);
             }
         }
         IoFuture::boxed(q.clone().write_slow(off, buf, flags))
@@ -819,8 +859,9 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.read_only || q.s.corrupt.load(Ordering::Relaxed) {
             return IoFuture::done(buf, Err(IoStatus::EPERM));
         }
-        if q.s.crypt.is_some() {
-            // QEMU would store the compressed data unencrypted: refused rather than leaked.
+        if q.s.crypt.is_some() || q.s.layout.data_file {
+            // QEMU would store the compressed data unencrypted: refused rather than leaked. With
+            // an external data file, QEMU refuses compressed writes too.
             return IoFuture::done(buf, Err(IoStatus::ENOTSUP));
         }
         q.s.mark_dirty(off, buf.len() as u64);
@@ -832,10 +873,17 @@ impl NodeQueue for Qcow2NodeQueue {
         if q.s.fault.tripped.load(Ordering::Relaxed) {
             return IoFuture::err(IoStatus::EIO);
         }
-        if q.s.lock_meta().dirty_count() == (0, 0) {
+        if q.s.lock_meta().dirty_count() == (0, 0) && !q.s.layout.data_file {
             return q.file.flush();
         }
         IoFuture::boxed(async move {
+            // Data first: metadata on stable storage must not point at data that is not.
+            if q.s.layout.data_file {
+                let d = q.data.flush().await;
+                if d.res.is_err() {
+                    return d;
+                }
+            }
             let r = {
                 let _g = q.s.alloc.lock().await;
                 q.meta().writeback().await

@@ -31,6 +31,11 @@ pub(crate) struct Shared {
     pub filename: String,
     pub file: Arc<dyn Node>,
     pub backing: Option<Arc<dyn Node>>,
+    /// The external data file (`None` without one, or when opened for no I/O): data clusters
+    /// live there at host offset == guest offset and have no refcounts.
+    pub data_file: Option<Arc<dyn Node>>,
+    /// `data_file_raw`: the data file must stay valid as a raw image (zero writes zero it too).
+    pub data_raw: bool,
     pub read_only: bool,
     pub layout: Layout,
     pub cluster_bits: u32,
@@ -721,6 +726,10 @@ impl MetaIo<'_> {
     /// compressed data touches. Call after the entry that replaced it is on disk.
     pub(crate) async fn free_target(&self, e: u64) -> MResult<()> {
         let cs = self.s.cs;
+        if self.s.layout.data_file {
+            // Data clusters in an external data file have no refcounts (and none is compressed).
+            return Ok(());
+        }
         if e & entry::COMPRESSED != 0 {
             if let Ok(entry::Mapping::Compressed { host, len }) = self.s.layout.decode(e, 0, 0) {
                 for c in host / cs..=(host + len - 1) / cs {

@@ -20,8 +20,12 @@
 //! Encryption (`encrypt`): `encrypt.format=luks` and the legacy `aes`, opened, read, written,
 //! created and checked as QEMU does (compressed writes into an encrypted image are refused).
 //!
-//! Not yet: external data files. Each is refused with a clear error rather than
-//! half-done.
+//! External data files (`data_file`, `data_file_raw`): data clusters live in the data file at
+//! host offset == guest offset (as QEMU always maps them), without refcounts; L2 entries still
+//! record the allocation. Compressed writes and internal snapshots are refused, as QEMU refuses
+//! them; with `data_file_raw` a zero write zeroes the data file too, so it stays a valid raw
+//! image. Not yet: encryption together with a data file, and `falloc`/`full` preallocation of
+//! a data file (refused with clear errors).
 
 mod amend;
 mod bitmap;
@@ -169,9 +173,14 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         }
     }
     let crypt_opts = encrypt::take_open_opts(&mut opts);
-    if opts.contains("data-file") || opts.has_sub("data-file") {
-        return Err(unsupported("qcow2 external data files are not supported yet"));
+    // The data file child's options, taken before the file child's (`open_child` takes its own
+    // role's keys only).
+    let data_opt = opts.contains("data-file") || opts.has_sub("data-file");
+    let mut data_opts = Opts::new();
+    if let Some(r) = opts.take_str("data-file") {
+        data_opts.set("data-file", r);
     }
+    data_opts.insert_sub("data-file", opts.take_sub("data-file"));
     let fault = opts.take_str("x-fault");
     let fault_after = opts.take_u64("x-fault-after", 1)?;
     if let Some(f) = &fault {
@@ -212,9 +221,30 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     // An open that takes no permission does no I/O (qemu-img info): no key is needed.
     let no_io = flags.perm == Perm::NONE;
     let crypt = encrypt::open(graph, &fq, &hdr, fsize, &crypt_opts, no_io).await?;
-    if hdr.incompatible & header::INCOMPAT_DATA_FILE != 0 {
-        return Err(unsupported("qcow2 images with an external data file are not supported yet"));
-    }
+    let has_data_file = hdr.incompatible & header::INCOMPAT_DATA_FILE != 0;
+    let data_raw = has_data_file && hdr.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+    let data_file = if !has_data_file {
+        if data_opt {
+            return Err(BlockError::option("'data-file' can only be set for images with an external data file"));
+        }
+        None
+    } else if no_io {
+        // `qemu-img info` opens no data file (and works without it), as QEMU.
+        None
+    } else {
+        if crypt.is_some() {
+            return Err(unsupported("qcow2 images with both encryption and an external data file are not supported yet"));
+        }
+        if !data_opt {
+            let name = hdr.data_file.as_deref().ok_or_else(|| BlockError::option("Missing data-file option"))?;
+            // As QEMU 10 opens it: the name as stored, not resolved relative to the image
+            // (`qemu-img` run from another directory fails to find it likewise).
+            data_opts.set("data-file.filename", name.to_string());
+        }
+        let mut df = cflags.clone();
+        df.perm = if read_only { Perm::CONSISTENT_READ } else { Perm::CONSISTENT_READ.with(Perm::WRITE) };
+        Some(graph.open_child(&mut data_opts, ChildRole::DataFile, df).await?)
+    };
     let dirty = hdr.incompatible & header::INCOMPAT_DIRTY != 0;
     let corrupt = hdr.incompatible & header::INCOMPAT_CORRUPT != 0;
     if !read_only && corrupt {
@@ -240,7 +270,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         Vec::new()
     };
     // Cache sizes: QEMU's defaults (enough L2 to cover the disk, up to 32 MiB).
-    let layout = Layout { cluster_bits: hdr.cluster_bits, extended_l2: hdr.extended_l2() };
+    let layout = Layout { cluster_bits: hdr.cluster_bits, extended_l2: hdr.extended_l2(), data_file: has_data_file };
     let l2_cover = cs * hdr.l2_entries();
     let want_l2 = if l2_cache > 0 {
         l2_cache
@@ -301,8 +331,9 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let mut hdr = hdr;
     let bitmaps = bitmap_ops::load(&fq, &hdr, fsize, !read_only).await?;
     // Autoclear bits protect what a program that does not maintain it must drop: we keep the
-    // bitmaps (when we loaded them), nothing else.
-    let keep = if bitmaps.list.is_empty() { 0 } else { bitmap::AUTOCLEAR_BITMAPS };
+    // bitmaps (when we loaded them) and a raw external data file (which we keep valid).
+    let keep = if bitmaps.list.is_empty() { 0 } else { bitmap::AUTOCLEAR_BITMAPS }
+        | if data_raw { header::AUTOCLEAR_DATA_FILE_RAW } else { 0 };
     if !read_only && hdr.autoclear & !keep != 0 {
         hdr.autoclear &= keep;
         if hdr.version >= 3 {
@@ -321,6 +352,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         filename,
         file,
         backing,
+        data_file,
+        data_raw,
         read_only,
         layout,
         cluster_bits: hdr.cluster_bits,
@@ -404,11 +437,15 @@ impl Qcow2Node {
         while gc < total {
             let n = (self.s.l2_entries - gc % self.s.l2_entries).min(total - gc);
             meta.ensure_l2(gc).await.map_err(fail)?;
-            let host = meta.alloc_clusters(n).await.map_err(fail)?;
+            // An external data file maps 1:1 and keeps no refcounts.
+            let ext_data = self.s.layout.data_file;
+            let host = if ext_data { gc * cs } else { meta.alloc_clusters(n).await.map_err(fail)? };
             for k in 0..n {
                 meta.set_entry(gc + k, (host + k * cs) | entry::COPIED, 0, false).await.map_err(fail)?;
             }
-            end = end.max(host + n * cs);
+            if !ext_data {
+                end = end.max(host + n * cs);
+            }
             gc += n;
         }
         meta.writeback().await.map_err(fail)?;
@@ -540,6 +577,9 @@ impl Node for Qcow2Node {
         if let Some(b) = &self.s.backing {
             v.push(Child { role: ChildRole::Backing, node: b.clone() });
         }
+        if let Some(d) = &self.s.data_file {
+            v.push(Child { role: ChildRole::DataFile, node: d.clone() });
+        }
         v
     }
     fn allocated_size(&self) -> Option<u64> {
@@ -568,6 +608,12 @@ impl Node for Qcow2Node {
         data.insert("refcount-bits".into(), h.refcount_bits().into());
         if let Some(c) = &self.s.crypt {
             data.insert("encrypt".into(), c.info_json());
+        }
+        if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+            if let Some(d) = &h.data_file {
+                data.insert("data-file".into(), d.clone().into());
+            }
+            data.insert("data-file-raw".into(), (h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0).into());
         }
         if h.version >= 3 {
             data.insert("corrupt".into(), (h.incompatible & header::INCOMPAT_CORRUPT != 0).into());
@@ -604,7 +650,17 @@ impl Node for Qcow2Node {
             Some(b) => Some(Queue::new(b.clone())?),
             None => None,
         };
-        Ok(Rc::new(io::Qcow2NodeQueue(Rc::new(io::Qcow2Queue::new(self.s.clone(), file, backing)))))
+        let data = match (&self.s.data_file, self.s.layout.data_file) {
+            (Some(d), _) => Queue::new(d.clone())?,
+            (None, false) => file.clone(),
+            (None, true) => {
+                return Err(BlockError::new(
+                    ErrorKind::PermissionDenied,
+                    "The qcow2 image was opened without its external data file and cannot do I/O",
+                ))
+            }
+        };
+        Ok(Rc::new(io::Qcow2NodeQueue(Rc::new(io::Qcow2Queue::new(self.s.clone(), file, data, backing)))))
     }
     fn truncate(&self, size: u64, prealloc: Prealloc) -> LocalBoxFuture<'_, BlockResult<()>> {
         Box::pin(async move {

@@ -255,6 +255,10 @@ impl Qcow2Node {
     /// Take a snapshot named `name` of the current state.
     pub async fn snapshot_create_named(&self, name: &str) -> BlockResult<()> {
         self.writable()?;
+        if self.s.layout.data_file {
+            // As QEMU: a snapshot cannot keep the data file's clusters.
+            return Err(BlockError::new(ErrorKind::Unsupported, "Operation not supported"));
+        }
         let file = Queue::new(self.s.file.clone())?;
         let meta = MetaIo { s: &self.s, file: &file };
         let f = fail("Could not create the snapshot");
