@@ -242,7 +242,8 @@ async fn count_metadata(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
             // In an external data file, offset 0 with COPIED is a host cluster; data clusters
             // there have no refcounts in this file.
             let ext_data = s.layout.data_file;
-            if host == 0 && !(ext_data && le & COPIED != 0) {
+            // (A zero entry with offset 0 is a plain zero cluster, as QEMU reads it.)
+            if host == 0 && !(ext_data && le & COPIED != 0 && le & entry::ZERO == 0) {
                 continue;
             }
             if !ext_data {
@@ -345,7 +346,8 @@ async fn check_copied(s: &Shared, meta: &MetaIo<'_>, report: &mut CheckReport, f
         }
         let rc = meta.refcount(l2_off / cs).await?;
         if (rc == 1) != (l1e & COPIED != 0) {
-            if fix {
+            // A refcount of 0 is a refcount error only `-r all` repairs: flags stay as they are.
+            if fix && rc != 0 {
                 report.messages.push(format!("Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
                 meta.set_l1_entry(i, l1e ^ COPIED).await?;
                 report.corruptions_fixed += 1;
@@ -371,7 +373,7 @@ async fn check_copied(s: &Shared, meta: &MetaIo<'_>, report: &mut CheckReport, f
             if (rc == 1) == (e & COPIED != 0) {
                 continue;
             }
-            if fix {
+            if fix && rc != 0 {
                 report.messages.push(format!("Repairing OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"));
                 t[k] = e ^ COPIED;
                 changed = true;
