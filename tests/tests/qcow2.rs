@@ -443,10 +443,7 @@ fn create_matches_qemu_img() {
             assert!(qf == bf, "basalt-img {args}: {f} differs from qemu-img's");
         }
     }
-    // What the driver cannot do yet fails clearly (qemu-img would make these). Encryption is
-    // tested in qcow2_encrypt.rs.
-    let o = basalt_img(b.path(), &["create", "-f", "qcow2", "-o", "data_file=x.raw", "u.qcow2", "1M"]);
-    assert!(o.status.code() == Some(1) && stderr(&o).contains("data file"), "create -o data_file: {}", stderr(&o));
+    // Encryption is tested in qcow2_encrypt.rs, external data files in qcow2_datafile.rs.
 }
 
 /// Apply `ops` with basalt-io to `b` and with qemu-io to `q` (same directory).
