@@ -65,6 +65,10 @@ pub(crate) struct Shared {
     /// Where the next compressed cluster's data may go (just after the previous one's, in a
     /// host cluster we still hold a reference to); 0 for none.
     pub compress_cursor: std::sync::atomic::AtomicU64,
+    /// `cache-clean-interval` in seconds (0: cached tables are kept).
+    pub clean_interval: u64,
+    /// Whether the cache sweeper was started.
+    pub cleaner: AtomicBool,
     /// The internal snapshot table.
     pub snapshots: Mutex<crate::qcow2::snapshot::SnapshotTable>,
     /// Encryption (`None` for a plain image).
@@ -220,12 +224,27 @@ impl Meta {
         self.refblocks.insert(off, Cached2 { data: block, used: self.tick, dirty: false });
     }
 
+    /// Drop every clean cached table not used since tick `since` (`cache-clean-interval`);
+    /// returns the tick to pass next time.
+    pub(crate) fn drop_unused(&mut self, since: u64) -> u64 {
+        self.l2.retain(|_, e| e.dirty || e.used >= since);
+        self.refblocks.retain(|_, e| e.dirty || e.used >= since);
+        self.l2_seq += 1;
+        self.tick += 1;
+        self.tick
+    }
+
     /// Use a new refcount table (after `amend` rebuilt the refcount structures): every cached
     /// refcount block is dropped.
     pub(crate) fn reset_refcounts(&mut self, reftable: Vec<u64>) {
         self.reftable = reftable;
         self.refblocks.clear();
         self.free_hint = 0;
+    }
+
+    /// Tables cached: (L2 tables, refcount blocks).
+    pub(crate) fn cached_counts(&self) -> (usize, usize) {
+        (self.l2.len(), self.refblocks.len())
     }
 
     /// Tables changed in memory and not yet written: (refcount blocks, L2 tables).

@@ -157,7 +157,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let l2_cache = opts.take_size("l2-cache-size", 0)?;
     let rc_cache = opts.take_size("refcount-cache-size", 0)?;
     let cache_size = opts.take_size("cache-size", 0)?;
-    let _ = opts.take_u64("cache-clean-interval", 600)?;
+    // Seconds after which cached tables unused since the last sweep are dropped (0: never).
+    let clean_interval = opts.take_u64("cache-clean-interval", 600)?;
     // Refcounts are always kept up to date (and the dirty bit never set), which is a valid
     // implementation of lazy refcounts; the option is accepted either way.
     let _ = opts.take_bool("lazy-refcounts", false)?;
@@ -375,6 +376,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         fault: Default::default(),
         snapshots: Mutex::new(snapshots),
         bitmaps: std::sync::RwLock::new(bitmaps),
+        clean_interval,
+        cleaner: AtomicBool::new(false),
         tracking: AtomicBool::new(tracking),
         crypt,
     };
@@ -542,6 +545,11 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Tables in the metadata caches now: (L2 tables, refcount blocks).
+    pub fn cache_usage(&self) -> (usize, usize) {
+        self.s.lock_meta().cached_counts()
+    }
+
     /// A copy of the header as it is now.
     pub fn header(&self) -> Qcow2Header {
         self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -644,6 +652,19 @@ impl Node for Qcow2Node {
                 }
                 _ => *o = me,
             }
+        }
+        if self.s.clean_interval > 0 && !self.s.cleaner.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let interval = std::time::Duration::from_secs(self.s.clean_interval);
+            let weak = Arc::downgrade(&self.s);
+            // The sweeper lives as long as the node: it holds only a weak reference.
+            drop(basalt_reactor::spawn_local(async move {
+                let mut since = 0;
+                loop {
+                    basalt_reactor::sleep(interval).await;
+                    let Some(s) = weak.upgrade() else { break };
+                    since = s.lock_meta().drop_unused(since);
+                }
+            }));
         }
         let file = Queue::new(self.s.file.clone())?;
         let backing = match &self.s.backing {
