@@ -361,6 +361,8 @@ impl Qcow2Node {
             std::mem::replace(&mut m.l1, table)
         };
         self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size = new_size;
+        // Bitmaps follow the disk size (their tables must match it when stored).
+        self.bitmaps_resize(new_size);
         // Then the references the old active table held go.
         meta.update_refcounts(&old, -1).await.map_err(&f)?;
         meta.writeback().await.map_err(&f)?;
