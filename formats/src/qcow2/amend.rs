@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use basalt_engine::{BlockError, BlockResult, ErrorKind, IoStatus, Opts, Prealloc, Queue};
+use basalt_engine::{BlockError, BlockResult, CreateOptDesc, ErrorKind, IoStatus, Opts, Prealloc, Queue};
 
 use crate::qcow2::check;
 use crate::qcow2::entry::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
@@ -19,6 +19,40 @@ use crate::qcow2::header::{self, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION};
 use crate::qcow2::meta::{MResult, MetaIo};
 use crate::qcow2::refcount;
 use crate::qcow2::Qcow2Node;
+
+/// Creation options `amend` also takes (`qemu-img amend -o help` lists them).
+const AMENDABLE: &[&str] = &[
+    "backing_file",
+    "backing_fmt",
+    "compat",
+    "data_file",
+    "data_file_raw",
+    "encrypt.iter-time",
+    "lazy_refcounts",
+    "refcount_bits",
+    "size",
+];
+
+/// Options only `amend` has: LUKS key slot management.
+const AMEND_ONLY: &[CreateOptDesc] = &[
+    CreateOptDesc { name: "encrypt.keyslot", kind: "num", help: "Select a single keyslot to modify explicitly" },
+    CreateOptDesc {
+        name: "encrypt.new-secret",
+        kind: "str",
+        help: "New secret to set in the matching keyslots. Empty string to erase",
+    },
+    CreateOptDesc { name: "encrypt.old-secret", kind: "str", help: "Select all keyslots that match this password" },
+    CreateOptDesc { name: "encrypt.state", kind: "str", help: "Select new state of affected keyslots (active/inactive)" },
+];
+
+/// The options of `qemu-img amend` for qcow2: the amendable creation options and the key
+/// slot options.
+pub fn amend_opts() -> Vec<CreateOptDesc> {
+    let mut v: Vec<CreateOptDesc> =
+        crate::qcow2::create::CREATE_OPTS.iter().filter(|d| AMENDABLE.contains(&d.name)).cloned().collect();
+    v.extend_from_slice(AMEND_ONLY);
+    v
+}
 
 /// What `amend` asked for.
 #[derive(Debug, Default)]
@@ -213,8 +247,7 @@ impl Qcow2Node {
             let mut tables = vec![self.s.lock_meta().l1.clone()];
             let snaps = self.s.snapshots.lock().unwrap_or_else(|e| e.into_inner()).list.clone();
             for sn in &snaps {
-                let b = meta.read_bytes(sn.l1_table_offset, sn.l1_size as usize * 8).await.map_err(f)?;
-                tables.push(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect());
+                tables.push(meta.read_l1(sn).await.map_err(f)?);
             }
             meta.expand_zero_clusters(&tables, self.s.backing.is_some()).await.map_err(f)?;
         }

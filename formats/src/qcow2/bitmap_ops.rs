@@ -17,7 +17,7 @@ use basalt_reactor::IoBuf;
 use crate::qcow2::bitmap::{self, BitmapEntry, BitmapsExt, AUTOCLEAR_BITMAPS, EXT_BITMAPS, FLAG_AUTO, FLAG_IN_USE};
 use crate::qcow2::error::bad;
 use crate::qcow2::header::{Extension, Qcow2Header};
-use crate::qcow2::meta::{MResult, MetaIo, Shared};
+use crate::qcow2::meta::{be_words as words, MResult, MetaIo, Shared};
 use crate::qcow2::Qcow2Node;
 
 /// Most memory the bits of an image's bitmaps may take.
@@ -96,10 +96,6 @@ impl Shared {
             self.bitmaps.read().unwrap_or_else(|e| e.into_inner()).mark(off, len);
         }
     }
-}
-
-fn words(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect()
 }
 
 async fn read(file: &Queue, off: u64, len: u64, end: u64, what: &str) -> BlockResult<IoBuf> {

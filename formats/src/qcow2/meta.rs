@@ -299,7 +299,8 @@ pub(crate) struct MetaIo<'a> {
     pub file: &'a Queue,
 }
 
-fn be_words(b: &[u8]) -> Vec<u64> {
+/// Big-endian 64-bit words of a table read from the image.
+pub(crate) fn be_words(b: &[u8]) -> Vec<u64> {
     b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 

@@ -55,6 +55,7 @@ use basalt_engine::{
 };
 use basalt_reactor::IoBuf;
 
+pub use amend::amend_opts;
 pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;
 pub use error::Qcow2Error;
@@ -258,7 +259,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let l1 = if l1_bytes > 0 {
         let d = fq.read(hdr.l1_table_offset, IoBuf::new_uninit(l1_bytes as usize)).await;
         d.res.map_err(|e| BlockError::from(e).context("Could not read L1 table"))?;
-        words(&d.buf.expect("read returns its buffer"))
+        meta::be_words(&d.buf.expect("read returns its buffer"))
     } else {
         Vec::new()
     };
@@ -266,7 +267,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let reftable = if rt_bytes > 0 {
         let d = fq.read(hdr.refcount_table_offset, IoBuf::new_uninit(rt_bytes as usize)).await;
         d.res.map_err(|e| BlockError::from(e).context("Could not read refcount table"))?;
-        words(&d.buf.expect("read returns its buffer"))
+        meta::be_words(&d.buf.expect("read returns its buffer"))
     } else {
         Vec::new()
     };
@@ -402,10 +403,6 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         fq.flush().await.res.map_err(BlockError::from)?;
     }
     Ok(Arc::new(node))
-}
-
-fn words(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 
 /// A qcow2 node.

@@ -231,12 +231,12 @@ impl MetaIo<'_> {
     }
 
     /// Read a snapshot's L1 table.
-    async fn read_l1(&self, sn: &Qcow2Snapshot) -> MResult<Vec<u64>> {
+    pub(crate) async fn read_l1(&self, sn: &Qcow2Snapshot) -> MResult<Vec<u64>> {
         if sn.l1_size == 0 {
             return Ok(Vec::new());
         }
         let b = self.read_bytes(sn.l1_table_offset, sn.l1_size as usize * 8).await?;
-        Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
+        Ok(crate::qcow2::meta::be_words(&b))
     }
 }
 

@@ -2,8 +2,8 @@
 //! does (`-o compat=...,lazy_refcounts=...,refcount_bits=...,size=...,backing_file=...`).
 //! `-o help` lists what can be amended; formats other than qcow2 cannot be amended.
 
-use basalt_engine::{CreateOptDesc, Opts};
-use basalt_formats::qcow2::Qcow2Node;
+use basalt_engine::Opts;
+use basalt_formats::qcow2::{amend_opts, Qcow2Node};
 
 use super::common;
 use super::create::{print_help, split_list, valid_option_list};
@@ -33,27 +33,6 @@ Arguments:
      allow certain unsafe operations
 
 ";
-
-/// What qcow2 lets `amend` change, as `qemu-img amend -o help` lists it.
-const QCOW2_AMEND: &[CreateOptDesc] = &[
-    CreateOptDesc { name: "backing_file", kind: "str", help: "File name of a base image" },
-    CreateOptDesc { name: "backing_fmt", kind: "str", help: "Image format of the base image" },
-    CreateOptDesc { name: "compat", kind: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
-    CreateOptDesc { name: "data_file", kind: "str", help: "File name of an external data file" },
-    CreateOptDesc { name: "data_file_raw", kind: "bool", help: "The external data file must stay valid as a raw image" },
-    CreateOptDesc { name: "encrypt.iter-time", kind: "num", help: "Time to spend in PBKDF in milliseconds" },
-    CreateOptDesc { name: "encrypt.keyslot", kind: "num", help: "Select a single keyslot to modify explicitly" },
-    CreateOptDesc {
-        name: "encrypt.new-secret",
-        kind: "str",
-        help: "New secret to set in the matching keyslots. Empty string to erase",
-    },
-    CreateOptDesc { name: "encrypt.old-secret", kind: "str", help: "Select all keyslots that match this password" },
-    CreateOptDesc { name: "encrypt.state", kind: "str", help: "Select new state of affected keyslots (active/inactive)" },
-    CreateOptDesc { name: "lazy_refcounts", kind: "bool", help: "Postpone refcount updates" },
-    CreateOptDesc { name: "refcount_bits", kind: "num", help: "Width of a reference count entry in bits" },
-    CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
-];
 
 /// Run the subcommand.
 pub async fn main(args: Vec<String>) -> i32 {
@@ -108,7 +87,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     };
     if help {
         println!("Amend options for 'qcow2':");
-        print_help(QCOW2_AMEND);
+        print_help(&amend_opts());
         return 0;
     }
     let mut opts = Opts::new();
