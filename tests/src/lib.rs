@@ -40,3 +40,19 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The command succeeded (else fail the test with what it printed).
+pub fn must(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
+}
+
+/// A basalt-img run printed and returned exactly what the same qemu-img run did (the program
+/// name in messages aside).
+pub fn assert_same_img_outcome(basalt: &Output, qemu: &Output, what: &str) {
+    let n = |s: String| s.replace("qemu-img", "basalt-img");
+    assert_eq!(
+        (basalt.status.code(), n(stdout(basalt)), n(stderr(basalt))),
+        (qemu.status.code(), n(stdout(qemu)), n(stderr(qemu))),
+        "basalt-img {what} differs from qemu-img"
+    );
+}

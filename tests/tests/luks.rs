@@ -19,7 +19,7 @@ use std::process::{Command, Output};
 
 use basalt_engine::{Backend, Graph, OpenFlags, Opts, Secrets, WriteFlags};
 use basalt_reactor::{IoBuf, Reactor, ReactorConfig};
-use basalt_tests::{peer, run, stderr, stdout, tool};
+use basalt_tests::{must, peer, run, stderr, stdout, tool};
 
 const SECRET: &str = "secret,id=sec0,data=abc";
 
@@ -34,10 +34,6 @@ fn qemu_io(dir: &Path, args: &[&str]) -> Output {
 /// A Basalt tool under `timeout`, so that a hang fails the test instead of stalling it.
 fn basalt(dir: &Path, name: &str, args: &[&str]) -> Output {
     run(Command::new("timeout").current_dir(dir).arg("60").arg(tool(name)).args(args))
-}
-
-fn must(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
 }
 
 fn image_opts(file: &str) -> String {

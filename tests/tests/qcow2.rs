@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use basalt_tests::{peer, run, stderr, stdout, tool};
+use basalt_tests::{must, peer, run, stderr, stdout, tool};
 
 // ---------------------------------------------------------------------------------------------
 // Running the tools.
@@ -45,10 +45,6 @@ fn basalt_io(dir: &Path, args: &[String]) -> Output {
 /// Run a Basalt tool under `timeout`, so that a hang fails the test instead of stalling it.
 fn basalt_timed(dir: &Path, name: &str, args: &[&str]) -> Output {
     run(Command::new("timeout").current_dir(dir).arg("20").arg(tool(name)).args(args))
-}
-
-fn must(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
 }
 
 /// What a run printed and returned, with the program name normalised.

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use basalt_tests::{peer, run, stderr, stdout, tool};
+use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     run(peer("qemu-img").current_dir(dir).args(args))
@@ -19,10 +19,6 @@ fn qemu_io(dir: &Path, args: &[&str]) -> Output {
 
 fn basalt_img(dir: &Path, args: &[&str]) -> Output {
     run(Command::new("timeout").current_dir(dir).arg("120").arg(tool("basalt-img")).args(args))
-}
-
-fn must(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
 }
 
 fn specific(dir: &Path, img: &str) -> String {
@@ -121,13 +117,6 @@ fn amend_errors_match_qemu() {
         &["amend", "-f", "raw", "-o", "size=1M", "r.raw"],
         &["amend", "-o", "compat=0.10", "s.qcow2"],
     ] {
-        let q = qemu_img(dir, args);
-        let b = basalt_img(dir, args);
-        let n = |s: String| s.replace("qemu-img", "basalt-img");
-        assert_eq!(
-            (b.status.code(), n(stdout(&b)), n(stderr(&b))),
-            (q.status.code(), n(stdout(&q)), n(stderr(&q))),
-            "basalt-img {args:?} differs from qemu-img"
-        );
+        assert_same_img_outcome(&basalt_img(dir, args), &qemu_img(dir, args), &format!("{args:?}"));
     }
 }

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use basalt_tests::{peer, run, stderr, stdout, tool};
+use basalt_tests::{must, peer, run, stderr, stdout, tool};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     run(peer("qemu-img").current_dir(dir).args(args))
@@ -32,10 +32,6 @@ fn basalt_img(dir: &Path, args: &[&str]) -> Output {
 
 fn basalt_io(dir: &Path, args: &[&str]) -> Output {
     run(Command::new(tool("basalt-io")).current_dir(dir).args(args))
-}
-
-fn must(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
 }
 
 /// (exit code, stdout, stderr) with the program name normalised.

@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 
 use basalt_engine::{Backend, Graph, OpenFlags, Opts, WriteFlags};
 use basalt_reactor::{IoBuf, Reactor, ReactorConfig};
-use basalt_tests::{peer, run, stderr, stdout, tool};
+use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     run(peer("qemu-img").current_dir(dir).env("TZ", "Europe/Berlin").args(args))
@@ -37,19 +37,8 @@ fn basalt_io(dir: &Path, args: &[&str]) -> Output {
     run(Command::new("timeout").current_dir(dir).arg("120").arg(tool("basalt-io")).args(args))
 }
 
-fn must(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
-}
-
 fn same_output(dir: &Path, args: &[&str]) {
-    let q = qemu_img(dir, args);
-    let b = basalt_img(dir, args);
-    let n = |s: String| s.replace("qemu-img", "basalt-img");
-    assert_eq!(
-        (b.status.code(), n(stdout(&b)), n(stderr(&b))),
-        (q.status.code(), n(stdout(&q)), n(stderr(&q))),
-        "basalt-img {args:?} differs from qemu-img"
-    );
+    assert_same_img_outcome(&basalt_img(dir, args), &qemu_img(dir, args), &format!("{args:?}"));
 }
 
 fn check_clean(dir: &Path, img: &str) {

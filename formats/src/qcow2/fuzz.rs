@@ -158,41 +158,16 @@ mod tests {
     }
 
     fn header_seed() -> Vec<u8> {
-        let h = Qcow2Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 30,
-            crypt_method: 0,
-            l1_size: 2,
-            l1_table_offset: 0x30000,
-            refcount_table_offset: 0x10000,
-            refcount_table_clusters: 1,
-            nb_snapshots: 1,
-            snapshots_offset: 0x40000,
-            incompatible: 0,
-            compatible: 0,
-            autoclear: 1,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
-            extensions: vec![
-                crate::qcow2::header::Extension { kind: 0x1234_5678, data: vec![1, 2, 3] },
-                crate::qcow2::header::Extension {
-                    kind: bitmap::EXT_BITMAPS,
-                    data: BitmapsExt { nb_bitmaps: 1, directory_size: 32, directory_offset: 0x50000 }.serialize(),
-                },
-            ],
-            backing_file: Some("base.qcow2".into()),
-            backing_format: Some("qcow2".into()),
-            data_file: None,
-            feature_names: Vec::new(),
-        };
-        // The file size the target derives from the first bytes: make it large.
-        let mut b = h.serialize().expect("seed serialises");
-        b.truncate(b.len().max(8));
-        b
+        // The sample header with snapshots and a bitmaps extension too.
+        let mut h = crate::qcow2::header::tests::sample();
+        h.nb_snapshots = 1;
+        h.snapshots_offset = 0x40000;
+        h.autoclear = 1;
+        h.extensions.push(crate::qcow2::header::Extension {
+            kind: bitmap::EXT_BITMAPS,
+            data: BitmapsExt { nb_bitmaps: 1, directory_size: 32, directory_offset: 0x50000 }.serialize(),
+        });
+        h.serialize().expect("seed serialises")
     }
 
     #[test]

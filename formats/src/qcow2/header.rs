@@ -390,10 +390,12 @@ fn feature_table() -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Qcow2Header {
+    /// A valid version 3 header with an unknown extension and a backing file (also the seed
+    /// of the header fuzz loop).
+    pub(crate) fn sample() -> Qcow2Header {
         Qcow2Header {
             version: 3,
             backing_file_offset: 0,
