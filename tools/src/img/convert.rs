@@ -96,15 +96,6 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     if a.has("C") {
         return Err("Copy offloading (-C) is not supported by this build of basalt-img".into());
     }
-    if a.value("l").is_some() {
-        return Err(format!(
-            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-            a.value("f").unwrap_or("raw")
-        ));
-    }
-    if a.has("bitmaps") {
-        return Err("Source lacks bitmap support".into());
-    }
     let graph = crate::img::common::graph(a);
     let drv = graph.registry().get(&out_fmt).ok_or_else(|| format!("Unknown file format '{out_fmt}'"))?;
     if a.has("c") && !drv.supports_compression() {
@@ -133,6 +124,23 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         }
         let (node, _) = image::open(&graph, &spec).await.map_err(|e| e.to_string())?;
         sources.push(Backend::new(node).map_err(|e| e.to_string())?);
+    }
+    // What qemu-img answers for sources without snapshots or bitmaps; qcow2 sources have
+    // them, and this build cannot copy from them yet.
+    let plain = |d: &str| d != "qcow2";
+    if let Some(d) = a.value("l").and(sources.iter().map(|b| b.node().driver()).next()) {
+        if plain(d) {
+            return Err(format!(
+                "Failed to load snapshot: Block format '{d}' used by device '' does not support temporarily loading internal snapshots"
+            ));
+        }
+        return Err("Converting from an internal snapshot (-l) is not supported by this build of basalt-img convert".into());
+    }
+    if a.has("bitmaps") {
+        if sources.iter().all(|b| plain(b.node().driver())) {
+            return Err("Source lacks bitmap support".into());
+        }
+        return Err("Copying bitmaps (--bitmaps) is not supported by this build of basalt-img convert".into());
     }
     let total: u64 = sources.iter().map(Backend::size).sum();
 
