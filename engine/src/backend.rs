@@ -32,6 +32,11 @@ impl Backend {
         self.writethrough = on;
     }
 
+    /// Whether every write is flushed.
+    pub fn writethrough(&self) -> bool {
+        self.writethrough
+    }
+
     /// The root node.
     pub fn node(&self) -> &Arc<dyn Node> {
         self.q.node()

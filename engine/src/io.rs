@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use basalt_reactor::{IoBuf, SlotFuture};
 
 use crate::error::IoStatus;
+use crate::inflight::InFlightGuard;
 use crate::node::LocalBoxFuture;
 
 /// The outcome of a data-path request: the buffer handed back (for reads and writes) and the
@@ -55,7 +56,7 @@ pub enum IoFuture {
     Ready(Option<IoDone>),
     /// A leaf operation in flight.
     Slot(SlotFuture, SlotKind),
-    /// A leaf operation in flight that a parent counts until it completes (see [`InFlight`]).
+    /// A leaf operation in flight that a parent counts until it completes (see [`crate::InFlight`]).
     Counted(SlotFuture, SlotKind, InFlightGuard),
     /// A slow path.
     Boxed(LocalBoxFuture<'static, IoDone>),
@@ -82,10 +83,10 @@ impl IoFuture {
         IoFuture::Boxed(Box::pin(f))
     }
 
-    /// Count this request in `counter` until it completes. Allocation-free for leaf
-    /// operations; a boxed future is wrapped in another box.
-    pub fn counted(self, counter: &InFlight) -> IoFuture {
-        let guard = counter.enter();
+    /// Keep `guard` (a request counted in an [`crate::InFlight`] before its mapping was looked
+    /// up) until this request completes. Allocation-free for leaf operations; a boxed future is
+    /// wrapped in another box.
+    pub fn with_guard(self, guard: InFlightGuard) -> IoFuture {
         match self {
             IoFuture::Ready(v) => IoFuture::Ready(v),
             IoFuture::Slot(f, k) => IoFuture::Counted(f, k, guard),
@@ -100,33 +101,6 @@ impl IoFuture {
                 d
             }),
         }
-    }
-}
-
-/// A count of requests in flight, so that a node can wait for them to drain (for example
-/// before freeing a cluster that in-flight writes may still target). `!Send`: one per reactor.
-#[derive(Clone, Default)]
-pub struct InFlight(std::rc::Rc<std::cell::Cell<usize>>);
-
-impl InFlight {
-    /// Requests counted now.
-    pub fn count(&self) -> usize {
-        self.0.get()
-    }
-
-    /// Count one request until the guard drops.
-    pub fn enter(&self) -> InFlightGuard {
-        self.0.set(self.0.get() + 1);
-        InFlightGuard(self.0.clone())
-    }
-}
-
-/// Decrements its [`InFlight`] when dropped.
-pub struct InFlightGuard(std::rc::Rc<std::cell::Cell<usize>>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
     }
 }
 

@@ -10,6 +10,7 @@
 mod backend;
 mod error;
 mod graph;
+mod inflight;
 mod io;
 pub mod lock;
 mod node;
@@ -24,7 +25,8 @@ pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
 pub use graph::{
     read_head, resolve_relative, take_prealloc, AioMode, BlockDriver, CreateOptDesc, DriverKind, Graph, OpenFlags, Registry,
 };
-pub use io::{InFlight, InFlightGuard, IoDone, IoFuture, SlotKind};
+pub use inflight::{InFlight, InFlightGroup, InFlightGuard};
+pub use io::{IoDone, IoFuture, SlotKind};
 pub use node::{
     BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags, ZeroFlags,
 };

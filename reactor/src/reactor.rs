@@ -181,7 +181,8 @@ type Poller = Box<dyn FnMut() -> usize>;
 /// A reactor's thread-local state. Create with [`Reactor::new`] on the thread that will run it.
 pub struct Reactor {
     id: u16,
-    config: ReactorConfig,
+    /// `ReactorConfig::idle_spin`, changeable at run time ([`set_idle_spin`]).
+    idle_spin: Cell<Option<Duration>>,
     remote: Arc<Remote>,
     pub(crate) exec: Executor,
     pub(crate) slots: Slots,
@@ -255,7 +256,7 @@ impl Reactor {
         };
         Ok(Reactor {
             id,
-            config,
+            idle_spin: Cell::new(config.idle_spin),
             remote,
             exec: Executor::new(id),
             slots: Slots::new(),
@@ -332,7 +333,7 @@ impl Reactor {
                 idle_since = None;
                 continue;
             }
-            let Some(spin) = self.config.idle_spin else { continue };
+            let Some(spin) = self.idle_spin.get() else { continue };
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) >= spin {
@@ -655,7 +656,14 @@ pub fn live_tasks() -> usize {
     with_current(|r| r.exec.live())
 }
 
-/// Stats of the current reactor.
+/// Change how long the current reactor busy-polls without work before it sleeps (see
+/// [`ReactorConfig::idle_spin`]): bulk work whose cores are needed by threads doing the copying
+/// sets it to zero.
+pub fn set_idle_spin(spin: Option<Duration>) {
+    with_current(|r| r.idle_spin.set(spin))
+}
+
+/// Counters of the current reactor.
 pub fn current_stats() -> ReactorStats {
     with_current(|r| r.stats())
 }

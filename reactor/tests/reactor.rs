@@ -944,3 +944,35 @@ fn spawn_from_another_thread_and_current_handle() {
     assert_eq!(hid, id);
     assert!(aligned);
 }
+
+#[test]
+fn a_future_run_on_another_reactor_is_awaited_here() {
+    let two = || Runtime::new(RuntimeConfig { cores: vec![0, 1], pin: false, reactor: small() }).expect("start two reactors");
+    let rt = two();
+    let other = rt.handle(1).clone();
+    let (on, v) = run_on(&rt, 0, move || async move {
+        // The other reactor sleeps (so this one really waits for a cross-thread wake).
+        let j = other.run(|| async {
+            sleep(Duration::from_millis(20)).await;
+            (current_id(), 42u32)
+        });
+        j.await.expect("the remote future ran to completion")
+    });
+    assert_eq!(on, Some(rt.handle(1).id()), "it ran on the other reactor");
+    assert_eq!(v, 42);
+
+    // A reactor that stops with the task unfinished: the join ends with None, not a hang.
+    let rt2 = two();
+    let doomed = rt2.handle(1).clone();
+    let stopper = rt2.handle(1).clone();
+    let got = run_on(&rt2, 0, move || async move {
+        let j = doomed.run(|| async {
+            sleep(Duration::from_secs(3600)).await;
+            1u32
+        });
+        sleep(Duration::from_millis(20)).await;
+        stopper.stop();
+        j.await
+    });
+    assert_eq!(got, None);
+}

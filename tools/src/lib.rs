@@ -15,17 +15,22 @@ pub mod qjson;
 
 use basalt_reactor::{Runtime, RuntimeConfig};
 
+/// The settings of a tool's reactors (`BASALT_NO_URING` set: no io_uring).
+fn tool_config() -> RuntimeConfig {
+    let mut cfg = RuntimeConfig::default();
+    if std::env::var_os("BASALT_NO_URING").is_some() {
+        cfg.reactor.uring = basalt_reactor::UringMode::Disabled;
+    }
+    cfg
+}
+
 /// Start the single reactor a tool runs on and run `main` on it; returns the exit code.
 pub fn run_tool<F, Fut>(main: F) -> i32
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = i32> + 'static,
 {
-    let mut cfg = RuntimeConfig::default();
-    if std::env::var_os("BASALT_NO_URING").is_some() {
-        cfg.reactor.uring = basalt_reactor::UringMode::Disabled;
-    }
-    let rt = match Runtime::new(cfg) {
+    let rt = match Runtime::new(tool_config()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("basalt: cannot start the reactor: {e}");
@@ -33,4 +38,20 @@ where
         }
     };
     rt.block_on(0, main)
+}
+
+/// `n` more reactors (unpinned threads, a tool's settings) for work a tool spreads over
+/// several cores; `None` when they cannot be started (the work then stays on one reactor).
+pub fn helper_reactors(n: usize) -> Option<Runtime> {
+    let mut cfg = tool_config();
+    // Bulk work: idle reactors sleep at once, leaving the cores to the threads that copy.
+    cfg.reactor.idle_spin = Some(std::time::Duration::ZERO);
+    cfg.cores = (0..n).collect();
+    cfg.pin = false;
+    Runtime::new(cfg).ok()
+}
+
+/// Cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
 }

@@ -12,12 +12,10 @@
 //! buffer is never modified, and no plaintext reaches the file). Compressed clusters are read
 //! as stored (QEMU does not encrypt them) and none are written.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 
 use basalt_engine::{BlockStatus, InFlight, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
@@ -33,9 +31,8 @@ pub(crate) struct Qcow2Queue {
     /// Where data clusters live: the external data file, or `file` itself.
     data: Queue,
     backing: Option<Queue>,
+    /// This queue's writes in flight, counted before their mapping is looked up.
     writes: InFlight,
-    /// Guest clusters whose allocating write is in flight, with the requests waiting for it.
-    allocating: RefCell<HashMap<u64, Vec<Waker>>>,
 }
 
 /// One piece of a request: guest offset, length, offset into the request's buffer.
@@ -48,7 +45,8 @@ struct Piece {
 
 impl Qcow2Queue {
     pub(crate) fn new(s: Arc<Shared>, file: Queue, data: Queue, backing: Option<Queue>) -> Qcow2Queue {
-        Qcow2Queue { s, file, data, backing, writes: InFlight::default(), allocating: RefCell::new(HashMap::new()) }
+        let writes = s.inflight.register();
+        Qcow2Queue { s, file, data, backing, writes }
     }
 
     fn meta(&self) -> MetaIo<'_> {
@@ -93,11 +91,15 @@ impl Qcow2Queue {
     }
 
     /// Read one piece into `buf[p.at..p.at+p.len]`.
-    async fn read_piece(&self, p: Piece, mut buf: IoBuf) -> (IoBuf, MResult<()>) {
-        let m = match self.mapping(p.off).await {
-            Ok(m) => m,
-            Err(e) => return (buf, Err(e)),
-        };
+    async fn read_piece(&self, p: Piece, buf: IoBuf) -> (IoBuf, MResult<()>) {
+        match self.mapping(p.off).await {
+            Ok(m) => self.read_mapped(p, m, buf).await,
+            Err(e) => (buf, Err(e)),
+        }
+    }
+
+    /// Read one piece whose mapping is `m`.
+    async fn read_mapped(&self, p: Piece, m: Mapping, mut buf: IoBuf) -> (IoBuf, MResult<()>) {
         let (ws, wl) = (buf.window_start(), buf.len());
         let dst = p.at..p.at + p.len as usize;
         let r = match m {
@@ -167,12 +169,49 @@ impl Qcow2Queue {
 
     async fn read_slow(self: Rc<Self>, off: u64, mut buf: IoBuf) -> IoDone {
         let len = buf.len() as u64;
-        for p in self.pieces(off, len) {
-            let (b, r) = self.read_piece(p, buf).await;
-            buf = b;
+        let (ws, wl) = (buf.window_start(), buf.len());
+        let cs = self.s.cs;
+        let pieces: Vec<Piece> = self.pieces(off, len).collect();
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = pieces[i];
+            let m = match self.mapping(p.off).await {
+                Ok(m) => m,
+                Err(e) => return IoDone { buf: Some(buf), res: Err(e) },
+            };
+            let r = match m {
+                // Pieces whose data lies contiguously in the file are read in one request.
+                Mapping::Data { host, .. } if self.s.crypt.is_none() => {
+                    let start = host + p.off % cs;
+                    let mut n = 1;
+                    let mut run = p.len;
+                    while i + n < pieces.len() && run < (16 << 20) {
+                        let q = pieces[i + n];
+                        match self.mapping(q.off).await {
+                            Ok(Mapping::Data { host: h, .. }) if h + q.off % cs == start + run => {
+                                run += q.len;
+                                n += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    buf.slice(p.at, run as usize);
+                    let d = self.data.read(start, buf).await;
+                    buf = d.buf.expect("read returns its buffer");
+                    buf.set_window(ws, wl);
+                    i += n - 1;
+                    d.res.map(|_| ())
+                }
+                _ => {
+                    let (b, r) = self.read_mapped(p, m, buf).await;
+                    buf = b;
+                    r
+                }
+            };
             if let Err(e) = r {
                 return IoDone { buf: Some(buf), res: Err(e) };
             }
+            i += 1;
         }
         IoDone { buf: Some(buf), res: Ok(len) }
     }
@@ -197,24 +236,19 @@ impl Qcow2Queue {
         let cs = self.s.cs;
         let gc = off / cs;
         let meta = self.meta();
-        let g = loop {
-            // One allocation per guest cluster at a time: wait for one in flight to finish.
-            self.wait_allocation(gc).await;
-            let g = self.s.alloc.lock().await;
-            if !self.allocating.borrow().contains_key(&gc) {
-                break g;
-            }
-        };
+        let g = self.lock_cluster(gc).await;
         let m = self.mapping(off).await?;
         // Someone may have allocated it while we waited.
         if let (Mapping::Data { host, copied: true }, false) = (m, self.s.layout.extended_l2) {
+            // Counted before the lock goes: nobody can change the mapping until then.
+            let counted = self.writes.enter();
             drop(g);
             let at = host + off % cs;
             let b = match &self.s.crypt {
                 Some(c) => c.encrypted_copy(off, at, data)?,
                 None => IoBuf::from_slice(data),
             };
-            let d = self.data.write(at, b, WriteFlags::default()).counted(&self.writes).await;
+            let d = self.data.write(at, b, WriteFlags::default()).with_guard(counted).await;
             return d.res.map(|_| ());
         }
         let mut cluster = self.cluster_content(off).await?;
@@ -271,7 +305,7 @@ impl Qcow2Queue {
             }
         }
         // Write the data without holding the lock, so allocations of other clusters proceed.
-        self.allocating.borrow_mut().insert(gc, Vec::new());
+        self.s.allocating().insert(gc, Vec::new());
         drop(g);
         let d = if let Err(e) = self.s.fault.hit("data.write") {
             basalt_engine::IoDone { buf: None, res: Err(e) }
@@ -291,7 +325,8 @@ impl Qcow2Queue {
                 Err(err)
             }
         };
-        if let Some(waiters) = self.allocating.borrow_mut().remove(&gc) {
+        let waiters = self.s.allocating().remove(&gc);
+        if let Some(waiters) = waiters {
             for w in waiters {
                 w.wake();
             }
@@ -312,9 +347,21 @@ impl Qcow2Queue {
         Ok(())
     }
 
+    /// The allocation lock, once no allocating write of guest cluster `gc` is in flight (one
+    /// change of a cluster's mapping at a time, on every reactor).
+    async fn lock_cluster(&self, gc: u64) -> crate::qcow2::lock::AsyncLockGuard<'_> {
+        loop {
+            self.wait_allocation(gc).await;
+            let g = self.s.alloc.lock().await;
+            if !self.s.allocating().contains_key(&gc) {
+                return g;
+            }
+        }
+    }
+
     async fn wait_allocation(&self, gc: u64) {
         std::future::poll_fn(|cx| {
-            let mut a = self.allocating.borrow_mut();
+            let mut a = self.s.allocating();
             match a.get_mut(&gc) {
                 None => Poll::Ready(()),
                 Some(w) => {
@@ -333,6 +380,9 @@ impl Qcow2Queue {
         let mut i = 0;
         while i < pieces.len() {
             let p = pieces[i];
+            // Counted before the lookup: a concurrent discard must not free the cluster under
+            // an in-place write (dropped before anything takes the allocation lock).
+            let counted = self.writes.enter();
             let m = match self.mapping(p.off).await {
                 Ok(m) => m,
                 Err(e) => return IoDone { buf: Some(buf), res: Err(e) },
@@ -343,14 +393,13 @@ impl Qcow2Queue {
                     match &self.s.crypt {
                         // Encrypted from a copy: the caller's buffer stays as it was.
                         Some(c) => match c.encrypted_copy(p.off, at, &buf[p.at..p.at + p.len as usize]) {
-                            Ok(b) => self.data.write(at, b, flags).counted(&self.writes).await.res.map(|_| ()),
+                            Ok(b) => self.data.write(at, b, flags).with_guard(counted).await.res.map(|_| ()),
                             Err(e) => Err(e),
                         },
                         None => {
-                            // Straight from the caller's buffer. Counted: a concurrent discard
-                            // must not free the cluster under it.
+                            // Straight from the caller's buffer.
                             buf.set_window(ws + p.at, p.len as usize);
-                            let d = self.data.write(at, buf, flags).counted(&self.writes).await;
+                            let d = self.data.write(at, buf, flags).with_guard(counted).await;
                             buf = d.buf.expect("write returns its buffer");
                             buf.set_window(ws, wl);
                             d.res.map(|_| ())
@@ -358,6 +407,7 @@ impl Qcow2Queue {
                     }
                 }
                 Mapping::Unallocated | Mapping::Zero { host: None } if self.whole(p) => {
+                    drop(counted);
                     // A run of whole new clusters: allocated together, written in one request.
                     let mut n = 1;
                     while i + n < pieces.len() && n < 512 && self.whole(pieces[i + n]) && self.same_l2(p.off, pieces[i + n].off) {
@@ -374,7 +424,10 @@ impl Qcow2Queue {
                     i += n - 1;
                     r
                 }
-                _ => self.write_alloc(p.off, &buf[p.at..p.at + p.len as usize]).await,
+                _ => {
+                    drop(counted);
+                    self.write_alloc(p.off, &buf[p.at..p.at + p.len as usize]).await
+                }
             };
             if let Err(e) = r {
                 return IoDone { buf: Some(buf), res: Err(e) };
@@ -411,7 +464,7 @@ impl Qcow2Queue {
         let g = self.s.alloc.lock().await;
         let mut ok = true;
         for k in 0..n {
-            let busy = self.allocating.borrow().contains_key(&(gc0 + k));
+            let busy = self.s.allocating().contains_key(&(gc0 + k));
             let (e, _) = match meta.entry(gc0 + k).await {
                 Ok(v) => v,
                 Err(e) => return (data, Err(e)),
@@ -462,7 +515,7 @@ impl Qcow2Queue {
             None => None,
         };
         for k in 0..n {
-            self.allocating.borrow_mut().insert(gc0 + k, Vec::new());
+            self.s.allocating().insert(gc0 + k, Vec::new());
         }
         drop(g);
         let (res, data) = match bounce {
@@ -493,7 +546,8 @@ impl Qcow2Queue {
             }
         }
         for k in 0..n {
-            if let Some(waiters) = self.allocating.borrow_mut().remove(&(gc0 + k)) {
+            let waiters = self.s.allocating().remove(&(gc0 + k));
+            if let Some(waiters) = waiters {
                 for w in waiters {
                     w.wake();
                 }
@@ -567,7 +621,7 @@ impl Qcow2Queue {
     }
 
     async fn zero_cluster(&self, gc: u64, discard: bool, unmap: bool, v3: bool) -> MResult<()> {
-        let _g = self.s.alloc.lock().await;
+        let _g = self.lock_cluster(gc).await;
         let meta = self.meta();
         let (e, _) = meta.entry(gc).await?;
         let ext = self.s.layout.extended_l2;
@@ -611,10 +665,9 @@ impl Qcow2Queue {
         let keep = keep && has_host(new);
         meta.set_entry(gc, new, bitmap, !keep).await?;
         if !keep {
-            // In-flight writes may still target the old cluster: let them land first.
-            while self.writes.count() > 0 {
-                basalt_reactor::yield_now().await;
-            }
+            // In-flight writes (on any reactor) may still target the old cluster: let them
+            // land first.
+            self.s.inflight.drain().await;
             meta.free_target(e).await?;
         }
         Ok(())
@@ -655,8 +708,7 @@ impl Qcow2Queue {
 
     async fn write_compressed_cluster(&self, gc: u64, data: &[u8]) -> MResult<()> {
         let cs = self.s.cs;
-        self.wait_allocation(gc).await;
-        let _g = self.s.alloc.lock().await;
+        let _g = self.lock_cluster(gc).await;
         let meta = self.meta();
         let (e, _) = meta.entry(gc).await?;
         // As QEMU: compressed data only goes to clusters without a host cluster.
@@ -829,8 +881,10 @@ impl NodeQueue for Qcow2NodeQueue {
         let len = buf.len() as u64;
         q.s.mark_dirty(off, len);
         if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 && q.s.crypt.is_none() {
+            // Counted before the lookup (see `InFlight`).
+            let counted = q.writes.enter();
             if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
-                return q.data.write(host + off % cs, buf, flags).counted(&q.writes);
+                return q.data.write(host + off % cs, buf, flags).with_guard(counted);
             }
         }
         IoFuture::boxed(q.clone().write_slow(off, buf, flags))

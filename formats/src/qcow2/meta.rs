@@ -50,8 +50,12 @@ pub(crate) struct Shared {
     pub meta: Mutex<Meta>,
     pub alloc: AsyncLock,
     pub corrupt: AtomicBool,
-    /// Reactor whose queue owns allocation (qcow2 is served from one reactor for now).
-    pub owner: Mutex<Option<u16>>,
+    /// Writes in flight on every reactor's queue (a cluster is freed only after the writes that
+    /// may still target it have landed).
+    pub inflight: Arc<basalt_engine::InFlightGroup>,
+    /// Guest clusters whose allocating write is in flight (on any reactor), with the requests
+    /// waiting for it. Changed under the allocation lock.
+    pub allocating: Mutex<HashMap<u64, Vec<std::task::Waker>>>,
     /// Pass discards of freed clusters down to the file (`pass-discard-request`).
     pub pass_discard: bool,
     /// From here on the file is known to read zeroes (never written by us since open).
@@ -272,6 +276,11 @@ impl Shared {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The guest clusters being allocated (see [`Shared::allocating`]).
+    pub(crate) fn allocating(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<std::task::Waker>>> {
+        self.allocating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// log2 of the refcount width.
     pub(crate) fn rc_order(&self) -> u32 {
         self.refcount_order.load(Ordering::Relaxed)
@@ -404,21 +413,25 @@ impl MetaIo<'_> {
             }
             self.write_bytes("l2.entry", off + (l2i * w * 8) as u64, &bytes).await?;
         }
-        {
-            let mut m = self.s.lock_meta();
-            m.l2_seq += 1;
-            match m.l2(off) {
-                Some(t) => {
+        // A clean table may have been evicted meanwhile (by a load on another reactor, or the
+        // cache sweeper): it is then reloaded, as it is on disk (with the entry written
+        // through, if it was).
+        loop {
+            {
+                let mut m = self.s.lock_meta();
+                if let Some(t) = m.l2(off) {
                     t[l2i * w] = e;
                     if w == 2 {
                         t[l2i * w + 1] = bitmap;
                     }
+                    m.l2_seq += 1;
+                    if !through {
+                        m.mark_l2_dirty(off);
+                    }
+                    break;
                 }
-                None => return Err(IoStatus::EIO),
             }
-            if !through {
-                m.mark_l2_dirty(off);
-            }
+            self.load_l2(off, l1i).await?;
         }
         self.writeback_if_large().await
     }
@@ -533,29 +546,37 @@ impl MetaIo<'_> {
 
     /// Refcount of cluster index `c`.
     pub(crate) async fn refcount(&self, c: u64) -> MResult<u64> {
-        match self.refblock_of(c).await? {
-            None => Ok(0),
-            Some(off) => {
-                let i = c % self.per_block();
-                let mut m = self.s.lock_meta();
-                let b = m.refblock(off).ok_or(IoStatus::EIO)?;
-                Ok(refcount::get(b, self.s.rc_order(), i))
+        // A clean block may be evicted between its load and its use (by the cache sweeper on
+        // another reactor): it is loaded again.
+        loop {
+            match self.refblock_of(c).await? {
+                None => return Ok(0),
+                Some(off) => {
+                    let i = c % self.per_block();
+                    let mut m = self.s.lock_meta();
+                    if let Some(b) = m.refblock(off) {
+                        return Ok(refcount::get(b, self.s.rc_order(), i));
+                    }
+                }
             }
         }
     }
 
     /// Set the refcount of cluster index `c` (its refcount block must exist).
     async fn set_refcount(&self, c: u64, v: u64) -> MResult<()> {
-        let off = match self.refblock_of(c).await? {
-            Some(o) => o,
-            None => self.new_refblock(c).await?,
-        };
-        let i = c % self.per_block();
-        let mut m = self.s.lock_meta();
-        let b = m.refblock(off).ok_or(IoStatus::EIO)?;
-        refcount::set(b, self.s.rc_order(), i, v);
-        m.mark_refblock_dirty(off);
-        Ok(())
+        loop {
+            let off = match self.refblock_of(c).await? {
+                Some(o) => o,
+                None => self.new_refblock(c).await?,
+            };
+            let i = c % self.per_block();
+            let mut m = self.s.lock_meta();
+            if let Some(b) = m.refblock(off) {
+                refcount::set(b, self.s.rc_order(), i, v);
+                m.mark_refblock_dirty(off);
+                return Ok(());
+            }
+        }
     }
 
     /// Set a refcount to what `check` computed (repair).

@@ -368,7 +368,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         hdr: Mutex::new(hdr),
         alloc: Default::default(),
         corrupt: AtomicBool::new(corrupt),
-        owner: Mutex::new(None),
+        inflight: Default::default(),
+        allocating: Default::default(),
         pass_discard,
         zero_from: fsize.next_multiple_of(cs).into(),
         prealloc_end: fsize.next_multiple_of(cs).into(),
@@ -636,19 +637,6 @@ impl Node for Qcow2Node {
                 ErrorKind::PermissionDenied,
                 "The encrypted qcow2 image was opened without its key and cannot do I/O",
             ));
-        }
-        let me = basalt_reactor::current_id();
-        {
-            let mut o = self.s.owner.lock().unwrap_or_else(|e| e.into_inner());
-            match *o {
-                Some(id) if Some(id) != me => {
-                    return Err(unsupported(format!(
-                        "qcow2 node '{}' is served by reactor {id}; using it from several reactors is not supported yet",
-                        self.s.name
-                    )))
-                }
-                _ => *o = me,
-            }
         }
         if self.s.clean_interval > 0 && !self.s.cleaner.swap(true, std::sync::atomic::Ordering::Relaxed) {
             let interval = std::time::Duration::from_secs(self.s.clean_interval);

@@ -8,19 +8,25 @@
 //! else written with `write_zeroes` (unmap allowed). Without `-W` the writes happen in order:
 //! a worker waits for every earlier chunk to be written before writing its own.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use basalt_engine::{Backend, IoStatus, WriteFlags, ZeroFlags};
+use basalt_engine::{Backend, IoStatus, Node, WriteFlags, ZeroFlags};
 use basalt_reactor::{spawn_local, IoBuf};
+
+use crate::img::common::Chain;
 
 /// How to copy.
 #[derive(Clone, Debug)]
 pub struct CopyOpts {
     /// Parallel workers (`-m`).
     pub workers: usize,
+    /// Reactors (threads, one per core) the workers are spread over; the calling reactor is
+    /// one of them. Nodes that cannot be used from another reactor keep the copy on this one.
+    pub reactors: usize,
     /// Writes may complete out of order (`-W`).
     pub out_of_order: bool,
     /// Zero-detection granule in bytes (`-S`); 0 writes everything.
@@ -38,7 +44,7 @@ pub struct CopyOpts {
 }
 
 /// Why a copy failed: the byte and the error, as qemu-img reports them.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub enum CopyError {
     /// Reading the source at this offset.
     Read(u64, IoStatus),
@@ -55,25 +61,37 @@ impl std::fmt::Display for CopyError {
     }
 }
 
+/// Progress callback: (bytes done, total).
+pub type Progress = Box<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The state every worker shares, on whichever reactor it runs.
 struct Shared {
-    sources: Vec<Backend>,
+    sizes: Vec<u64>,
     bases: Vec<u64>,
     total: u64,
-    target: Backend,
     o: CopyOpts,
-    next_claim: Cell<u64>,
-    next_seq: Cell<u64>,
-    written_seq: Cell<u64>,
-    waiters: RefCell<Vec<Waker>>,
-    done_bytes: Cell<u64>,
-    error: RefCell<Option<CopyError>>,
+    /// (next offset to claim, next sequence number).
+    claim: Mutex<(u64, u64)>,
+    /// Chunks written so far in order (without `-W`).
+    written_seq: AtomicU64,
+    waiters: Mutex<Vec<Waker>>,
+    done_bytes: AtomicU64,
+    error: Mutex<Option<CopyError>>,
     start: Instant,
-    progress: Box<dyn Fn(u64, u64)>,
+    progress: Progress,
+}
+
+/// What a worker uses on its reactor: queues on the sources (and their backing chains, whose
+/// block status says where they read as zeroes) and on the target.
+#[derive(Clone)]
+struct Io {
+    sources: Rc<Vec<Chain>>,
+    target: Backend,
 }
 
 /// Copy the concatenation of `sources` into `target` from offset 0. `progress(done, total)` is
 /// called as chunks complete.
-pub async fn copy(sources: Vec<Backend>, target: Backend, o: CopyOpts, progress: Box<dyn Fn(u64, u64)>) -> Result<(), CopyError> {
+pub async fn copy(sources: Vec<Arc<dyn Node>>, target: Backend, o: CopyOpts, progress: Progress) -> Result<(), CopyError> {
     let mut bases = Vec::with_capacity(sources.len());
     let mut total = 0;
     for s in &sources {
@@ -81,95 +99,146 @@ pub async fn copy(sources: Vec<Backend>, target: Backend, o: CopyOpts, progress:
         total += s.size();
     }
     let workers = o.workers.max(1);
-    let sh = Rc::new(Shared {
-        sources,
+    let reactors = o.reactors.clamp(1, workers);
+    let sh = Arc::new(Shared {
+        sizes: sources.iter().map(|n| n.size()).collect(),
         bases,
         total,
-        target,
         o,
-        next_claim: Cell::new(0),
-        next_seq: Cell::new(0),
-        written_seq: Cell::new(0),
-        waiters: RefCell::new(Vec::new()),
-        done_bytes: Cell::new(0),
-        error: RefCell::new(None),
+        claim: Mutex::new((0, 0)),
+        written_seq: AtomicU64::new(0),
+        waiters: Mutex::new(Vec::new()),
+        done_bytes: AtomicU64::new(0),
+        error: Mutex::new(None),
         start: Instant::now(),
         progress,
     });
     (sh.progress)(0, total);
-    let handles: Vec<_> = (0..workers).map(|_| spawn_local(worker(sh.clone()))).collect();
-    for h in handles {
-        h.await;
+    // A bulk copy: idle reactors sleep at once, leaving the cores to the threads that copy
+    // (the blocking pool, the kernel's io_uring workers, compression).
+    basalt_reactor::set_idle_spin(Some(Duration::ZERO));
+    // Helper reactors, each running its share of the workers with its own queues.
+    let helpers = if reactors > 1 { crate::helper_reactors(reactors - 1) } else { None };
+    let mut remote = Vec::new();
+    if let Some(rt) = &helpers {
+        let tgt = (target.node().clone(), target.writethrough());
+        for r in 0..rt.len() {
+            let n = (r + 1..workers).step_by(reactors).count();
+            let (sh, src_nodes, tgt) = (sh.clone(), sources.clone(), tgt.clone());
+            remote.push(rt.handle(r).run(move || async move {
+                let Ok(io) = queues(&src_nodes, tgt) else { return };
+                run_workers(sh, io, n).await
+            }));
+        }
     }
-    let err = sh.error.borrow_mut().take();
+    // Worker `i` runs on reactor `i % reactors`; this one is reactor 0.
+    let local = (0..workers).step_by(reactors).count();
+    let chains = match sources.iter().map(|n| Chain::new(n.clone())).collect::<Result<Vec<_>, _>>() {
+        Ok(c) => c,
+        Err(_) => return Err(CopyError::Read(0, IoStatus::EIO)),
+    };
+    run_workers(sh.clone(), Io { sources: Rc::new(chains), target }, local).await;
+    for j in remote {
+        j.await;
+    }
+    drop(helpers);
+    let err = sh.error.lock().unwrap_or_else(|e| e.into_inner()).take();
     match err {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
+/// Queues on `sources` and the target on the calling reactor.
+fn queues(sources: &[Arc<dyn Node>], (target, writethrough): (Arc<dyn Node>, bool)) -> Result<Io, String> {
+    let sources = sources.iter().map(|n| Chain::new(n.clone())).collect::<Result<Vec<_>, _>>()?;
+    let mut target = Backend::new(target).map_err(|e| e.msg)?;
+    target.set_writethrough(writethrough);
+    Ok(Io { sources: Rc::new(sources), target })
+}
+
+async fn run_workers(sh: Arc<Shared>, io: Io, n: usize) {
+    let handles: Vec<_> = (0..n).map(|_| spawn_local(worker(sh.clone(), io.clone()))).collect();
+    for h in handles {
+        h.await;
+    }
+}
+
 impl Shared {
+    fn failed(&self) -> bool {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// Claim the next chunk: (sequence, source index, offset in source, length).
     fn claim(&self) -> Option<(u64, usize, u64, u64)> {
-        if self.error.borrow().is_some() {
+        if self.failed() {
             return None;
         }
-        let at = self.next_claim.get();
-        if at >= self.total {
-            return None;
+        let mut c = self.claim.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let at = c.0;
+            if at >= self.total {
+                return None;
+            }
+            let idx = self.bases.iter().rposition(|b| *b <= at).unwrap_or(0);
+            let src_end = self.bases[idx] + self.sizes[idx];
+            let len = self.o.chunk.min(src_end - at);
+            if len == 0 {
+                // An empty source: skip it.
+                c.0 = src_end.max(at + 1).min(self.total);
+                continue;
+            }
+            c.0 = at + len;
+            let seq = c.1;
+            c.1 += 1;
+            return Some((seq, idx, at - self.bases[idx], len));
         }
-        let idx = self.bases.iter().rposition(|b| *b <= at).unwrap_or(0);
-        let src_end = self.bases[idx] + self.sources[idx].size();
-        let len = self.o.chunk.min(src_end - at);
-        if len == 0 {
-            // An empty source: skip it.
-            self.next_claim.set(src_end.max(at + 1).min(self.total));
-            return self.claim();
-        }
-        self.next_claim.set(at + len);
-        let seq = self.next_seq.get();
-        self.next_seq.set(seq + 1);
-        Some((seq, idx, at - self.bases[idx], len))
     }
 
     async fn wait_turn(&self, seq: u64) {
         std::future::poll_fn(|cx| {
-            if self.written_seq.get() == seq || self.error.borrow().is_some() {
+            let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if self.written_seq.load(Ordering::SeqCst) == seq || self.failed() {
                 Poll::Ready(())
             } else {
-                self.waiters.borrow_mut().push(cx.waker().clone());
+                w.push(cx.waker().clone());
                 Poll::Pending
             }
         })
         .await
     }
 
-    fn finish_turn(&self) {
-        self.written_seq.set(self.written_seq.get() + 1);
-        for w in self.waiters.borrow_mut().drain(..) {
+    fn wake_all(&self) {
+        let ws: Vec<Waker> = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in ws {
             w.wake();
         }
+    }
+
+    fn finish_turn(&self) {
+        self.written_seq.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
     }
 
     fn fail(&self, e: CopyError) {
-        let mut err = self.error.borrow_mut();
-        if err.is_none() {
-            *err = Some(e);
+        {
+            let mut err = self.error.lock().unwrap_or_else(|e| e.into_inner());
+            if err.is_none() {
+                *err = Some(e);
+            }
         }
-        drop(err);
-        for w in self.waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
+        self.wake_all();
     }
 }
 
-async fn worker(sh: Rc<Shared>) {
+async fn worker(sh: Arc<Shared>, io: Io) {
     let mut buf = Some(IoBuf::new(sh.o.chunk as usize));
     // Per-granule "is zero" marks for the current chunk.
     let mut zero = Vec::new();
     while let Some((seq, idx, off, len)) = sh.claim() {
         let global = sh.bases[idx] + off;
-        let src = &sh.sources[idx];
+        let chain = &io.sources[idx];
+        let src = chain.top();
         let mut b = buf.take().expect("worker buffer");
         b.reset(len as usize);
         // What the source holds: (start, length, is a hole), relative to the chunk.
@@ -177,13 +246,16 @@ async fn worker(sh: Rc<Shared>) {
         let mut at = 0;
         let mut failed = false;
         while at < len {
-            let (n, is_zero) = match src.block_status(off + at, len - at).await {
+            let (n, is_zero) = match chain.status(off + at, len - at).await {
                 Ok(st) => (st.len.min(len - at), st.zero && !st.data),
                 Err(_) => (len - at, false),
             };
             pieces.push((at, n, is_zero));
             if is_zero {
-                b[at as usize..(at + n) as usize].fill(0);
+                // Only compression looks at a hole's bytes (whole clusters around data).
+                if sh.o.compress.is_some() {
+                    b[at as usize..(at + n) as usize].fill(0);
+                }
             } else {
                 b.set_window(at as usize, n as usize);
                 let d = src.read(off + at, b).await;
@@ -220,7 +292,7 @@ async fn worker(sh: Rc<Shared>) {
         }
         if !sh.o.out_of_order {
             sh.wait_turn(seq).await;
-            if sh.error.borrow().is_some() {
+            if sh.failed() {
                 break;
             }
         }
@@ -235,7 +307,7 @@ async fn worker(sh: Rc<Shared>) {
             let e = zero[j].1;
             if z {
                 if !sh.o.target_zero {
-                    let d = sh.target.write_zeroes(global + s, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await;
+                    let d = io.target.write_zeroes(global + s, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await;
                     if let Err(err) = d.res {
                         sh.fail(CopyError::Write(global + s, err));
                         failed = true;
@@ -263,7 +335,7 @@ async fn worker(sh: Rc<Shared>) {
                         e2 += cs.min(len - e2);
                     }
                     b.set_window(c as usize, (e2 - c) as usize);
-                    let d = sh.target.write_compressed(global + c, b).await;
+                    let d = io.target.write_compressed(global + c, b).await;
                     b = d.buf.expect("write returns its buffer");
                     b.reset(len as usize);
                     if let Err(err) = d.res {
@@ -279,7 +351,7 @@ async fn worker(sh: Rc<Shared>) {
                 }
             } else {
                 b.set_window(s as usize, (e - s) as usize);
-                let d = sh.target.write(global + s, b, WriteFlags::default()).await;
+                let d = io.target.write(global + s, b, WriteFlags::default()).await;
                 b = d.buf.expect("write returns its buffer");
                 b.reset(len as usize);
                 if let Err(err) = d.res {
@@ -297,8 +369,7 @@ async fn worker(sh: Rc<Shared>) {
         if failed {
             break;
         }
-        let done = sh.done_bytes.get() + len;
-        sh.done_bytes.set(done);
+        let done = sh.done_bytes.fetch_add(len, Ordering::SeqCst) + len;
         (sh.progress)(done, sh.total);
         if sh.o.rate > 0 {
             let due = sh.start + Duration::from_secs_f64(done as f64 / sh.o.rate as f64);
