@@ -25,12 +25,13 @@ with open('mixed.raw', 'wb') as f:
         elif r < 0.8:
             f.write(bytes([random.randrange(256)]) * (1 << 20))
 PY
+sync
 qemu-img convert -q -f raw -O qcow2 mixed.raw src.qcow2
 cat mixed.raw src.qcow2 > /dev/null
 best() { # best wall time of RUNS runs of the command
     local b=999999
     for _ in $(seq "$RUNS"); do
-        rm -f out.*
+        rm -f out.*; sync
         local s=$(date +%s.%N); "$@" >/dev/null; local e=$(date +%s.%N)
         b=$(awk -v a="$b" -v x="$(echo "$e - $s" | bc)" 'BEGIN{print (x<a)?x:a}')
     done

@@ -6,6 +6,11 @@
 //! `refcount` (refcount block entries), `compress`, `meta` (cached tables and the ordered,
 //! written-through metadata updates), `io` (the data path), `create`.
 //!
+//! Several reactors: every reactor that opens the node gets its own queue; the caches, the
+//! allocation lock, the set of guest clusters being allocated and the count of writes in
+//! flight (`basalt_engine::InFlightGroup`, drained before a cluster is freed) are shared, so
+//! allocations, copy-on-write, zeroing and discards on different cores stay consistent.
+//!
 //! Lazy refcounts: refcounts are always kept up to date (a valid way to implement them), and a
 //! dirty image left by another program is repaired on a read-write open, as QEMU does.
 //!
