@@ -61,6 +61,9 @@ impl std::fmt::Display for CopyError {
     }
 }
 
+/// Copies at least this large use more than one reactor.
+const HELPERS_FROM: u64 = 64 << 20;
+
 /// Progress callback: (bytes done, total).
 pub type Progress = Box<dyn Fn(u64, u64) + Send + Sync>;
 
@@ -118,7 +121,8 @@ pub async fn copy(sources: Vec<Arc<dyn Node>>, target: Backend, o: CopyOpts, pro
     // (the blocking pool, the kernel's io_uring workers, compression).
     basalt_reactor::set_idle_spin(Some(Duration::ZERO));
     // Helper reactors, each running its share of the workers with its own queues.
-    let helpers = if reactors > 1 { crate::helper_reactors(reactors - 1) } else { None };
+    // Small copies are not worth starting threads for.
+    let helpers = if reactors > 1 && total >= HELPERS_FROM { crate::helper_reactors(reactors - 1) } else { None };
     let mut remote = Vec::new();
     if let Some(rt) = &helpers {
         let tgt = (target.node().clone(), target.writethrough());
@@ -252,8 +256,9 @@ async fn worker(sh: Arc<Shared>, io: Io) {
             };
             pieces.push((at, n, is_zero));
             if is_zero {
-                // Only compression looks at a hole's bytes (whole clusters around data).
-                if sh.o.compress.is_some() {
+                // A hole's bytes are used only when compressing (whole clusters around data)
+                // or writing everything (`-S 0`).
+                if sh.o.compress.is_some() || sh.o.sparse_size == 0 {
                     b[at as usize..(at + n) as usize].fill(0);
                 }
             } else {
