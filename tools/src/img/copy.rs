@@ -7,6 +7,11 @@
 //! data and zeroes it finds. Zero runs are skipped when the target is known to read as zeroes,
 //! else written with `write_zeroes` (unmap allowed). Without `-W` the writes happen in order:
 //! a worker waits for every earlier chunk to be written before writing its own.
+//!
+//! Workers are spread over one reactor per core (helper reactors started for the copy, each
+//! with its own queues on the same nodes); claiming, ordering, errors and progress are shared
+//! through atomics and short mutexes. A source's block status is asked of its whole backing
+//! chain, so unallocated ranges without data below are not read at all.
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
