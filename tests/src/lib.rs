@@ -56,3 +56,22 @@ pub fn assert_same_img_outcome(basalt: &Output, qemu: &Output, what: &str) {
         "basalt-img {what} differs from qemu-img"
     );
 }
+
+/// A seeded xorshift generator, so randomised tests replay exactly from their seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use basalt_tests::{must, peer, run, stderr, stdout, tool};
+use basalt_tests::{must, peer, run, stderr, stdout, tool, Rng};
 
 // ---------------------------------------------------------------------------------------------
 // Running the tools.
@@ -533,21 +533,6 @@ fn basalt_made_backing_chain_of_three() {
 
 // ---------------------------------------------------------------------------------------------
 // (d): seeded random sequences.
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn random_op(r: &mut Rng, c: &Cfg) -> Op {
     let cs = c.cs;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use basalt_engine::{Backend, Graph, Node, OpenFlags, Opts, WriteFlags, ZeroFlags};
 use basalt_reactor::{IoBuf, Runtime, RuntimeConfig};
-use basalt_tests::{must, peer, run};
+use basalt_tests::{must, peer, run, Rng};
 
 const CS: u64 = 4096;
 const SIZE: u64 = 32 << 20;
@@ -18,21 +18,6 @@ const TASKS: u64 = 4;
 const REACTORS: u64 = 2;
 /// A task that panicked or hangs fails the test instead of stalling it.
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// A random operation on clusters owned by `me`, applied to the node and to `model`.
 async fn one_op(be: &Backend, r: &mut Rng, me: u64, model: &Mutex<Vec<u8>>) {

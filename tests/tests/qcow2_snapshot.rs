@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 
 use basalt_engine::{Backend, Graph, OpenFlags, Opts, WriteFlags};
 use basalt_reactor::{IoBuf, Reactor, ReactorConfig};
-use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool};
+use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool, Rng};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     run(peer("qemu-img").current_dir(dir).env("TZ", "Europe/Berlin").args(args))
@@ -223,21 +223,6 @@ fn snapshots_interoperate_both_ways() {
         reads_as(dir, "b.qcow2", &mb);
         let o = basalt_img(dir, &["snapshot", "-l", "b.qcow2"]);
         assert_eq!(stdout(&o), "", "{opts}: snapshots left");
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
