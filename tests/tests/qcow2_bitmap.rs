@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool};
+use basalt_tests::{assert_same_img_outcome, be32, be64, bitmaps, must, peer, run, same_bitmaps, stderr, stdout, tool};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     run(peer("qemu-img").current_dir(dir).args(args))
@@ -38,65 +38,6 @@ fn check_clean(dir: &Path, img: &str) {
     let o = qemu_img(dir, &["check", img]);
     assert!(o.status.code() == Some(0), "qemu-img check {img}:\n{}{}", stdout(&o), stderr(&o));
     same_output(dir, &["check", img]);
-}
-
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], o: usize) -> u64 {
-    u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
-}
-
-/// Every bitmap of an image as the file holds it: (name, flags, granularity bits, bits).
-fn bitmaps(path: &Path) -> Vec<(String, u32, u8, Vec<u8>)> {
-    let d = std::fs::read(path).unwrap();
-    let cs = 1usize << be32(&d, 20);
-    let size = be64(&d, 24);
-    let mut o = be32(&d, 100) as usize;
-    let mut out = Vec::new();
-    loop {
-        let (t, l) = (be32(&d, o), be32(&d, o + 4) as usize);
-        if t == 0 {
-            break;
-        }
-        if t == 0x2385_2875 {
-            let nb = be32(&d, o + 8);
-            let mut p = be64(&d, o + 24) as usize;
-            for _ in 0..nb {
-                let (to, ts, fl, gb) = (be64(&d, p) as usize, be32(&d, p + 8) as usize, be32(&d, p + 12), d[p + 17]);
-                let ns = u16::from_be_bytes([d[p + 18], d[p + 19]]) as usize;
-                let es = be32(&d, p + 20) as usize;
-                let name = String::from_utf8_lossy(&d[p + 24 + es..p + 24 + es + ns]).into_owned();
-                let nbytes = (size.div_ceil(1 << gb)).div_ceil(8) as usize;
-                let mut bits = Vec::new();
-                for i in 0..ts {
-                    let e = be64(&d, to + 8 * i) as usize;
-                    let off = e & 0x00ff_ffff_ffff_fe00;
-                    let chunk = if off != 0 { d[off..off + cs].to_vec() } else { vec![if e & 1 != 0 { 0xff } else { 0 }; cs] };
-                    bits.extend_from_slice(&chunk);
-                }
-                bits.truncate(nbytes);
-                out.push((name, fl, gb, bits));
-                p += (24 + es + ns).next_multiple_of(8);
-            }
-        }
-        o += 8 + l.next_multiple_of(8);
-    }
-    out
-}
-
-/// Two images have the same bitmaps; a difference is reported by name and first byte.
-fn same_bitmaps(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (bitmaps(a), bitmaps(b));
-    let summary = |v: &[(String, u32, u8, Vec<u8>)]| -> Vec<(String, u32, u8, usize, u32)> {
-        v.iter().map(|(n, f, g, bits)| (n.clone(), *f, *g, bits.len(), bits.iter().map(|c| c.count_ones()).sum())).collect()
-    };
-    assert_eq!(summary(&x), summary(&y), "{what}: bitmaps differ (name, flags, granularity bits, bytes, bits set)");
-    for (p, q) in x.iter().zip(&y) {
-        let first = p.3.iter().zip(&q.3).position(|(c, d)| c != d);
-        assert!(first.is_none(), "{what}: bitmap {} differs first at byte {first:?}", p.0);
-    }
 }
 
 /// The format-specific part of `qemu-img info --output=json` (sizes differ with layout).

@@ -23,6 +23,19 @@ use crate::qcow2::Qcow2Node;
 /// Most memory the bits of an image's bitmaps may take.
 const MAX_LOADED_BYTES: u64 = 1 << 30;
 
+/// What `convert --bitmaps` needs to know of a persistent bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapSummary {
+    /// Its name.
+    pub name: String,
+    /// Bytes one bit covers.
+    pub granularity: u64,
+    /// It records writes (the `auto` flag).
+    pub enabled: bool,
+    /// It was left in use by a program that did not store it: its bits cannot be trusted.
+    pub inconsistent: bool,
+}
+
 /// One bitmap of an open image.
 pub(crate) struct Bitmap {
     /// The entry as it is on disk now (table offset, size), with the flags it will be stored
@@ -234,6 +247,20 @@ impl Qcow2Node {
                     e.flags |= FLAG_IN_USE;
                 }
                 e.info_json()
+            })
+            .collect()
+    }
+
+    /// The persistent bitmaps in directory order (what `convert --bitmaps` copies).
+    pub fn bitmap_list(&self) -> Vec<BitmapSummary> {
+        self.bitmaps_ref()
+            .list
+            .iter()
+            .map(|b| BitmapSummary {
+                name: b.entry.name.clone(),
+                granularity: b.entry.granularity(),
+                enabled: b.entry.enabled(),
+                inconsistent: b.entry.in_use(),
             })
             .collect()
     }

@@ -587,7 +587,7 @@ impl Qcow2Queue {
                 self.zero_cluster(at / cs, discard, unmap, v3).await
             } else if discard {
                 Ok(()) // partial discards are advisory
-            } else if self.reads_as_zero(at).await {
+            } else if self.reads_as_zero(at, n).await {
                 // The rest of the cluster reads as zeroes already: as QEMU, make it a zero
                 // cluster (v3) rather than allocate it; v2 needs nothing.
                 if v3 && !self.s.layout.extended_l2 {
@@ -607,15 +607,24 @@ impl Qcow2Queue {
         IoDone::ok(len)
     }
 
-    /// Whether the whole cluster containing `off` reads as zeroes without looking at data:
-    /// unallocated without a backing file, or a zero cluster.
-    async fn reads_as_zero(&self, off: u64) -> bool {
+    /// Whether the cluster containing a partial zero write of `off..off+len` reads as zeroes
+    /// around it without looking at data (QEMU's check before it makes the whole cluster a
+    /// zero cluster): a zero cluster, or an unallocated one whose head and tail read as zeroes
+    /// through the backing chain (or that has no backing file).
+    async fn reads_as_zero(&self, off: u64, len: u64) -> bool {
         if self.s.layout.extended_l2 {
             return false;
         }
         match self.mapping(off).await {
             Ok(Mapping::Zero { .. }) => true,
-            Ok(Mapping::Unallocated) => self.backing.is_none(),
+            Ok(Mapping::Unallocated) => match &self.backing {
+                None => true,
+                Some(b) => {
+                    let start = off - off % self.s.cs;
+                    let end = start + self.s.cs;
+                    chain_reads_zero(b, start, off - start, 0).await && chain_reads_zero(b, off + len, end - off - len, 0).await
+                }
+            },
             _ => false,
         }
     }
@@ -802,6 +811,36 @@ impl Qcow2Queue {
         }
         Ok(st)
     }
+}
+
+/// Whether `off..off+len` of a backing image reads as zeroes by block status alone (QEMU's
+/// `bdrv_co_is_zero_fast`): zeroes it reports, ranges past its end, and ranges no image of the
+/// chain below defines. `depth` bounds the walk down the chain.
+fn chain_reads_zero(q: &Queue, off: u64, len: u64, depth: usize) -> LocalBoxFuture<'_, bool> {
+    Box::pin(async move {
+        let end = (off + len).min(q.node().size());
+        let mut at = off;
+        while at < end {
+            let Ok(st) = q.block_status(at, end - at).await else { return false };
+            let n = st.len.clamp(1, end - at);
+            if st.data && !st.zero {
+                return false;
+            }
+            if !st.zero && !st.allocated {
+                let below = q.node().children().into_iter().find(|c| c.role == basalt_engine::ChildRole::Backing);
+                if let Some(c) = below {
+                    let Ok(bq) = Queue::new(c.node) else { return false };
+                    if depth >= crate::qcow2::MAX_CHAIN || !chain_reads_zero(&bq, at, n, depth + 1).await {
+                        return false;
+                    }
+                }
+            } else if !st.zero {
+                return false;
+            }
+            at += n;
+        }
+        true
+    })
 }
 
 /// Compress a cluster on the blocking thread pool.

@@ -61,6 +61,7 @@ use basalt_engine::{
 use basalt_reactor::IoBuf;
 
 pub use amend::amend_opts;
+pub use bitmap_ops::BitmapSummary;
 pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;
 pub use error::Qcow2Error;

@@ -373,6 +373,41 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Make reads of this read-only node see the snapshot chosen by `id` and/or `name` (both
+    /// must match where both are given), as QEMU's `bdrv_snapshot_load_tmp` does for
+    /// `convert -l` and `measure -l`: the snapshot's L1 table replaces the active one in memory;
+    /// nothing on disk changes and the virtual size stays the image's (clusters past the
+    /// snapshot's table read as unallocated). The caller loads before any I/O on the node.
+    pub async fn snapshot_load_tmp(&self, id: Option<&str>, name: Option<&str>) -> BlockResult<()> {
+        if !self.s.read_only {
+            return Err(BlockError::new(ErrorKind::PermissionDenied, "Snapshots can only be loaded into read-only images"));
+        }
+        let list = self.snapshot_list();
+        let found =
+            list.iter().find(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n) && (id, name) != (None, None));
+        let Some(sn) = found.cloned() else {
+            return Err(BlockError::new(ErrorKind::NotFound, "Can't find snapshot"));
+        };
+        snapshot::check_l1(&sn, self.s.cs, self.s.file.size()).map_err(BlockError::from)?;
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = MetaIo { s: &self.s, file: &file };
+        let table = meta.read_l1(&sn).await.map_err(|e| BlockError::from(e).context("Could not read the snapshot L1 table"))?;
+        let mut m = self.s.lock_meta();
+        m.l2_seq += 1;
+        m.l1 = table;
+        Ok(())
+    }
+
+    /// [`Qcow2Node::snapshot_load_tmp`] by ID, or else by name (`convert -l NAME`).
+    pub async fn snapshot_load_tmp_by_id_or_name(&self, id_or_name: &str) -> BlockResult<()> {
+        let by_id = self.snapshot_list().iter().any(|s| s.id == id_or_name);
+        if by_id {
+            self.snapshot_load_tmp(Some(id_or_name), None).await
+        } else {
+            self.snapshot_load_tmp(None, Some(id_or_name)).await
+        }
+    }
+
     /// Delete the first snapshot named `name`.
     pub async fn snapshot_delete_named(&self, name: &str) -> BlockResult<()> {
         self.writable()?;

@@ -25,6 +25,11 @@ pub fn error(msg: impl Display) {
     eprintln!("{PROG}: {msg}");
 }
 
+/// Print a warning as qemu-img's `warn_report` does.
+pub fn warn(msg: impl Display) {
+    eprintln!("{PROG}: warning: {msg}");
+}
+
 /// Print a usage error with qemu-img's hint line; returns exit code 1.
 pub fn usage_error(cmd: &str, msg: impl Display) -> i32 {
     eprintln!("{PROG}: {msg}\nTry '{PROG} {cmd} --help' for more info");
@@ -399,6 +404,17 @@ impl ChainStatus {
     }
 }
 
+/// What the top image of a chain alone says of a range ([`Chain::top_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopStatus {
+    /// The top stores data there.
+    Data,
+    /// The range reads as zeroes.
+    Zero,
+    /// The top defines nothing: the content comes from the backing chain.
+    Backing,
+}
+
 /// Backends for an image and its backing chain, top first.
 pub struct Chain {
     layers: Vec<Layer>,
@@ -438,6 +454,30 @@ impl Chain {
     /// Size of the top image.
     pub fn size(&self) -> u64 {
         self.top().size()
+    }
+
+    /// Status of `off..off+len` of the top image alone, as QEMU's `bdrv_block_status` answers
+    /// it (what convert asks when the target has a backing file): zeroes where the top says so,
+    /// or where a format that takes backing files defines nothing and has no backing image or
+    /// the backing image ends before `off`; data where it stores data; else the content comes
+    /// from the backing chain. Returns the length that shares the answer.
+    pub async fn top_status(&self, off: u64, len: u64) -> Result<(u64, TopStatus), IoStatus> {
+        let layer = &self.layers[0];
+        let st = layer.be.block_status(off, len).await?;
+        let kind = if st.zero {
+            TopStatus::Zero
+        } else if st.data {
+            TopStatus::Data
+        } else if !layer.supports_backing {
+            // What a format without backing files does not define reads as its protocol
+            // says; only formats with backing files leave content to another image.
+            TopStatus::Data
+        } else if self.layers.get(1).is_none_or(|b| off >= b.be.size()) {
+            TopStatus::Zero
+        } else {
+            TopStatus::Backing
+        };
+        Ok((st.len, kind))
     }
 
     /// Status of `off..off+len` of the top image, looking down the chain where the top does

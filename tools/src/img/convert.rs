@@ -9,7 +9,10 @@
 
 use std::io::Write;
 
-use basalt_engine::{parse_number, parse_size, Backend, Opts, Perm};
+use std::sync::Arc;
+
+use basalt_engine::{parse_number, parse_size, Backend, ChildRole, Node, Opts, Perm};
+use basalt_formats::qcow2::{BitmapSummary, Qcow2Node};
 
 use crate::getopt::{self, opt};
 use crate::image::{self, ImageSpec};
@@ -84,6 +87,13 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         None => 0,
         Some(v) => parse_size(v).filter(|n| *n > 0).ok_or_else(|| format!("Invalid rate limit specified: '{v}'."))?,
     };
+    if a.has("skip-broken-bitmaps") && !a.has("bitmaps") {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
+    let snapshot = match a.value("l") {
+        None => None,
+        Some(v) => Some(parse_snapshot(v)?),
+    };
     if a.operands.len() < 2 {
         return Err("Must specify image file name".into());
     }
@@ -93,6 +103,9 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     if target_opts && !skip_create {
         return Err("--target-image-opts requires use of -n flag".into());
     }
+    if a.has("target-is-zero") && !skip_create {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
     if a.has("C") {
         return Err("Copy offloading (-C) is not supported by this build of basalt-img".into());
     }
@@ -101,11 +114,16 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
     if a.has("c") && !drv.supports_compression() {
         return Err("Compression not supported for this file format".into());
     }
-    if a.value("B").is_some() {
-        if drv.create_opts().iter().any(|o| o.name == "backing_file") {
-            return Err("-B (a backing file for the target) is not supported by this build of basalt-img convert".into());
+    let out_baseimg = a.value("B");
+    let backing_fmt = a.value("F");
+    let takes_backing = drv.create_opts().iter().any(|o| o.name == "backing_file");
+    if !skip_create && !takes_backing {
+        if out_baseimg.is_some() {
+            return Err(format!("Backing file not supported for file format '{out_fmt}'"));
         }
-        return Err(format!("Backing file not supported for file format '{out_fmt}'"));
+        if backing_fmt.is_some() {
+            return Err(format!("Backing file format not supported for file format '{out_fmt}'"));
+        }
     }
     let (srcs, out) = a.operands.split_at(a.operands.len() - 1);
     let out = &out[0];
@@ -126,22 +144,8 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         let (node, _) = image::open(&graph, &spec).await.map_err(|e| e.to_string())?;
         sources.push(Backend::new(node).map_err(|e| e.to_string())?);
     }
-    // What qemu-img answers for sources without snapshots or bitmaps; qcow2 sources have
-    // them, and this build cannot copy from them yet.
-    let plain = |d: &str| d != "qcow2";
-    if let Some(d) = a.value("l").and(sources.iter().map(|b| b.node().driver()).next()) {
-        if plain(d) {
-            return Err(format!(
-                "Failed to load snapshot: Block format '{d}' used by device '' does not support temporarily loading internal snapshots"
-            ));
-        }
-        return Err("Converting from an internal snapshot (-l) is not supported by this build of basalt-img convert".into());
-    }
-    if a.has("bitmaps") {
-        if sources.iter().all(|b| plain(b.node().driver())) {
-            return Err("Source lacks bitmap support".into());
-        }
-        return Err("Copying bitmaps (--bitmaps) is not supported by this build of basalt-img convert".into());
+    if let Some(sn) = &snapshot {
+        load_snapshot(&sources, sn).await?;
     }
     let total: u64 = sources.iter().map(Backend::size).sum();
 
@@ -150,6 +154,25 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         let parsed = Opts::parse_keyval(o, None).map_err(|e| e.to_string())?;
         create_opts.insert_sub_root(parsed);
     }
+    let mut target_has_backing = out_baseimg.is_some();
+    if !skip_create {
+        if let Some(b) = out_baseimg {
+            create_opts.set("backing_file", b.to_string());
+        }
+        if let Some(f) = backing_fmt {
+            create_opts.set("backing_fmt", f.to_string());
+        }
+        target_has_backing |= create_opts.contains("backing_file");
+    }
+    if target_has_backing && a.has("target-is-zero") {
+        return Err("Cannot use --target-is-zero when the destination image has a backing file".into());
+    }
+    if target_has_backing && sources.len() > 1 {
+        return Err("Having a backing file for the target makes no sense when concatenating multiple input images".into());
+    }
+    if !skip_create && create_opts.contains("backing_file") && !create_opts.contains("backing_fmt") {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
     if a.has("c")
         && (create_opts.get_str("encryption").is_some_and(|v| basalt_engine::parse_bool(&v) == Some(true))
             || create_opts.contains("encrypt.format"))
@@ -157,6 +180,7 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         return Err("Compression and encryption not supported at the same time".into());
     }
     let prealloc = create_opts.get_str("preallocation");
+    let bitmaps = if a.has("bitmaps") { Some(check_bitmaps(&sources, a.has("skip-broken-bitmaps"))?) } else { None };
     // As qemu-img: the target is opened with the key secrets it was created with.
     let key_secrets: Vec<(&str, String)> =
         ["key-secret", "encrypt.key-secret"].into_iter().filter_map(|k| create_opts.get_str(k).map(|v| (k, v))).collect();
@@ -189,37 +213,73 @@ async fn run(a: &getopt::Args) -> Result<(), String> {
         spec.fmt = None;
     }
     let (tnode, writethrough) = image::open(&graph, &spec).await.map_err(|e| e.to_string())?;
-    let mut target = Backend::new(tnode).map_err(|e| e.to_string())?;
-    target.set_writethrough(writethrough);
-    if target.size() < total {
-        return Err("output file is smaller than input file".into());
-    }
-    let target_zero = if skip_create {
-        a.has("target-is-zero")
-    } else {
-        prealloc.as_deref() != Some("off_nozero") && target_reads_zero(&target)
-    };
-
-    let progress: copy::Progress = if a.has("p") && !a.has("q") { progress_printer() } else { Box::new(|_, _| {}) };
-    let compress = if a.has("c") { target.node().cluster_size() } else { None };
+    // Once the target is open it is closed however the copy ends, as qemu-img does (what it
+    // keeps in memory, such as bitmaps, is stored).
     let opts = CopyOpts {
         workers,
         reactors: crate::cores(),
         out_of_order: a.has("W"),
         sparse_size,
-        target_zero,
+        // Set from the opened target below.
+        target_zero: false,
         salvage: a.has("salvage"),
         rate,
         chunk: 2 << 20,
-        compress,
+        compress: None,
+        target_backing: target_has_backing,
+        backing_size: None,
     };
-    let sources = sources.iter().map(|b| b.node().clone()).collect();
-    copy::copy(sources, target.clone(), opts, progress).await.map_err(|e| e.to_string())?;
+    let job = Job { target: tnode, writethrough, sources: &sources, total, prealloc: prealloc.as_deref(), bitmaps };
+    let r = copy_into(a, job, opts).await;
+    let c = graph.close().await.map_err(|e| e.to_string());
+    r.and(c)
+}
+
+/// The opened target and what the copy into it needs.
+struct Job<'a> {
+    target: Arc<dyn Node>,
+    writethrough: bool,
+    sources: &'a [Backend],
+    total: u64,
+    prealloc: Option<&'a str>,
+    bitmaps: Option<Vec<BitmapSummary>>,
+}
+
+/// Copy the sources into the opened target, then the bitmaps.
+async fn copy_into(a: &getopt::Args, job: Job<'_>, mut opts: CopyOpts) -> Result<(), String> {
+    let Job { target: tnode, writethrough, sources, total, prealloc, bitmaps } = job;
+    let skip_create = a.has("n");
+    let mut target = Backend::new(tnode).map_err(|e| e.to_string())?;
+    target.set_writethrough(writethrough);
+    if target.size() < total {
+        return Err("output file is smaller than input file".into());
+    }
+    if bitmaps.is_some() && !supports_bitmaps(&target) {
+        return Err(format!("Format driver '{}' does not support bitmaps", target.node().driver()));
+    }
+    opts.target_zero = if skip_create {
+        a.has("target-is-zero")
+    } else {
+        !opts.target_backing && prealloc != Some("off_nozero") && target_reads_zero(&target)
+    };
+    // Past the end of a new target's backing file, its unallocated ranges read as zeroes.
+    opts.backing_size = match opts.target_backing && !skip_create {
+        true => target.node().children().into_iter().find(|c| c.role == ChildRole::Backing).map(|c| c.node.size()),
+        false => None,
+    };
+
+    let progress: copy::Progress = if a.has("p") && !a.has("q") { progress_printer() } else { Box::new(|_, _| {}) };
+    opts.compress = if a.has("c") { target.node().cluster_size() } else { None };
+    let nodes = sources.iter().map(|b| b.node().clone()).collect();
+    copy::copy(nodes, target.clone(), opts, progress).await.map_err(|e| e.to_string())?;
     let f = target.flush().await;
     if let Err(e) = f.res {
         return Err(format!("error while flushing: {e}"));
     }
-    graph.close().await.map_err(|e| e.to_string())
+    if let Some(list) = bitmaps {
+        copy_bitmaps(sources[0].node(), target.node(), &list).await?;
+    }
+    Ok(())
 }
 
 /// How files are driven for a bulk copy: through the page cache, large reads and writes go to
@@ -279,4 +339,105 @@ fn progress_printer() -> copy::Progress {
             let _ = out.flush();
         }
     })
+}
+
+/// Which internal snapshot `-l` names: `snapshot.id=ID,snapshot.name=NAME` (either or both),
+/// or an ID or name on its own.
+enum SnapshotSel {
+    IdAndName(Option<String>, Option<String>),
+    IdOrName(String),
+}
+
+fn parse_snapshot(v: &str) -> Result<SnapshotSel, String> {
+    if !v.starts_with("snapshot.") {
+        return Ok(SnapshotSel::IdOrName(v.to_string()));
+    }
+    let fail = |m: String| format!("{m}\n{}: Failed in parsing snapshot param '{v}'", crate::img::common::PROG);
+    let (mut id, mut name) = (None, None);
+    for part in v.split(',') {
+        let (k, val) = part.split_once('=').ok_or_else(|| fail(format!("Invalid parameter '{part}'")))?;
+        match k {
+            "snapshot.id" => id = Some(val.to_string()),
+            "snapshot.name" => name = Some(val.to_string()),
+            _ => return Err(fail(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(SnapshotSel::IdAndName(id, name))
+}
+
+/// Make the first source read as the snapshot `-l` names (`bdrv_snapshot_load_tmp`).
+async fn load_snapshot(sources: &[Backend], sel: &SnapshotSel) -> Result<(), String> {
+    if matches!(sel, SnapshotSel::IdOrName(_)) && sources.len() > 1 {
+        return Err("No support for concatenating multiple snapshot".into());
+    }
+    let node = sources[0].node();
+    let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() else {
+        return Err(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            node.driver()
+        ));
+    };
+    let r = match sel {
+        SnapshotSel::IdAndName(id, name) => q.snapshot_load_tmp(id.as_deref(), name.as_deref()).await,
+        SnapshotSel::IdOrName(v) => q.snapshot_load_tmp_by_id_or_name(v).await,
+    };
+    r.map_err(|e| format!("Failed to load snapshot: {}", e.msg))
+}
+
+/// `--bitmaps`: the single source's persistent bitmaps to copy, checked before the target is
+/// created (an inconsistent one fails the copy unless `--skip-broken-bitmaps`).
+fn check_bitmaps(sources: &[Backend], skip_broken: bool) -> Result<Vec<BitmapSummary>, String> {
+    if sources.len() > 1 {
+        return Err("Copying bitmaps only possible with single source".into());
+    }
+    let Some(q) = sources[0].node().as_any().downcast_ref::<Qcow2Node>().filter(|q| q.header().version >= 3) else {
+        return Err("Source lacks bitmap support".into());
+    };
+    let list = q.bitmap_list();
+    if let Some(b) = list.iter().find(|b| b.inconsistent && !skip_broken) {
+        return Err(format!(
+            "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use '{} bitmap --remove' to delete it",
+            b.name,
+            crate::img::common::PROG
+        ));
+    }
+    Ok(list)
+}
+
+/// Whether the target can store persistent bitmaps (qcow2 version 3).
+fn supports_bitmaps(target: &Backend) -> bool {
+    target.node().as_any().downcast_ref::<Qcow2Node>().is_some_and(|q| q.header().version >= 3)
+}
+
+/// After the data: add each of the source's bitmaps to the target with its granularity and
+/// enabled state, then merge the source's bits in (qemu-img's `convert_copy_bitmaps`).
+/// Stored when the graph closes.
+async fn copy_bitmaps(src: &Arc<dyn Node>, dst: &Arc<dyn Node>, list: &[BitmapSummary]) -> Result<(), String> {
+    let (Some(sq), Some(dq)) = (src.as_any().downcast_ref::<Qcow2Node>(), dst.as_any().downcast_ref::<Qcow2Node>()) else {
+        return Err("Source lacks bitmap support".into());
+    };
+    // qemu-img walks the bitmaps last first: a name the target has already is reported as it
+    // reports it, before anything is added.
+    let have: Vec<String> = dq.bitmap_list().into_iter().map(|b| b.name).collect();
+    if let Some(b) = list.iter().rev().find(|b| !b.inconsistent && have.contains(&b.name)) {
+        return Err(format!("Failed to create bitmap {}: Bitmap already exists: {}", b.name, b.name));
+    }
+    for b in list {
+        if b.inconsistent {
+            crate::img::common::warn(format!("Skipping inconsistent bitmap '{}'", b.name));
+            continue;
+        }
+        dq.bitmap_add(&b.name, Some(b.granularity), b.enabled)
+            .map_err(|e| format!("Failed to create bitmap {}: {}", b.name, e.msg))?;
+        let populate = async {
+            let (gb, bits) = sq.bitmap_bits(&b.name).await?;
+            dq.bitmap_merge(&b.name, gb, &bits, src.size())?;
+            Ok::<(), basalt_engine::BlockError>(())
+        };
+        if let Err(e) = populate.await {
+            let _ = dq.bitmap_remove(&b.name);
+            return Err(format!("Failed to populate bitmap {}: {}", b.name, e.msg));
+        }
+    }
+    Ok(())
 }

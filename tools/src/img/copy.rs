@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use basalt_engine::{Backend, IoStatus, Node, WriteFlags, ZeroFlags};
 use basalt_reactor::{spawn_local, IoBuf};
 
-use crate::img::common::Chain;
+use crate::img::common::{Chain, TopStatus};
 
 /// How to copy.
 #[derive(Clone, Debug)]
@@ -46,6 +46,12 @@ pub struct CopyOpts {
     pub chunk: u64,
     /// Write data compressed, in clusters of this size (`-c`).
     pub compress: Option<u64>,
+    /// The target has a backing file (`-B`): only what the top image of each source defines
+    /// is written, and zeroes are written out (the backing file may hold data there).
+    pub target_backing: bool,
+    /// Size of the new target's backing file, when known: past it, unallocated target ranges
+    /// read as zeroes already.
+    pub backing_size: Option<u64>,
 }
 
 /// Why a copy failed: the byte and the error, as qemu-img reports them.
@@ -240,138 +246,42 @@ impl Shared {
     }
 }
 
+/// What a range of a chunk becomes in the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Written from the buffer.
+    Data,
+    /// Written as zeroes (skipped when the target already reads as zeroes).
+    Zero,
+    /// Left alone: unallocated in a source whose target has a backing file (qemu-img's
+    /// `BLK_BACKING_FILE`), or zeroes past the end of the target's new backing file.
+    Skip,
+}
+
+/// A range of the current chunk: (start, end, what it is), relative to the chunk.
+type Run = (u64, u64, Kind);
+
 async fn worker(sh: Arc<Shared>, io: Io) {
     let mut buf = Some(IoBuf::new(sh.o.chunk as usize));
-    // Per-granule "is zero" marks for the current chunk.
-    let mut zero = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
     while let Some((seq, idx, off, len)) = sh.claim() {
         let global = sh.bases[idx] + off;
-        let chain = &io.sources[idx];
-        let src = chain.top();
         let mut b = buf.take().expect("worker buffer");
         b.reset(len as usize);
-        // What the source holds: (start, length, is a hole), relative to the chunk.
-        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-        let mut at = 0;
-        let mut failed = false;
-        while at < len {
-            let (n, is_zero) = match chain.status(off + at, len - at).await {
-                Ok(st) => (st.len.min(len - at), st.zero && !st.data),
-                Err(_) => (len - at, false),
-            };
-            pieces.push((at, n, is_zero));
-            if is_zero {
-                // A hole's bytes are used only when compressing (whole clusters around data)
-                // or writing everything (`-S 0`).
-                if sh.o.compress.is_some() || sh.o.sparse_size == 0 {
-                    b[at as usize..(at + n) as usize].fill(0);
-                }
-            } else {
-                b.set_window(at as usize, n as usize);
-                let d = src.read(off + at, b).await;
-                b = d.buf.expect("read returns its buffer");
-                b.reset(len as usize);
-                if let Err(e) = d.res {
-                    if sh.o.salvage {
-                        eprintln!("basalt-img: warning: error while reading offset {}: {e}", global + at);
-                        b[at as usize..(at + n) as usize].fill(0);
-                    } else {
-                        sh.fail(CopyError::Read(global + at, e));
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            at += n;
-        }
-        if failed {
-            break;
-        }
-        // Runs of data (true) and zeroes (false), as qemu-img decides them.
-        zero.clear();
-        for (p, n, hole) in pieces.iter().copied() {
-            if sh.o.sparse_size == 0 {
-                zero.push((p, p + n, false));
-            } else if hole {
-                zero.push((p, p + n, true));
-            } else {
-                sparse_runs(&b[p as usize..(p + n) as usize], global + p, sh.o.sparse_size, |s, e, z| {
-                    zero.push((p + s, p + e, z))
-                });
-            }
-        }
+        let r = fill(&sh, &io.sources[idx], off, global, len, b, &mut runs).await;
+        let Ok(mut b) = r else { break };
         if !sh.o.out_of_order {
             sh.wait_turn(seq).await;
             if sh.failed() {
                 break;
             }
         }
-        let mut i = 0;
-        let mut compressed_upto = 0u64;
-        while i < zero.len() {
-            let (s, _, z) = zero[i];
-            let mut j = i;
-            while j + 1 < zero.len() && zero[j + 1].2 == z {
-                j += 1;
-            }
-            let e = zero[j].1;
-            if z {
-                if !sh.o.target_zero {
-                    let d = io.target.write_zeroes(global + s, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await;
-                    if let Err(err) = d.res {
-                        sh.fail(CopyError::Write(global + s, err));
-                        failed = true;
-                        break;
-                    }
-                }
-            } else if let Some(cs) = sh.o.compress {
-                // Whole clusters around the data run, compressed (zero clusters stay unwritten
-                // on a fresh target).
-                let cs_start = s / cs * cs;
-                let cs_end = e.next_multiple_of(cs).min(len);
-                let mut c = cs_start.max(compressed_upto);
-                while c < cs_end {
-                    // Skip zero clusters on a fresh target; write each run of the others in one
-                    // request, so the format compresses its clusters in parallel.
-                    let zero_at = |x: u64| {
-                        sh.o.target_zero && basalt_engine::buffer_is_zero(&b[x as usize..(x + cs.min(len - x)) as usize])
-                    };
-                    if zero_at(c) {
-                        c += cs.min(len - c);
-                        continue;
-                    }
-                    let mut e2 = c;
-                    while e2 < cs_end && !zero_at(e2) {
-                        e2 += cs.min(len - e2);
-                    }
-                    b.set_window(c as usize, (e2 - c) as usize);
-                    let d = io.target.write_compressed(global + c, b).await;
-                    b = d.buf.expect("write returns its buffer");
-                    b.reset(len as usize);
-                    if let Err(err) = d.res {
-                        sh.fail(CopyError::Write(global + c, err));
-                        failed = true;
-                        break;
-                    }
-                    c = e2;
-                }
-                compressed_upto = cs_end;
-                if failed {
-                    break;
-                }
-            } else {
-                b.set_window(s as usize, (e - s) as usize);
-                let d = io.target.write(global + s, b, WriteFlags::default()).await;
-                b = d.buf.expect("write returns its buffer");
-                b.reset(len as usize);
-                if let Err(err) = d.res {
-                    sh.fail(CopyError::Write(global + s, err));
-                    failed = true;
-                    break;
-                }
-            }
-            i = j + 1;
-        }
+        let r = write_runs(&sh, &io.target, global, len, b, &runs).await;
+        let failed = r.is_err();
+        b = match r {
+            Ok(b) | Err(Some(b)) => b,
+            Err(None) => IoBuf::new(sh.o.chunk as usize),
+        };
         buf = Some(b);
         if !sh.o.out_of_order {
             sh.finish_turn();
@@ -386,6 +296,200 @@ async fn worker(sh: Arc<Shared>, io: Io) {
             basalt_reactor::sleep_until(due).await;
         }
     }
+}
+
+/// Read what the chunk `off..off+len` of a source (at `global` in the copy) holds into `b`
+/// and decide, as qemu-img does, which runs are data, zeroes, or left alone. On a read error
+/// (without `--salvage`) the copy is failed and `Err` returned.
+async fn fill(
+    sh: &Shared,
+    chain: &Chain,
+    off: u64,
+    global: u64,
+    len: u64,
+    mut b: IoBuf,
+    runs: &mut Vec<Run>,
+) -> Result<IoBuf, ()> {
+    let src = chain.top();
+    // What the source holds, relative to the chunk.
+    let mut pieces: Vec<Run> = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let mut want = len - at;
+        let pos = global + at;
+        if let Some(end) = sh.o.backing_size.filter(|e| *e > pos) {
+            // Zeroes are handled differently past the end of the target's backing file.
+            want = want.min(end - pos);
+        }
+        let (n, kind) = if sh.o.target_backing {
+            match chain.top_status(off + at, want).await {
+                Ok((n, TopStatus::Data)) => (n, Kind::Data),
+                Ok((n, TopStatus::Zero)) if sh.o.backing_size.is_some_and(|e| pos >= e) => (n, Kind::Skip),
+                Ok((n, TopStatus::Zero)) => (n, Kind::Zero),
+                Ok((n, TopStatus::Backing)) => (n, Kind::Skip),
+                Err(_) => (want, Kind::Data),
+            }
+        } else {
+            match chain.status(off + at, want).await {
+                Ok(st) if st.zero && !st.data => (st.len, Kind::Zero),
+                Ok(st) => (st.len, Kind::Data),
+                Err(_) => (want, Kind::Data),
+            }
+        };
+        let n = n.clamp(1, want);
+        pieces.push((at, at + n, kind));
+        at += n;
+    }
+    // Compressed targets are written in whole clusters: a cluster with anything to write is
+    // read in full (qemu-img's "an unallocated area shorter than a cluster is data").
+    if let Some(cs) = sh.o.compress {
+        let mut cl = Vec::new();
+        let mut c = 0;
+        while c < len {
+            let e = (c + cs).min(len);
+            let inside = pieces.iter().filter(|p| p.0 < e && p.1 > c);
+            let kind = if inside.clone().all(|p| p.2 == Kind::Skip) {
+                Kind::Skip
+            } else if inside.clone().all(|p| p.2 == Kind::Zero) {
+                Kind::Zero
+            } else {
+                Kind::Data
+            };
+            cl.push((c, e, kind));
+            c = e;
+        }
+        let mut full = Vec::new();
+        for &(c, e, kind) in &cl {
+            for p in pieces.iter().filter(|p| p.0 < e && p.1 > c) {
+                // In a cluster that is written, what the backing chain holds is read too.
+                let k = match (kind, p.2) {
+                    (Kind::Data, Kind::Skip) => Kind::Data,
+                    (Kind::Data, k) => k,
+                    (k, _) => k,
+                };
+                full.push((p.0.max(c), p.1.min(e), k));
+            }
+        }
+        pieces = full;
+    }
+    for &(s, e, kind) in &pieces {
+        match kind {
+            Kind::Skip if sh.o.compress.is_none() => {}
+            Kind::Zero | Kind::Skip => {
+                // A hole's bytes are used only when compressing (whole clusters around data)
+                // or writing everything (`-S 0`).
+                if sh.o.compress.is_some() || sh.o.sparse_size == 0 {
+                    b[s as usize..e as usize].fill(0);
+                }
+            }
+            Kind::Data => {
+                b.set_window(s as usize, (e - s) as usize);
+                let d = src.read(off + s, b).await;
+                b = d.buf.expect("read returns its buffer");
+                b.reset(len as usize);
+                if let Err(err) = d.res {
+                    if sh.o.salvage {
+                        eprintln!("basalt-img: warning: error while reading offset {}: {err}", global + s);
+                        b[s as usize..e as usize].fill(0);
+                    } else {
+                        sh.fail(CopyError::Read(global + s, err));
+                        return Err(());
+                    }
+                }
+            }
+        }
+    }
+    runs.clear();
+    if let Some(cs) = sh.o.compress {
+        // Per cluster: left alone, zeroes, or data (all-zero data is zeroes, as qemu-img).
+        let mut c = 0;
+        while c < len {
+            let e = (c + cs).min(len);
+            let inside = || pieces.iter().filter(|p| p.0 < e && p.1 > c);
+            let kind = if inside().all(|p| p.2 == Kind::Skip) {
+                Kind::Skip
+            } else if inside().all(|p| p.2 == Kind::Zero)
+                || (sh.o.sparse_size > 0 && basalt_engine::buffer_is_zero(&b[c as usize..e as usize]))
+            {
+                Kind::Zero
+            } else {
+                Kind::Data
+            };
+            runs.push((c, e, kind));
+            c = e;
+        }
+    } else {
+        for &(p, e, kind) in &pieces {
+            match kind {
+                Kind::Data if sh.o.sparse_size > 0 => {
+                    sparse_runs(&b[p as usize..e as usize], global + p, sh.o.sparse_size, |s, t, z| {
+                        runs.push((p + s, p + t, if z { Kind::Zero } else { Kind::Data }))
+                    })
+                }
+                // `-S 0`: zeroes are written out as data.
+                Kind::Zero if sh.o.sparse_size == 0 => runs.push((p, e, Kind::Data)),
+                k => runs.push((p, e, k)),
+            }
+        }
+    }
+    if sh.o.target_zero {
+        for r in runs.iter_mut().filter(|r| r.2 == Kind::Zero) {
+            r.2 = Kind::Skip;
+        }
+    }
+    Ok(b)
+}
+
+/// Write the runs of a chunk at `global` of the target: data from `b` (compressed when asked,
+/// one request per run of clusters so the format compresses them in parallel), zeroes with
+/// `write_zeroes` (unmap allowed). On error the copy is failed; the buffer comes back when
+/// the target handed it back.
+async fn write_runs(
+    sh: &Shared,
+    target: &Backend,
+    global: u64,
+    len: u64,
+    mut b: IoBuf,
+    runs: &[Run],
+) -> Result<IoBuf, Option<IoBuf>> {
+    let mut i = 0;
+    while i < runs.len() {
+        let (s, _, kind) = runs[i];
+        // Data runs go out as one request; zero runs one by one as qemu-img writes them (a
+        // partial-cluster zero write may allocate where a merged one would not).
+        let merge = kind == Kind::Data || kind == Kind::Skip || sh.o.compress.is_some();
+        let mut j = i;
+        while merge && j + 1 < runs.len() && runs[j + 1].2 == kind {
+            j += 1;
+        }
+        let e = runs[j].1;
+        i = j + 1;
+        let at = global + s;
+        let res = match kind {
+            Kind::Skip => continue,
+            Kind::Zero => target.write_zeroes(at, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await.res,
+            Kind::Data => {
+                b.set_window(s as usize, (e - s) as usize);
+                let d = if sh.o.compress.is_some() {
+                    target.write_compressed(at, b).await
+                } else {
+                    target.write(at, b, WriteFlags::default()).await
+                };
+                let Some(back) = d.buf else {
+                    sh.fail(CopyError::Write(at, d.res.err().unwrap_or(IoStatus::EIO)));
+                    return Err(None);
+                };
+                b = back;
+                b.reset(len as usize);
+                d.res
+            }
+        };
+        if let Err(err) = res {
+            sh.fail(CopyError::Write(at, err));
+            return Err(Some(b));
+        }
+    }
+    Ok(b)
 }
 
 const SECTOR: u64 = 512;
