@@ -62,3 +62,52 @@ fn measure_matches_qemu_img() {
         same(dir, c);
     }
 }
+
+/// A source at an internal snapshot (`-l`), and a source with persistent bitmaps (their
+/// clusters are counted at the target's cluster size).
+#[test]
+fn measure_snapshots_and_bitmaps_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let q = |args: &[&str]| {
+        let o = run(peer("qemu-img").current_dir(dir).args(args));
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    let io = |cmd: &str| {
+        let o = run(peer("qemu-io").current_dir(dir).args(["-c", cmd, "s.qcow2"]));
+        assert!(o.status.success(), "{cmd}: {}", stderr(&o));
+    };
+    q(&["create", "-q", "-f", "qcow2", "s.qcow2", "64M"]);
+    io("write -P 1 0 1M");
+    q(&["snapshot", "-c", "small", "s.qcow2"]);
+    io("write -P 2 8M 20M");
+    q(&["bitmap", "--add", "s.qcow2", "b1"]);
+    q(&["bitmap", "--add", "-g", "512", "s.qcow2", "a-much-longer-bitmap-name"]);
+    q(&["bitmap", "--add", "-g", "2M", "--disable", "s.qcow2", "b3"]);
+    q(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M"]);
+    q(&["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let cases: &[&[&str]] = &[
+        &["-O", "qcow2", "s.qcow2"],
+        &["-O", "qcow2", "-o", "cluster_size=4k", "s.qcow2"],
+        &["-O", "qcow2", "-o", "cluster_size=2M", "--output=json", "s.qcow2"],
+        &["-O", "raw", "s.qcow2"],
+        &["-O", "qcow2", "v2.qcow2"],
+        &["-O", "qcow2", "-l", "small", "s.qcow2"],
+        &["-O", "qcow2", "-l", "1", "--output=json", "s.qcow2"],
+        &["-O", "qcow2", "-l", "snapshot.name=small", "s.qcow2"],
+        &["-O", "qcow2", "-l", "nope", "s.qcow2"],
+        &["-O", "qcow2", "-l", "snapshot.foo=1", "s.qcow2"],
+        &["-O", "qcow2", "-l", "small", "--size", "1M"],
+        &["-O", "qcow2", "-f", "qcow2", "--size", "1M"],
+        &["-O", "qcow2", "-l", "small", "r.raw"],
+    ];
+    for c in cases {
+        same(dir, c);
+    }
+    // The snapshot is what was measured: it holds far less data than the active image.
+    let req = |args: &[&str]| {
+        let o = run(Command::new(tool("basalt-img")).current_dir(dir).arg("measure").args(args));
+        stdout(&o).lines().next().unwrap_or_default().to_string()
+    };
+    assert_ne!(req(&["-O", "qcow2", "-l", "small", "s.qcow2"]), req(&["-O", "qcow2", "s.qcow2"]));
+}

@@ -565,6 +565,49 @@ pub fn find_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.chunks(512).zip(b.chunks(512)).position(|(x, y)| x != y).map(|i| i * 512)
 }
 
+/// Which internal snapshot `-l` names: `snapshot.id=ID,snapshot.name=NAME` (either or both),
+/// or an ID or name on its own.
+pub enum SnapshotSel {
+    /// `snapshot.id=ID,snapshot.name=NAME`: what is given must match.
+    IdAndName(Option<String>, Option<String>),
+    /// An ID, or else a name.
+    IdOrName(String),
+}
+
+/// Parse `-l`'s value, with qemu-img's messages.
+pub fn parse_snapshot(v: &str) -> Result<SnapshotSel, String> {
+    if !v.starts_with("snapshot.") {
+        return Ok(SnapshotSel::IdOrName(v.to_string()));
+    }
+    let fail = |m: String| format!("{m}\n{}: Failed in parsing snapshot param '{v}'", PROG);
+    let (mut id, mut name) = (None, None);
+    for part in v.split(',') {
+        let (k, val) = part.split_once('=').ok_or_else(|| fail(format!("Invalid parameter '{part}'")))?;
+        match k {
+            "snapshot.id" => id = Some(val.to_string()),
+            "snapshot.name" => name = Some(val.to_string()),
+            _ => return Err(fail(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(SnapshotSel::IdAndName(id, name))
+}
+
+/// Make a read-only image read as the snapshot `-l` names (`bdrv_snapshot_load_tmp`), with
+/// qemu-img's messages.
+pub async fn load_snapshot(node: &Arc<dyn Node>, sel: &SnapshotSel) -> Result<(), String> {
+    let Some(q) = node.as_any().downcast_ref::<basalt_formats::qcow2::Qcow2Node>() else {
+        return Err(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            node.driver()
+        ));
+    };
+    let r = match sel {
+        SnapshotSel::IdAndName(id, name) => q.snapshot_load_tmp(id.as_deref(), name.as_deref()).await,
+        SnapshotSel::IdOrName(v) => q.snapshot_load_tmp_by_id_or_name(v).await,
+    };
+    r.map_err(|e| format!("Failed to load snapshot: {}", e.msg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

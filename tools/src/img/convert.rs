@@ -4,8 +4,11 @@
 //!
 //! The target is created with the output format's driver unless `-n`; it is opened with cache
 //! mode `unsafe` by default (as qemu-img), sources with `writeback` and with writers excluded.
-//! Options this build cannot honour (`-c` on raw, `-B` on raw, `-l`, `-C`, `--bitmaps`) are
-//! refused with qemu-img's message.
+//! With a backing file for the target (`-B`/`-F` or `-o backing_file`) only what each
+//! source's top image defines is written (zeroes written out), as qemu-img does; `-l` reads the
+//! source at an internal snapshot; `--bitmaps` copies the persistent bitmaps after the data.
+//! Copy offloading (`-C`) is refused with a clear error; `-c` or `-B` on formats without
+//! them are refused with qemu-img's message.
 
 use std::io::Write;
 
@@ -16,6 +19,7 @@ use basalt_formats::qcow2::{BitmapSummary, Qcow2Node};
 
 use crate::getopt::{self, opt};
 use crate::image::{self, ImageSpec};
+use crate::img::common::{parse_snapshot, SnapshotSel};
 use crate::img::copy::{self, CopyOpts};
 use crate::img::error;
 
@@ -341,47 +345,12 @@ fn progress_printer() -> copy::Progress {
     })
 }
 
-/// Which internal snapshot `-l` names: `snapshot.id=ID,snapshot.name=NAME` (either or both),
-/// or an ID or name on its own.
-enum SnapshotSel {
-    IdAndName(Option<String>, Option<String>),
-    IdOrName(String),
-}
-
-fn parse_snapshot(v: &str) -> Result<SnapshotSel, String> {
-    if !v.starts_with("snapshot.") {
-        return Ok(SnapshotSel::IdOrName(v.to_string()));
-    }
-    let fail = |m: String| format!("{m}\n{}: Failed in parsing snapshot param '{v}'", crate::img::common::PROG);
-    let (mut id, mut name) = (None, None);
-    for part in v.split(',') {
-        let (k, val) = part.split_once('=').ok_or_else(|| fail(format!("Invalid parameter '{part}'")))?;
-        match k {
-            "snapshot.id" => id = Some(val.to_string()),
-            "snapshot.name" => name = Some(val.to_string()),
-            _ => return Err(fail(format!("Invalid parameter '{k}'"))),
-        }
-    }
-    Ok(SnapshotSel::IdAndName(id, name))
-}
-
-/// Make the first source read as the snapshot `-l` names (`bdrv_snapshot_load_tmp`).
+/// Make the first source read as the snapshot `-l` names.
 async fn load_snapshot(sources: &[Backend], sel: &SnapshotSel) -> Result<(), String> {
     if matches!(sel, SnapshotSel::IdOrName(_)) && sources.len() > 1 {
         return Err("No support for concatenating multiple snapshot".into());
     }
-    let node = sources[0].node();
-    let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() else {
-        return Err(format!(
-            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-            node.driver()
-        ));
-    };
-    let r = match sel {
-        SnapshotSel::IdAndName(id, name) => q.snapshot_load_tmp(id.as_deref(), name.as_deref()).await,
-        SnapshotSel::IdOrName(v) => q.snapshot_load_tmp_by_id_or_name(v).await,
-    };
-    r.map_err(|e| format!("Failed to load snapshot: {}", e.msg))
+    crate::img::common::load_snapshot(sources[0].node(), sel).await
 }
 
 /// `--bitmaps`: the single source's persistent bitmaps to copy, checked before the target is

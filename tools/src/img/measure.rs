@@ -4,7 +4,9 @@
 //! metadata for the whole virtual disk plus the clusters that hold data (counted at the output
 //! format's cluster size, as QEMU counts them), "fully allocated size" the metadata plus every
 //! cluster. raw needs exactly its virtual size. `--output=json` gives qemu-img's object; a
-//! qcow2 source adds "bitmaps size" (0: Basalt has no bitmaps to copy yet). A qcow2 target
+//! qcow2 (v3) source measured for a qcow2 target adds "bitmaps size", the clusters its
+//! persistent bitmaps would take whole (as QEMU counts them). `-l` measures the source at an
+//! internal snapshot. A qcow2 target
 //! with `encrypt.format=luks` adds its LUKS header clusters, as QEMU does (computed from the
 //! cipher's key size rather than by building a header: the same figure without the seconds of
 //! key derivation qemu-img spends on it).
@@ -12,6 +14,8 @@
 use basalt_engine::{parse_bool, Opts};
 
 use crate::getopt::opt;
+use basalt_formats::qcow2::Qcow2Node;
+
 use crate::img::common::{self, error, Chain, OutputFormat};
 use crate::qjson;
 
@@ -136,6 +140,14 @@ pub async fn main(args: Vec<String>) -> i32 {
     if let Err(code) = common::check_objects(&a) {
         return code;
     }
+    let snapshot = match a.value("snapshot").map(common::parse_snapshot) {
+        None => None,
+        Some(Ok(sel)) => Some(sel),
+        Some(Err(m)) => {
+            error(m);
+            return 1;
+        }
+    };
     let out = match common::output_format("measure", &a) {
         Ok(o) => o,
         Err(code) => return code,
@@ -149,8 +161,8 @@ pub async fn main(args: Vec<String>) -> i32 {
         error("Either --size N or one filename must be specified.");
         return 1;
     }
-    if a.value("snapshot").is_some() {
-        error("Snapshots (-l) are not supported by this build of basalt-img measure");
+    if size_arg.is_some() && (a.has("image-opts") || a.value("format").is_some() || a.value("snapshot").is_some()) {
+        error("--image-opts, -f, and -l require a filename argument.");
         return 1;
     }
     let fmt = a.value("target-format").unwrap_or("raw").to_string();
@@ -197,7 +209,7 @@ pub async fn main(args: Vec<String>) -> i32 {
     // The virtual size and, for a source image, the data to copy.
     let (size, data, bitmaps) = match size_arg {
         Some(s) => match common::strtosz(s) {
-            Ok(v) => (v, 0, false),
+            Ok(v) => (v, 0, None),
             Err(_) => {
                 error(format!("Invalid image size specified: '{s}'."));
                 return 1;
@@ -211,7 +223,25 @@ pub async fn main(args: Vec<String>) -> i32 {
                 Ok(n) => n,
                 Err(()) => return 1,
             };
-            let bitmaps = node.driver() == "qcow2";
+            if let Some(sel) = &snapshot {
+                if let Err(m) = common::load_snapshot(&node, sel).await {
+                    error(m);
+                    return 1;
+                }
+            }
+            // qcow2 version 3 sources have persistent bitmaps (perhaps none); the clusters a
+            // qcow2 target needs for them: each bitmap whole, its table, and the directory.
+            let bitmaps = node.as_any().downcast_ref::<Qcow2Node>().filter(|q| q.header().version >= 3).map(|q| {
+                let cs = qcow2.as_ref().map_or(512, |t| t.cs);
+                let mut total = 0u64;
+                let mut dir = 0u64;
+                for b in q.bitmap_list() {
+                    let clusters = node.size().div_ceil(b.granularity).div_ceil(8).div_ceil(cs);
+                    total += clusters * cs + (clusters * 8).next_multiple_of(cs);
+                    dir += (24 + b.name.len() as u64).next_multiple_of(8);
+                }
+                total + dir.next_multiple_of(cs)
+            });
             let chain = match Chain::new(node) {
                 Ok(c) => c,
                 Err(e) => {
@@ -249,18 +279,20 @@ pub async fn main(args: Vec<String>) -> i32 {
             (meta + data.min(size.next_multiple_of(q.cs)), meta + size.next_multiple_of(q.cs))
         }
     };
+    // Only a qcow2 target says how much its bitmaps take.
+    let bitmaps = bitmaps.filter(|_| qcow2.is_some());
     match out {
         OutputFormat::Human => {
             println!("required size: {required}");
             println!("fully allocated size: {full}");
-            if bitmaps {
-                println!("bitmaps size: 0");
+            if let Some(b) = bitmaps {
+                println!("bitmaps size: {b}");
             }
         }
         OutputFormat::Json => {
             let mut m = serde_json::Map::new();
-            if bitmaps {
-                m.insert("bitmaps".into(), 0.into());
+            if let Some(b) = bitmaps {
+                m.insert("bitmaps".into(), b.into());
             }
             m.insert("required".into(), required.into());
             m.insert("fully-allocated".into(), full.into());
