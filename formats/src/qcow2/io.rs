@@ -7,6 +7,11 @@
 //! cluster), zeroing and discarding — runs as a boxed slow path; changes to metadata are
 //! serialised by the node's allocation lock.
 //!
+//! Subclusters (extended L2), as QEMU handles them: an allocating write copies on write only
+//! within the subclusters it touches and marks just those allocated (the others keep reading
+//! from the backing file or as zeroes); zeroing sets subcluster zero bits; an overwrite of an
+//! allocated subcluster goes in place like any allocated cluster.
+//!
 //! Encrypted images take the slow path always: data is decrypted after it is read, and
 //! encrypted into our own cluster buffer or a bounce copy before it is written (the caller's
 //! buffer is never modified, and no plaintext reaches the file). Compressed clusters are read
@@ -254,7 +259,7 @@ impl Qcow2Queue {
         let mut cluster = self.cluster_content(off).await?;
         let o = (off % cs) as usize;
         cluster[o..o + data.len()].copy_from_slice(data);
-        let (e, _) = meta.entry(gc).await?;
+        let (e, old_bitmap) = meta.entry(gc).await?;
         // What the entry points at now: a host cluster we may own alone (reused in place), one
         // shared with others (copied away from), or compressed data.
         let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
@@ -273,9 +278,12 @@ impl Qcow2Queue {
         // (in a growing window) so the cluster is allocated in the file as QEMU's zeroing
         // fallocate leaves it, at a fraction of the system calls.
         let end = o + data.len();
+        // What is written of the new cluster content, and the subcluster bitmap of the entry.
+        let (lo, hi, bitmap) = self.subcluster_span(o, end, e, old_bitmap, reuse.is_some());
         // Encrypted zeroes are not zero bytes: an encrypted cluster is always written whole.
         let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed) && self.s.crypt.is_none() && !ext_data;
-        let zero_cow = fresh && basalt_engine::buffer_is_zero(&cluster[..o]) && basalt_engine::buffer_is_zero(&cluster[end..]);
+        let zero_cow =
+            fresh && basalt_engine::buffer_is_zero(&cluster[lo..o]) && basalt_engine::buffer_is_zero(&cluster[end..hi]);
         let mut zeroed = false;
         if zero_cow {
             let pre = self.s.prealloc_end.load(Ordering::Relaxed).max(host);
@@ -313,11 +321,12 @@ impl Qcow2Queue {
             cluster.slice(o, data.len());
             self.data.write(host + o as u64, cluster, WriteFlags::default()).await
         } else {
-            self.data.write(host, cluster, WriteFlags::default()).await
+            cluster.slice(lo, hi - lo);
+            self.data.write(host + lo as u64, cluster, WriteFlags::default()).await
         };
         let _g = self.s.alloc.lock().await;
         let r = match d.res {
-            Ok(_) => self.commit_alloc(gc, e, host, reuse.is_some()).await,
+            Ok(_) => self.commit_alloc(gc, e, host, reuse.is_some(), bitmap).await,
             Err(err) => {
                 if reuse.is_none() {
                     let _ = meta.free_cluster(host).await;
@@ -334,10 +343,40 @@ impl Qcow2Queue {
         r
     }
 
-    /// Point guest cluster `gc` at its new `host` cluster and drop what it replaced.
-    async fn commit_alloc(&self, gc: u64, e: u64, host: u64, reused: bool) -> MResult<()> {
+    /// For a write of bytes `o..end` of a cluster whose entry is `e` (extended L2 `bitmap`):
+    /// the part of the new cluster content to write and the new bitmap. Without subclusters,
+    /// the whole cluster. With them, only the subclusters written, plus, when the data moves
+    /// to a new host cluster, those the old one holds (all of a compressed one); the others
+    /// keep reading from the backing file or as zeroes, as QEMU leaves them.
+    fn subcluster_span(&self, o: usize, end: usize, e: u64, bitmap: u64, reused: bool) -> (usize, usize, u64) {
+        let cs = self.s.cs as usize;
+        if !self.s.layout.extended_l2 {
+            return (0, cs, 0);
+        }
+        let sc = self.s.layout.subcluster_size() as usize;
+        let (first, last) = (o / sc, (end - 1) / sc);
+        let touched = (u32::MAX >> (31 - (last - first))) << first;
+        let old_alloc = bitmap as u32;
+        let old_zero = (bitmap >> 32) as u32;
+        let compressed = e & crate::qcow2::entry::COMPRESSED != 0;
+        let host_old = !compressed && e & crate::qcow2::entry::OFFSET_MASK != 0;
+        let write = match (compressed, reused) {
+            (true, _) => u32::MAX,
+            (false, true) => touched,
+            (false, false) if host_old => touched | old_alloc,
+            (false, false) => touched,
+        };
+        let alloc = write | if reused { old_alloc } else { 0 };
+        let zero = old_zero & !alloc;
+        let lo = write.trailing_zeros() as usize * sc;
+        let hi = ((32 - write.leading_zeros()) as usize * sc).min(cs);
+        (lo, hi, u64::from(alloc) | u64::from(zero) << 32)
+    }
+
+    /// Point guest cluster `gc` at its new `host` cluster (with the extended L2 `bitmap`) and
+    /// drop what it replaced.
+    async fn commit_alloc(&self, gc: u64, e: u64, host: u64, reused: bool, bitmap: u64) -> MResult<()> {
         let meta = self.meta();
-        let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
         // Replacing a cluster: the entry must be on disk before the old cluster's refcount drops.
         let replaces = e & (crate::qcow2::entry::COMPRESSED | crate::qcow2::entry::OFFSET_MASK) != 0;
         meta.set_entry(gc, host | COPIED, bitmap, !reused && replaces).await?;
@@ -388,7 +427,7 @@ impl Qcow2Queue {
                 Err(e) => return IoDone { buf: Some(buf), res: Err(e) },
             };
             let r = match m {
-                Mapping::Data { host, copied: true } if !self.s.layout.extended_l2 => {
+                Mapping::Data { host, copied: true } => {
                     let at = host + p.off % self.s.cs;
                     match &self.s.crypt {
                         // Encrypted from a copy: the caller's buffer stays as it was.
@@ -426,7 +465,16 @@ impl Qcow2Queue {
                 }
                 _ => {
                     drop(counted);
-                    self.write_alloc(p.off, &buf[p.at..p.at + p.len as usize]).await
+                    // With subclusters, the rest of the write into this cluster goes with it:
+                    // one new cluster content and one entry update.
+                    let mut n = 1;
+                    while self.s.layout.extended_l2 && i + n < pieces.len() && pieces[i + n].off / self.s.cs == p.off / self.s.cs
+                    {
+                        n += 1;
+                    }
+                    let end = pieces[i + n - 1].at + pieces[i + n - 1].len as usize;
+                    i += n - 1;
+                    self.write_alloc(p.off, &buf[p.at..end]).await
                 }
             };
             if let Err(e) = r {
@@ -587,6 +635,8 @@ impl Qcow2Queue {
                 self.zero_cluster(at / cs, discard, unmap, v3).await
             } else if discard {
                 Ok(()) // partial discards are advisory
+            } else if self.s.layout.extended_l2 {
+                self.zero_in_cluster(at, n).await
             } else if self.reads_as_zero(at, n).await {
                 // The rest of the cluster reads as zeroes already: as QEMU, make it a zero
                 // cluster (v3) rather than allocate it; v2 needs nothing.
@@ -627,6 +677,66 @@ impl Qcow2Queue {
             },
             _ => false,
         }
+    }
+
+    /// Zero `off..off+len`, part of one cluster of an image with subclusters, as QEMU does:
+    /// whole subclusters get their zero bit (their allocation kept in the host cluster), a
+    /// partial subcluster becomes a zero subcluster when the rest of it reads as zeroes
+    /// already, and is written with zeroes otherwise (and in compressed clusters).
+    async fn zero_in_cluster(&self, off: u64, len: u64) -> MResult<()> {
+        let sc = self.s.layout.subcluster_size();
+        let end = off + len;
+        let mut at = off;
+        while at < end {
+            let s0 = at - at % sc;
+            let mut n = (s0 + sc).min(end) - at;
+            let zero_whole = if at == s0 && n == sc {
+                // As many whole subclusters as follow.
+                n = (end - at) / sc * sc;
+                true
+            } else {
+                match self.mapping(at).await? {
+                    Mapping::Zero { .. } => true,
+                    Mapping::Unallocated => match &self.backing {
+                        None => true,
+                        Some(b) => {
+                            chain_reads_zero(b, s0, at - s0, 0).await && chain_reads_zero(b, at + n, s0 + sc - at - n, 0).await
+                        }
+                    },
+                    _ => false,
+                }
+            };
+            let zeroed = zero_whole && self.zero_subclusters(at - at % sc, n.next_multiple_of(sc)).await?;
+            if !zeroed {
+                let z = vec![0u8; n as usize];
+                self.write_alloc(at, &z).await?;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Set the zero bits (and clear the allocation bits) of the whole subclusters in
+    /// `off..off+len` of one cluster. False when the cluster is compressed (subclusters of a
+    /// compressed cluster cannot be zeroed alone).
+    async fn zero_subclusters(&self, off: u64, len: u64) -> MResult<bool> {
+        let gc = off / self.s.cs;
+        let _g = self.lock_cluster(gc).await;
+        let meta = self.meta();
+        let (e, bitmap) = meta.entry(gc).await?;
+        if e & crate::qcow2::entry::COMPRESSED != 0 {
+            return Ok(false);
+        }
+        let sc = self.s.layout.subcluster_size();
+        let first = (off % self.s.cs) / sc;
+        let count = len / sc;
+        let range = ((u64::from(u32::MAX) >> (32 - count)) << first) & 0xffff_ffff;
+        let new = (bitmap | range << 32) & !range;
+        if new != bitmap {
+            meta.ensure_l2(gc).await?;
+            meta.set_entry(gc, e, new, false).await?;
+        }
+        Ok(true)
     }
 
     async fn zero_cluster(&self, gc: u64, discard: bool, unmap: bool, v3: bool) -> MResult<()> {
@@ -919,7 +1029,8 @@ impl NodeQueue for Qcow2NodeQueue {
         let cs = q.s.cs;
         let len = buf.len() as u64;
         q.s.mark_dirty(off, len);
-        if len > 0 && off % cs + len <= cs && !flags.fua && !q.s.layout.extended_l2 && q.s.crypt.is_none() {
+        let unit = q.s.layout.subcluster_size();
+        if len > 0 && off % unit + len <= unit && !flags.fua && q.s.crypt.is_none() {
             // Counted before the lookup (see `InFlight`).
             let counted = q.writes.enter();
             if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {

@@ -4,11 +4,13 @@
 //! itself and whose content differs between the old backing chain and the new backing file,
 //! so the guest sees the same data afterwards; `-u` (unsafe) only rewrites the name in the
 //! header. `-b ''` detaches the image from any backing file (copying everything it read from
-//! it). Formats that cannot record a backing file refuse with qemu-img's message.
+//! it). Ranges are compared and written in whole (sub)clusters, as qemu-img does, and `-c`
+//! writes them compressed. Formats that cannot record a backing file refuse with qemu-img's
+//! message.
 
 use std::sync::Arc;
 
-use basalt_engine::{Backend, Node, WriteFlags};
+use basalt_engine::{Backend, ChildRole, Node, WriteFlags, ZeroFlags};
 use basalt_formats::qcow2::Qcow2Node;
 use basalt_reactor::IoBuf;
 
@@ -49,10 +51,6 @@ pub async fn main(args: Vec<String>) -> i32 {
     if a.operands.len() != 1 {
         return usage_error("rebase", "Expecting one image file name");
     }
-    if a.has("compress") {
-        error("Compression of the copied data is not supported by this build of basalt-img rebase");
-        return 1;
-    }
     let filename = &a.operands[0];
     let unsafe_mode = a.has("backing-unsafe");
     let new_backing = a.value("backing").map(str::to_string);
@@ -80,10 +78,24 @@ pub async fn main(args: Vec<String>) -> i32 {
             return 1;
         }
     };
+    let compress = a.has("compress");
+    if compress && !graph.registry().get(node.driver()).is_some_and(|d| d.supports_compression()) {
+        error("Compression not supported for this file format");
+        return 1;
+    }
+    if let Some(f) = new_fmt.as_deref().filter(|f| graph.registry().get(f).is_none()) {
+        error(format!("Invalid format name: '{f}'"));
+        return 1;
+    }
     let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() else {
         error(format!("Could not change the backing file to '{}': Operation not supported", new_backing.unwrap_or_default()));
         return 1;
     };
+    // Writes cover whole (sub)clusters, or whole clusters when compressed, so none is
+    // partially copied from the old backing file.
+    let h = q.header();
+    let cs = h.cluster_size();
+    let write_align = if compress || !h.extended_l2() { cs } else { cs / 32 };
     if !unsafe_mode {
         // The new backing file, resolved next to the image as QEMU resolves it.
         let new_node = match &new_backing {
@@ -112,7 +124,9 @@ pub async fn main(args: Vec<String>) -> i32 {
             }
         };
         be.set_writethrough(writethrough);
-        if let Err(msg) = copy_differences(&be, new_node, a.has("progress") && !a.has("quiet")).await {
+        let old_node = node.children().into_iter().find(|c| c.role == ChildRole::Backing).map(|c| c.node);
+        let how = Copy { write_align, compress, progress: a.has("progress") && !a.has("quiet") };
+        if let Err(msg) = copy_differences(&be, old_node, new_node, how).await {
             error(msg);
             return 1;
         }
@@ -132,50 +146,107 @@ pub async fn main(args: Vec<String>) -> i32 {
     0
 }
 
-/// Copy into the image every range it does not allocate whose content (through the old
-/// backing chain) differs from the new backing file's (zeroes past its end or without one).
-async fn copy_differences(be: &Backend, new: Option<Arc<dyn Node>>, progress: bool) -> Result<(), String> {
+/// How `copy_differences` writes.
+struct Copy {
+    /// Writes start and end on multiples of this (but at the image's end).
+    write_align: u64,
+    /// Write compressed (`-c`).
+    compress: bool,
+    /// Print progress.
+    progress: bool,
+}
+
+/// As qemu-img's safe rebase: for every range the image does not allocate, widened to whole
+/// (sub)clusters, compare the old backing chain with the new backing file (zeroes past their
+/// ends or without one) in `write_align` pieces, and write the old content of each piece that
+/// differs into the image (zeroes where the old backing file had ended).
+async fn copy_differences(be: &Backend, old: Option<Arc<dyn Node>>, new: Option<Arc<dyn Node>>, how: Copy) -> Result<(), String> {
+    const BUF: u64 = 2 << 20;
     let size = be.size();
-    let newq = match new {
-        Some(n) => Some(Backend::new(n).map_err(|e| e.to_string())?),
-        None => None,
-    };
-    let chunk = 1u64 << 20;
-    let mut prog = common::Progress::new(progress, 1.0);
+    let open = |n: Option<Arc<dyn Node>>| n.map(Backend::new).transpose().map_err(|e| e.to_string());
+    let (oldq, newq) = (open(old)?, open(new)?);
+    let old_size = oldq.as_ref().map_or(0, Backend::size);
+    let new_size = newq.as_ref().map_or(0, Backend::size);
+    let align = how.write_align.max(1);
+    let mut prog = common::Progress::new(how.progress, 1.0);
     prog.print(0.0, 0);
     let mut off = 0;
     while off < size {
-        let st = be
-            .block_status(off, (size - off).min(chunk))
+        let st =
+            be.block_status(off, (size - off).min(BUF)).await.map_err(|e| format!("error while reading image metadata: {e}"))?;
+        if st.allocated {
+            off += st.len;
+            prog.advance(off, size);
+            continue;
+        }
+        // Widen to whole (sub)clusters: what the image allocates lies on their boundaries.
+        let start = off - off % align;
+        let end = (off + st.len).next_multiple_of(align).min(size);
+        let n = end - start;
+        let n_old = old_size.saturating_sub(start).min(n);
+        let bold = read_padded(oldq.as_ref(), start, n_old, n)
             .await
-            .map_err(|e| format!("error while reading image metadata: {e}"))?;
-        let n = st.len;
-        if !st.allocated {
-            let d = be.read(off, IoBuf::new(n as usize)).await;
-            d.res.map_err(|e| format!("error while reading from old backing file: {e}"))?;
-            let old = d.buf.expect("read returns its buffer");
-            let mut newdata = IoBuf::new(n as usize);
-            if let Some(nq) = &newq {
-                let have = nq.size().saturating_sub(off).min(n);
-                if have > 0 {
-                    newdata.slice(0, have as usize);
-                    let d = nq.read(off, newdata).await;
-                    d.res.map_err(|e| format!("error while reading from new backing file: {e}"))?;
-                    newdata = d.buf.expect("read returns its buffer");
-                    newdata.reset(n as usize);
-                }
+            .map_err(|_| "error while reading from old backing file".to_string())?;
+        let bnew = read_padded(newq.as_ref(), start, new_size.saturating_sub(start).min(n), n).await;
+        let bnew = bnew.map_err(|_| "error while reading from new backing file".to_string())?;
+        let mut old_eof = n_old == 0;
+        let mut done = 0;
+        let mut bold = Some(bold);
+        while done < n {
+            // A run of pieces that all differ, or all match.
+            let piece = |at: u64| {
+                let e = (at + align).min(n) as usize;
+                let b = bold.as_ref().expect("buffer");
+                b[at as usize..e] != bnew[at as usize..e]
+            };
+            let differs = piece(done);
+            let mut len = align.min(n - done);
+            while done + len < n && piece(done + len) == differs {
+                len += align.min(n - done - len);
             }
-            if old[..] != newdata[..] {
-                let d = be.write(off, old, WriteFlags::default()).await;
-                d.res.map_err(|e| format!("error while writing to COW image: {e}"))?;
+            if differs {
+                let at = start + done;
+                let res = if old_eof {
+                    be.write_zeroes(at, len, ZeroFlags::default()).await.res
+                } else {
+                    let mut b = bold.take().expect("buffer");
+                    b.set_window(done as usize, len as usize);
+                    let d = if how.compress {
+                        be.write_compressed(at, b).await
+                    } else {
+                        be.write(at, b, WriteFlags::default()).await
+                    };
+                    let mut b = d.buf.expect("write returns its buffer");
+                    b.reset(n as usize);
+                    bold = Some(b);
+                    d.res
+                };
+                res.map_err(|e| format!("Error while writing to COW image: {e}"))?;
+            }
+            done += len;
+            if start + done >= old_size {
+                old_eof = true;
             }
         }
-        off += n;
+        off = end;
         prog.advance(off, size);
     }
     be.flush().await.res.map_err(|e| format!("error while flushing: {e}"))?;
-    if progress {
+    if how.progress {
         prog.end();
     }
     Ok(())
+}
+
+/// `n` bytes at `start`: the first `have` read from `q`, the rest zeroes.
+async fn read_padded(q: Option<&Backend>, start: u64, have: u64, n: u64) -> Result<IoBuf, basalt_engine::IoStatus> {
+    let mut buf = IoBuf::new(n as usize);
+    if let (Some(q), true) = (q, have > 0) {
+        buf.slice(0, have as usize);
+        let d = q.read(start, buf).await;
+        d.res?;
+        buf = d.buf.expect("read returns its buffer");
+        buf.reset(n as usize);
+    }
+    Ok(buf)
 }
