@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: paths of the built tools, scratch directories,
 //! and running peer tools (qemu-img, qemu-io), which must exist: a missing peer is a failure.
 
+pub mod keyslots;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -321,3 +321,16 @@ fn writes_leave_the_callers_buffer_alone() {
     must(&o, "qemu-io read");
     assert!(stdout(&o).starts_with("00001000:  07 26 45 64 83 a2 c1 e0 ff 1e 3d 5c 7b 9a b9 d8"), "{}", stdout(&o));
 }
+
+/// Keys added and removed by basalt-img amend open (or not) in qemu-io and vice versa, the
+/// key slots and `info` match qemu-img's after the same amendments, the data reads back.
+#[test]
+fn amend_keyslots_both_ways() {
+    basalt_tests::keyslots::keyslots_both_ways(&basalt_tests::keyslots::LUKS);
+}
+
+/// Refused key slot amendments print qemu-img's errors and leave the image as it was.
+#[test]
+fn amend_keyslot_errors_match_qemu() {
+    basalt_tests::keyslots::keyslot_errors(&basalt_tests::keyslots::LUKS);
+}

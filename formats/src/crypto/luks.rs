@@ -36,6 +36,8 @@ pub const LUKS_SALT_LEN: usize = 32;
 const HEADER_SECTORS: u32 = 8;
 /// Key material alignment in sectors (4 KiB), as QEMU writes it.
 const MATERIAL_ALIGN_SECTORS: u32 = 8;
+/// Fewest PBKDF2 iterations QEMU gives a key slot.
+const MIN_SLOT_ITERATIONS: u32 = 1000;
 const SLOT_ACTIVE: u32 = 0x00ac_71f3;
 const SLOT_INACTIVE: u32 = 0x0000_dead;
 
@@ -335,6 +337,68 @@ impl LuksHeader {
         Err(CryptoError::InvalidPassword)
     }
 
+    /// Where slot `i`'s key material lies whatever its state: a byte offset from the start of
+    /// the area and a length rounded up to whole sectors.
+    pub fn slot_range(&self, i: usize) -> (u64, usize) {
+        let s = &self.slots[i];
+        (u64::from(s.key_offset_sector) * SECTOR_SIZE as u64, material_sectors(self.key_bytes) as usize * SECTOR_SIZE)
+    }
+
+    /// Active key slots.
+    pub fn active_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.active).count()
+    }
+
+    /// Whether `password` opens slot `i`, given its key material (sector-rounded, as
+    /// [`LuksHeader::slot_range`]); an inactive slot opens with nothing (QEMU's `load_key`).
+    pub fn slot_opens(&self, i: usize, password: &[u8], material: &[u8]) -> Result<bool, CryptoError> {
+        if !self.slots[i].active {
+            return Ok(false);
+        }
+        if material.len() < self.material_len() {
+            return Err(invalid(format!("LUKS key slot {i} key material is beyond the data given")));
+        }
+        Ok(self.try_slot(i, password, material)?.is_some())
+    }
+
+    /// Give slot `i` a new salt and `iterations` and return its key material for `password`
+    /// and `master_key`, sector-rounded as [`LuksHeader::slot_range`], ready to be written
+    /// there. The slot's state is left as it is: the caller writes the material first and only
+    /// then activates the slot in the header (QEMU's order, so that a crash in between leaves
+    /// at worst an inactive slot with new material).
+    pub fn prepare_slot(
+        &mut self,
+        i: usize,
+        password: &[u8],
+        master_key: &[u8],
+        iterations: u32,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let kb = self.key_bytes as usize;
+        if master_key.len() != kb {
+            return Err(invalid(format!("LUKS master key is {} bytes, the header says {kb}", master_key.len())));
+        }
+        let slot = &mut self.slots[i];
+        random(&mut slot.salt)?;
+        slot.iterations = iterations.max(MIN_SLOT_ITERATIONS);
+        slot.stripes = LUKS_STRIPES;
+        let mut slot_key = Zeroizing::new(vec![0u8; kb]);
+        self.hash.pbkdf2(password, &self.slots[i].salt, self.slots[i].iterations, &mut slot_key);
+        let split = af_split(self.hash, master_key, LUKS_STRIPES as usize)?;
+        let mut material = Zeroizing::new(vec![0u8; self.slot_range(i).1]);
+        material[..split.len()].copy_from_slice(&split);
+        self.sector_cipher(&slot_key)?.encrypt(0, &mut material)?;
+        Ok(material)
+    }
+
+    /// Make slot `i` inactive as QEMU's erase does: zero salt and iterations (the caller
+    /// writes the header, then overwrites the key material).
+    pub fn clear_slot(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.active = false;
+        s.salt = [0; LUKS_SALT_LEN];
+        s.iterations = 0;
+    }
+
     /// Try slot `i` with its key material (sector-rounded, as [`LuksHeader::material_range`]).
     fn try_slot(&self, i: usize, password: &[u8], material: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, CryptoError> {
         let slot = &self.slots[i];
@@ -499,6 +563,25 @@ pub struct LuksNew {
     pub master_key: Zeroizing<Vec<u8>>,
     /// The bytes from the start of the area to the end of slot 0's key material.
     pub area: Vec<u8>,
+}
+
+/// Iterations for a new key slot as QEMU's `store_key` computes them: PBKDF2 iterations a
+/// second on this machine, scaled to `iter_time_ms` (a 64-bit value: QEMU wraps a negative
+/// `iter-time` to a huge one), at least 1000; QEMU's range errors past `u64`/`u32`.
+pub fn slot_iterations(hash: HashAlg, key_bytes: usize, iter_time_ms: u64) -> Result<u32, CryptoError> {
+    // Up to a minute the product cannot leave u32 at any plausible hash speed: the timing
+    // function scales it directly.
+    if iter_time_ms <= 60_000 {
+        return Ok(hash.pbkdf2_iterations(key_bytes, iter_time_ms).max(MIN_SLOT_ITERATIONS));
+    }
+    let per_sec = u64::from(hash.pbkdf2_iterations(key_bytes, 1000));
+    if per_sec > u64::MAX / iter_time_ms {
+        return Err(CryptoError::Range(format!("PBKDF iterations {per_sec} too large to scale")));
+    }
+    let iters = per_sec * iter_time_ms / 1000;
+    u32::try_from(iters)
+        .map(|n| n.max(MIN_SLOT_ITERATIONS))
+        .map_err(|_| CryptoError::Range(format!("PBKDF iterations {iters} larger than {}", u32::MAX)))
 }
 
 /// QEMU's layout for a `key_bytes` master key: each slot's key material offset (sectors) and

@@ -1,5 +1,6 @@
 //! Block encryption shared by the formats that encrypt guest data: the standalone `luks`
-//! format and qcow2 (`encrypt.format=luks`, and the legacy `aes`). Pure code, no I/O.
+//! format and qcow2 (`encrypt.format=luks`, and the legacy `aes`). Pure code, no I/O, but for
+//! key slot amendment (below).
 //!
 //! - [`cipher`]: [`SectorCipher`], encrypting and decrypting whole 512-byte sectors in place,
 //!   given the first sector's number (AES-128/192/256 in XTS, CBC, ECB or CTR mode with plain,
@@ -7,14 +8,18 @@
 //! - [`luks`]: the LUKS1 header: parse and validate ([`LuksHeader::parse`]), unlock with a
 //!   passphrase ([`LuksHeader::unlock`]), build one for a new image ([`luks_create`]).
 //! - [`hash`]: the hashes LUKS names, PBKDF2 and its iteration timing.
+//! - [`amend`]: LUKS key slot management (`qemu-img amend`), the one part that does I/O: through
+//!   a [`basalt_engine::Queue`] the format hands over, at the LUKS area's offset.
 //!
 //! Errors are [`CryptoError`], which converts into the engine's `BlockError` with QEMU's
 //! wording where QEMU has one ("Invalid password, cannot unlock any keyslot").
 
+pub mod amend;
 pub mod cipher;
 pub mod hash;
 pub mod luks;
 
+pub use amend::{amend_keyslots, LuksAmendOpts, LuksArea, LUKS_AMEND_OPTS};
 pub use cipher::{CipherAlg, CipherMode, IvGenAlg, SectorCipher, SECTOR_SIZE};
 pub use hash::HashAlg;
 pub use luks::{luks_create, luks_layout, LuksCreateOpts, LuksHeader, LuksNew, LuksSlot, LUKS_HEADER_LEN, LUKS_MAGIC};
@@ -39,6 +44,9 @@ pub enum CryptoError {
     /// The system's random source failed.
     #[error("Unable to read random bytes: {0}")]
     Random(String),
+    /// A computed value out of range (QEMU's `ERANGE` errors, with its strerror).
+    #[error("{0}: Numerical result out of range")]
+    Range(String),
 }
 
 impl From<CryptoError> for BlockError {
@@ -49,6 +57,7 @@ impl From<CryptoError> for BlockError {
             CryptoError::InvalidPassword => ErrorKind::PermissionDenied,
             CryptoError::Unaligned(_) => ErrorKind::InvalidOption,
             CryptoError::Random(_) => ErrorKind::Io,
+            CryptoError::Range(_) => ErrorKind::OutOfBounds,
         };
         BlockError::new(kind, e.to_string())
     }

@@ -9,6 +9,10 @@
 //! caller's buffer is never modified. Requests are 512-byte aligned (the cipher's sector) and at
 //! most 1 MiB (one bounce buffer). Create writes QEMU's layout (header, slot 0's key material
 //! at 4 KiB, the other slots reserved, payload after them) with the options qemu-img takes.
+//!
+//! `amend` manages key slots (`state`, `keyslot`, `old-secret`, `new-secret`, `iter-time`) as
+//! `qemu-img amend` does, through [`crate::crypto::amend`]; the master key unlocked at open
+//! is kept (zeroed on drop) to store in new slots.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,7 +23,15 @@ use basalt_engine::{
 };
 use basalt_reactor::IoBuf;
 
-use crate::crypto::{luks_create, take_luks_create_opts, LuksHeader, SectorCipher, LUKS_HEADER_LEN, LUKS_MAGIC, SECTOR_SIZE};
+use std::sync::Mutex;
+
+use basalt_engine::Secrets;
+use zeroize::Zeroizing;
+
+use crate::crypto::{
+    amend_keyslots, luks_create, take_luks_create_opts, LuksAmendOpts, LuksArea, LuksHeader, SectorCipher, LUKS_AMEND_OPTS,
+    LUKS_HEADER_LEN, LUKS_MAGIC, SECTOR_SIZE,
+};
 
 /// The `luks` format driver.
 pub struct LuksDriver;
@@ -73,13 +85,17 @@ impl BlockDriver for LuksDriver {
     }
 }
 
-struct LuksNode {
+/// An open `luks` image.
+pub struct LuksNode {
     name: String,
     file: Arc<dyn Node>,
-    header: LuksHeader,
+    /// Changed only by `amend`, once the disk holds the change.
+    header: Mutex<LuksHeader>,
     payload: u64,
     /// `None` when opened without the key (no I/O).
     cipher: Option<Arc<SectorCipher>>,
+    /// The master key (with the cipher), for `amend` to store in new key slots.
+    master_key: Option<Zeroizing<Vec<u8>>>,
     read_only: bool,
     filename: String,
 }
@@ -121,16 +137,16 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     let head = if head_len == 0 { Vec::new() } else { read_at(&q, 0, head_len, "LUKS header").await? };
     let header = LuksHeader::parse(&head).map_err(BlockError::from)?;
     header.check_area(fsize, true).map_err(BlockError::from)?;
-    let cipher = match &key_secret {
+    let (cipher, master_key) = match &key_secret {
         Some(id) => {
             let password = graph.secrets().get_utf8(id)?;
             let area_len = usize::try_from(header.unlock_area_len())
                 .map_err(|_| BlockError::new(ErrorKind::OutOfBounds, "LUKS key material is too large"))?;
             let area = zeroize::Zeroizing::new(read_at(&q, 0, area_len, "LUKS key material").await?);
             let mk = header.unlock(password.as_bytes(), &area)?;
-            Some(Arc::new(header.sector_cipher(&mk)?))
+            (Some(Arc::new(header.sector_cipher(&mk)?)), Some(mk))
         }
-        None => None,
+        None => (None, None),
     };
     drop(q);
     let child_fn = file.filename();
@@ -154,7 +170,8 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
     };
     let read_only = read_only || file.read_only();
     let payload = header.payload_offset();
-    Ok(Arc::new(LuksNode { name, file, header, payload, cipher, read_only, filename }) as Arc<dyn Node>)
+    let header = Mutex::new(header);
+    Ok(Arc::new(LuksNode { name, file, header, payload, cipher, master_key, read_only, filename }) as Arc<dyn Node>)
 }
 
 impl Node for LuksNode {
@@ -192,7 +209,8 @@ impl Node for LuksNode {
         true
     }
     fn format_specific(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({ "type": "luks", "data": self.header.info_json() }))
+        let data = self.header.lock().unwrap_or_else(|e| e.into_inner()).info_json();
+        Some(serde_json::json!({ "type": "luks", "data": data }))
     }
     fn create_queue(&self) -> BlockResult<Rc<dyn NodeQueue>> {
         let cipher = self.cipher.clone().ok_or_else(|| {
@@ -252,6 +270,33 @@ impl NodeQueue for LuksQueue {
     }
     fn flush(&self) -> IoFuture {
         self.0.file.flush()
+    }
+}
+
+/// The options of `qemu-img amend` for `luks` images.
+pub fn amend_opts() -> Vec<CreateOptDesc> {
+    LUKS_AMEND_OPTS.to_vec()
+}
+
+impl LuksNode {
+    /// Add or erase key slots (`qemu-img amend -o state=...`); `secrets` resolves the secret
+    /// ids, `force` is `--force`. Options other than the key slot ones are refused by name.
+    pub async fn amend(&self, mut opts: Opts, secrets: &Secrets, force: bool) -> BlockResult<()> {
+        let o = LuksAmendOpts::take(&mut opts, "")?;
+        if let Some(k) = opts.keys().next() {
+            return Err(BlockError::option(format!("Invalid parameter '{k}'")));
+        }
+        if self.read_only {
+            return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
+        }
+        let mk = self.master_key.as_ref().ok_or_else(key_secret_required)?;
+        let queue = Queue::new(self.file.clone())?;
+        let area = LuksArea { queue: &queue, base: 0, len: self.payload };
+        let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let r = amend_keyslots(&mut h, mk, &area, &o, secrets, force).await;
+        // What reached the disk (an erase that failed after deactivating its slot included).
+        *self.header.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        r
     }
 }
 

@@ -1,7 +1,14 @@
 //! `amend` for qcow2: change an image's options in place, as `qemu-img amend` does:
-//! `compat` (0.10 <-> 1.1), `lazy_refcounts`, `refcount_bits`, `size`, `backing_file` and
-//! `backing_fmt`. Options only creation can set (`cluster_size`, ...) are refused with
-//! qemu-img's message; data files and LUKS key slot changes are refused clearly.
+//! `compat` (0.10 <-> 1.1), `lazy_refcounts`, `refcount_bits`, `size`, the LUKS key slots of
+//! an `encrypt.format=luks` image (`encrypt.state`, `encrypt.keyslot`, `encrypt.old-secret`,
+//! `encrypt.new-secret`, `encrypt.iter-time`, through [`crate::crypto::amend`]), the external
+//! data file's name (`data_file`; empty removes it from the header, as QEMU does) and clearing
+//! `data_file_raw`. As in QEMU 10, `backing_file`/`backing_fmt` are accepted only when they
+//! name what the image already has ("Cannot amend the backing file": `rebase` changes it), and
+//! `data_file_raw=on` only on an image that has it. Options only creation can set
+//! (`cluster_size`, ...) are refused with qemu-img's message. Steps run in QEMU's order
+//! (upgrade, key slots, refcount width, data file header fields, backing check, lazy
+//! refcounts, size, downgrade), so a refusal found late leaves what QEMU's leaves.
 //!
 //! Crash safety: every new structure (zeroed clusters, new refcount table and blocks) is
 //! written and flushed before the header, rewritten in one write of cluster 0, switches to
@@ -11,11 +18,16 @@
 
 use std::sync::atomic::Ordering;
 
-use basalt_engine::{BlockError, BlockResult, CreateOptDesc, ErrorKind, IoStatus, Opts, Prealloc, Queue};
+use basalt_engine::{BlockError, BlockResult, CreateOptDesc, ErrorKind, IoStatus, Opts, Prealloc, Queue, Secrets};
+
+use crate::crypto::{amend_keyslots, LuksAmendOpts, LuksArea};
 
 use crate::qcow2::check;
+use crate::qcow2::encrypt::CryptMethod;
 use crate::qcow2::entry::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::qcow2::header::{self, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION};
+use crate::qcow2::header::{
+    self, Extension, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_DATA_FILE, INCOMPAT_COMPRESSION,
+};
 use crate::qcow2::meta::{MResult, MetaIo};
 use crate::qcow2::refcount;
 use crate::qcow2::Qcow2Node;
@@ -60,33 +72,46 @@ struct Want {
     version: Option<u32>,
     lazy: Option<bool>,
     refcount_order: Option<u32>,
+    /// `refcount_bits` as given (checked after the options before it, as QEMU does).
+    refcount_bits_given: Option<u32>,
     size: Option<u64>,
     backing: Option<String>,
     backing_fmt: Option<String>,
+    /// `data_file`: the new name ("" removes it).
+    data_file: Option<String>,
+    /// `data_file_raw`.
+    data_file_raw: Option<bool>,
+    /// `encrypt.*` key slot options.
+    keyslots: LuksAmendOpts,
+    /// Some `encrypt.*` option was given.
+    encrypt_given: bool,
 }
 
 fn opt_err(msg: impl Into<String>) -> BlockError {
     BlockError::option(msg)
 }
 
-fn parse(opts: &mut Opts) -> BlockResult<Want> {
+/// Take the options: values checked as QEMU's option parser checks them (unknown names,
+/// numbers, booleans), then the checks `qcow2_amend_options` makes against the image, in its
+/// order (encryption, compat, data file, data_file_raw, refcount width).
+fn parse(opts: &mut Opts, h: &header::Qcow2Header, crypt: Option<CryptMethod>) -> BlockResult<Want> {
     let mut w = Want::default();
-    if let Some(v) = opts.take_str("compat") {
-        w.version = Some(match v.as_str() {
-            "0.10" | "v2" => 2,
-            "1.1" | "v3" => 3,
-            _ => return Err(opt_err(format!("Invalid compatibility level: '{v}'"))),
-        });
+    let mut enc = opts.take_sub("encrypt");
+    w.encrypt_given = !enc.is_empty();
+    w.keyslots = LuksAmendOpts::take(&mut enc, "encrypt.")?;
+    // Other encrypt.* options are creation options (or unknown): refused below by name.
+    for k in enc.keys().map(str::to_string).collect::<Vec<_>>() {
+        if let Some(v) = enc.take_str(&k) {
+            opts.set(&format!("encrypt.{k}"), v);
+        }
     }
+    let compat = opts.take_str("compat");
     if let Some(v) = opts.take_str("lazy_refcounts") {
         w.lazy = Some(basalt_engine::parse_bool(&v).ok_or_else(|| opt_err("Parameter 'lazy_refcounts' expects 'on' or 'off'"))?);
     }
     if let Some(v) = opts.take_str("refcount_bits") {
         let bits: u32 = v.parse().map_err(|_| opt_err(format!("Parameter 'refcount_bits' expects a number, not '{v}'")))?;
-        if !bits.is_power_of_two() || bits > 64 {
-            return Err(opt_err("Refcount width must be a power of two and may not exceed 64 bits"));
-        }
-        w.refcount_order = Some(bits.trailing_zeros());
+        w.refcount_bits_given = Some(bits);
     }
     if let Some(v) = opts.take_str("size") {
         w.size =
@@ -94,13 +119,10 @@ fn parse(opts: &mut Opts) -> BlockResult<Want> {
     }
     w.backing = opts.take_str("backing_file");
     w.backing_fmt = opts.take_str("backing_fmt");
-    for k in ["data_file", "data_file_raw"] {
-        if opts.take_str(k).is_some() {
-            return Err(BlockError::new(ErrorKind::Unsupported, "Changing the data file is not supported"));
-        }
-    }
-    if opts.keys().any(|k| k.starts_with("encrypt.")) {
-        return Err(BlockError::new(ErrorKind::Unsupported, "Changing the encryption key slots is not supported"));
+    w.data_file = opts.take_str("data_file");
+    if let Some(v) = opts.take_str("data_file_raw") {
+        w.data_file_raw =
+            Some(basalt_engine::parse_bool(&v).ok_or_else(|| opt_err("Parameter 'data_file_raw' expects 'on' or 'off'"))?);
     }
     if let Some(k) = opts.keys().next() {
         let k = k.to_string();
@@ -110,6 +132,37 @@ fn parse(opts: &mut Opts) -> BlockResult<Want> {
         } else {
             opt_err(format!("Invalid parameter '{k}'"))
         });
+    }
+    // What qcow2_amend_options checks against the image, in its order.
+    if w.encrypt_given {
+        match crypt {
+            None => return Err(opt_err("Can't amend encryption options - encryption not present")),
+            Some(CryptMethod::Aes) => {
+                return Err(BlockError::new(ErrorKind::Unsupported, "Only LUKS encryption options can be amended"))
+            }
+            Some(CryptMethod::Luks) => {}
+        }
+    }
+    if let Some(v) = compat {
+        w.version = Some(match v.as_str() {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => return Err(opt_err(format!("Unknown compatibility level {v}"))),
+        });
+    }
+    let has_data_file = h.incompatible & header::INCOMPAT_DATA_FILE != 0;
+    let data_file_raw = has_data_file && h.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0;
+    if w.data_file.is_some() && !has_data_file {
+        return Err(opt_err("data-file can only be set for images that use an external data file"));
+    }
+    if w.data_file_raw == Some(true) && !data_file_raw {
+        return Err(opt_err("data-file-raw cannot be set on existing images"));
+    }
+    if let Some(bits) = w.refcount_bits_given {
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(opt_err("Refcount width must be a power of two and may not exceed 64 bits"));
+        }
+        w.refcount_order = Some(bits.trailing_zeros());
     }
     Ok(w)
 }
@@ -165,13 +218,14 @@ impl MetaIo<'_> {
 }
 
 impl Qcow2Node {
-    /// Change the image's options (`qemu-img amend -o ...`).
-    pub async fn amend(&self, mut opts: Opts) -> BlockResult<()> {
+    /// Change the image's options (`qemu-img amend -o ...`); `secrets` resolves the key slot
+    /// options' secret ids, `force` is `--force` (LUKS key slot refusals QEMU lets it override).
+    pub async fn amend(&self, mut opts: Opts, secrets: &Secrets, force: bool) -> BlockResult<()> {
         if self.s.read_only {
             return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
         }
-        let w = parse(&mut opts)?;
         let h = self.header();
+        let w = parse(&mut opts, &h, self.s.crypt.as_ref().map(|c| c.method))?;
         let version = w.version.unwrap_or(h.version);
         let order = w.refcount_order.unwrap_or(h.refcount_order);
         let lazy = w.lazy.unwrap_or(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
@@ -203,28 +257,79 @@ impl Qcow2Node {
                 }
             }
         }
-        if let Some(size) = w.size {
-            if size != basalt_engine::Node::size(self) {
-                basalt_engine::Node::truncate(self, size, Prealloc::Off).await?;
-            }
-        }
-        if w.backing.is_some() || w.backing_fmt.is_some() {
-            let name = w.backing.clone().or_else(|| h.backing_file.clone());
-            let fmt = w.backing_fmt.clone().or_else(|| h.backing_format.clone());
-            self.set_backing(name.as_deref(), fmt.as_deref()).await?;
-        }
         // Version 2 knows only 16-bit refcounts: widths change in version 3 (after an upgrade,
         // before a downgrade).
         if version >= h.version {
             self.change_version(version, lazy).await?;
         }
+        if w.encrypt_given {
+            self.amend_keyslots(&w.keyslots, secrets, force).await?;
+        }
         if order != h.refcount_order {
             self.change_refcount_order(order).await?;
+        }
+        if w.data_file.is_some() || w.data_file_raw.is_some() {
+            self.amend_data_file(w.data_file.as_deref(), w.data_file_raw).await?;
+        }
+        if (w.backing.is_some() || w.backing_fmt.is_some()) && (w.backing != h.backing_file || w.backing_fmt != h.backing_format)
+        {
+            // QEMU 10 changes the backing file only through `rebase`.
+            return Err(opt_err("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."));
+        }
+        if let Some(size) = w.size {
+            if size != basalt_engine::Node::size(self) {
+                basalt_engine::Node::truncate(self, size, Prealloc::Off).await?;
+            }
         }
         if version < h.version {
             self.change_version(version, lazy).await?;
         }
         Ok(())
+    }
+
+    /// Add or erase LUKS key slots in the image's encryption header area.
+    async fn amend_keyslots(&self, o: &LuksAmendOpts, secrets: &Secrets, force: bool) -> BlockResult<()> {
+        let c = self.s.crypt.as_ref().ok_or_else(|| opt_err("Can't amend encryption options - encryption not present"))?;
+        let (Some(luks), Some((off, len))) = (&c.luks, c.fde) else {
+            return Err(BlockError::new(ErrorKind::Unsupported, "Only LUKS encryption options can be amended"));
+        };
+        let mk = c.master_key.as_ref().ok_or_else(|| opt_err("Parameter 'encrypt.key-secret' is required for cipher"))?;
+        let queue = Queue::new(self.s.file.clone())?;
+        let area = LuksArea { queue: &queue, base: off, len };
+        let mut h = luks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let r = amend_keyslots(&mut h, mk, &area, o, secrets, force).await;
+        // What reached the disk (an erase that failed after deactivating its slot included).
+        *luks.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        r
+    }
+
+    /// Rename the external data file in the header (`""` removes the name, so that opening
+    /// needs a `data-file` option, as QEMU does) and set or clear `data_file_raw` (`parse`
+    /// allowed setting it only where it is set). The open data file itself is not changed.
+    async fn amend_data_file(&self, name: Option<&str>, raw: Option<bool>) -> BlockResult<()> {
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = MetaIo { s: &self.s, file: &file };
+        let _g = self.s.alloc.lock().await;
+        let mut h = self.header();
+        match raw {
+            Some(true) => h.autoclear |= AUTOCLEAR_DATA_FILE_RAW,
+            Some(false) => h.autoclear &= !AUTOCLEAR_DATA_FILE_RAW,
+            None => {}
+        }
+        if let Some(n) = name {
+            let pos = h.extensions.iter().position(|e| e.kind == EXT_DATA_FILE);
+            match (n.is_empty(), pos) {
+                (true, Some(i)) => {
+                    h.extensions.remove(i);
+                }
+                (true, None) => {}
+                (false, Some(i)) => h.extensions[i].data = n.as_bytes().to_vec(),
+                // QEMU writes the data file name first of the extensions after the backing format.
+                (false, None) => h.extensions.insert(0, Extension { kind: EXT_DATA_FILE, data: n.as_bytes().to_vec() }),
+            }
+            h.data_file = (!n.is_empty()).then(|| n.to_string());
+        }
+        self.write_header(&meta, h).await
     }
 
     async fn change_version(&self, version: u32, lazy: bool) -> BlockResult<()> {

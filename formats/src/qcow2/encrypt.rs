@@ -61,9 +61,12 @@ pub(crate) struct Qcow2Crypt {
     /// The LUKS header area in the file: (offset, length).
     pub fde: Option<(u64, u64)>,
     /// Boxed: an open image's shared state stays small (opening a backing chain nests opens).
-    luks: Option<Box<LuksHeader>>,
+    /// Changed only by `amend` (key slots), once the disk holds the change.
+    pub luks: Option<Box<std::sync::Mutex<LuksHeader>>>,
     /// `None` when opened without I/O (no key).
     cipher: Option<Arc<SectorCipher>>,
+    /// The LUKS master key, for `amend` to store in new key slots (`None` without the key).
+    pub master_key: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 impl Qcow2Crypt {
@@ -105,7 +108,9 @@ impl Qcow2Crypt {
     pub fn info_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("format".into(), self.method.name().into());
-        if let Some(serde_json::Value::Object(l)) = self.luks.as_ref().map(|l| l.info_json()) {
+        if let Some(serde_json::Value::Object(l)) =
+            self.luks.as_ref().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).info_json())
+        {
             m.extend(l);
         }
         serde_json::Value::Object(m)
@@ -224,13 +229,13 @@ pub(crate) async fn open(
         return Err(key_required());
     }
     let key_secret = o.key_secret.as_deref().filter(|_| !no_io);
-    let (luks, cipher) = match method {
+    let (luks, cipher, master_key) = match method {
         CryptMethod::Aes => {
             let cipher = match key_secret {
                 Some(id) => Some(Arc::new(SectorCipher::qcow_aes(graph.secrets().get_utf8(id)?.as_bytes()))),
                 None => None,
             };
-            (None, cipher)
+            (None, cipher, None)
         }
         CryptMethod::Luks => {
             let (off, len) = fde.ok_or_else(|| invalid("Missing CRYPTO header for crypt method 2"))?;
@@ -258,14 +263,15 @@ pub(crate) async fn open(
                     let area_len = area_len as usize;
                     let area = zeroize::Zeroizing::new(read(fq, off, area_len, "LUKS key material").await?);
                     let mk = luks.unlock(password.as_bytes(), &area)?;
-                    Some(Arc::new(luks.sector_cipher(&mk)?))
+                    (Some(Arc::new(luks.sector_cipher(&mk)?)), Some(mk))
                 }
-                None => None,
+                None => (None, None),
             };
-            (Some(Box::new(luks)), cipher)
+            let (cipher, master_key) = cipher;
+            (Some(Box::new(std::sync::Mutex::new(luks))), cipher, master_key)
         }
     };
-    Ok(Some(Qcow2Crypt { method, fde, luks, cipher }))
+    Ok(Some(Qcow2Crypt { method, fde, luks, cipher, master_key }))
 }
 
 /// The node's filename when `encrypt.key-secret` was given: QEMU keeps that option (the only

@@ -244,7 +244,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
             return Err(unsupported("qcow2 images with both encryption and an external data file are not supported yet"));
         }
         if !data_opt {
-            let name = hdr.data_file.as_deref().ok_or_else(|| BlockError::option("Missing data-file option"))?;
+            let name = hdr.data_file.as_deref().ok_or_else(|| BlockError::option("'data-file' is required for this image"))?;
             // As QEMU 10 opens it: the name as stored, not resolved relative to the image
             // (`qemu-img` run from another directory fails to find it likewise).
             data_opts.set("data-file.filename", name.to_string());

@@ -1,8 +1,12 @@
 //! `basalt-img amend`: change format options of an existing image in place, as qemu-img amend
-//! does (`-o compat=...,lazy_refcounts=...,refcount_bits=...,size=...,backing_file=...`).
-//! `-o help` lists what can be amended; formats other than qcow2 cannot be amended.
+//! does: qcow2 (`-o compat=...,lazy_refcounts=...,refcount_bits=...,size=...,data_file=...,
+//! data_file_raw=off,encrypt.state=...`, LUKS key slots with `encrypt.` options) and luks
+//! (`-o state=active,new-secret=ID,...`: key slots). `-o help` lists what can be amended (with
+//! `-f FMT` without opening the image, as qemu-img); other formats cannot be amended.
+//! `--force` lets the LUKS key slot refusals QEMU lets it override through.
 
-use basalt_engine::Opts;
+use basalt_engine::{CreateOptDesc, Opts};
+use basalt_formats::luks::{self, LuksNode};
 use basalt_formats::qcow2::{amend_opts, Qcow2Node};
 
 use super::common;
@@ -66,6 +70,10 @@ pub async fn main(args: Vec<String>) -> i32 {
     }
     let elems: Vec<String> = lists.iter().flat_map(|l| split_list(l)).collect();
     let help = elems.iter().any(|e| e == "help" || e == "?");
+    if let (Some(fmt), true) = (a.value("format").filter(|_| !a.has("image-opts")), help) {
+        // As qemu-img: with the format given, the help needs no image.
+        return print_amend_help(&common::graph(&a), fmt);
+    }
     if help && a.operands.is_empty() {
         common::error("Expecting one image file name");
         return 1;
@@ -81,21 +89,23 @@ pub async fn main(args: Vec<String>) -> i32 {
     let Ok(node) = common::open(&graph, &spec).await else {
         return 1;
     };
-    let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() else {
-        common::error(format!("Format driver '{}' does not support option amendment", node.driver()));
-        return 1;
-    };
     if help {
-        println!("Amend options for 'qcow2':");
-        print_help(&amend_opts());
-        return 0;
+        return print_amend_help(&graph, node.driver());
     }
     let mut opts = Opts::new();
     for e in &elems {
         let (k, v) = e.split_once('=').unwrap_or((e.as_str(), "on"));
         opts.set(k, v);
     }
-    let r = q.amend(opts).await;
+    let force = a.has("force");
+    let r = if let Some(q) = node.as_any().downcast_ref::<Qcow2Node>() {
+        q.amend(opts, graph.secrets(), force).await
+    } else if let Some(l) = node.as_any().downcast_ref::<LuksNode>() {
+        l.amend(opts, graph.secrets(), force).await
+    } else {
+        common::error(format!("Format driver '{}' does not support option amendment", node.driver()));
+        return 1;
+    };
     let closed = graph.close().await;
     match (r, closed) {
         (Ok(()), Ok(())) => 0,
@@ -104,4 +114,23 @@ pub async fn main(args: Vec<String>) -> i32 {
             1
         }
     }
+}
+
+/// The amend options of format `fmt`, as qemu-img's `print_amend_option_help`.
+fn print_amend_help(graph: &basalt_engine::Graph, fmt: &str) -> i32 {
+    let list: Vec<CreateOptDesc> = match fmt {
+        "qcow2" => amend_opts(),
+        "luks" => luks::amend_opts(),
+        _ if graph.registry().get(fmt).is_none() => {
+            common::error(format!("Unknown file format '{fmt}'"));
+            return 1;
+        }
+        _ => {
+            common::error(format!("Format driver '{fmt}' does not support option amendment"));
+            return 1;
+        }
+    };
+    println!("Amend options for '{fmt}':");
+    print_help(&list);
+    0
 }
