@@ -5,8 +5,10 @@
 //! Each worker claims the next chunk (up to the buffer size, never across two sources), asks
 //! the source what it holds, reads only the data parts into its buffer, and writes the runs of
 //! data and zeroes it finds. Zero runs are skipped when the target is known to read as zeroes,
-//! else written with `write_zeroes` (unmap allowed). Without `-W` the writes happen in order:
-//! a worker waits for every earlier chunk to be written before writing its own.
+//! else written with `write_zeroes` (unmap allowed). Without `-W` the writes are issued in
+//! order: a worker waits until every earlier chunk's writes have been issued (handed to the
+//! target, which allocates in that order) before issuing its own, so the target is laid out as
+//! qemu-img lays it out while the last write of a chunk overlaps the next chunk's.
 //!
 //! Workers are spread over one reactor per core (helper reactors started for the copy, each
 //! with its own queues on the same nodes); claiming, ordering, errors and progress are shared
@@ -276,14 +278,15 @@ async fn worker(sh: Arc<Shared>, io: Io) {
                 break;
             }
         }
-        let r = write_runs(&sh, &io.target, global, len, b, &runs).await;
+        let mut turn = !sh.o.out_of_order;
+        let r = write_runs(&sh, &io.target, global, len, b, &runs, &mut turn).await;
         let failed = r.is_err();
         b = match r {
             Ok(b) | Err(Some(b)) => b,
             Err(None) => IoBuf::new(sh.o.chunk as usize),
         };
         buf = Some(b);
-        if !sh.o.out_of_order {
+        if turn {
             sh.finish_turn();
         }
         if failed {
@@ -444,6 +447,9 @@ async fn fill(
 /// one request per run of clusters so the format compresses them in parallel), zeroes with
 /// `write_zeroes` (unmap allowed). On error the copy is failed; the buffer comes back when
 /// the target handed it back.
+/// Without `-W`, `turn` is set while this chunk holds the turn: it is passed on (and cleared)
+/// as soon as the chunk's last request has been issued, so the next chunk's writes are issued
+/// after all of this one's, in order, while the last one is still in flight.
 async fn write_runs(
     sh: &Shared,
     target: &Backend,
@@ -451,7 +457,13 @@ async fn write_runs(
     len: u64,
     mut b: IoBuf,
     runs: &[Run],
+    turn: &mut bool,
 ) -> Result<IoBuf, Option<IoBuf>> {
+    let last = runs.iter().rposition(|r| r.2 != Kind::Skip);
+    if last.is_none() && *turn {
+        *turn = false;
+        sh.finish_turn();
+    }
     let mut i = 0;
     while i < runs.len() {
         let (s, _, kind) = runs[i];
@@ -463,17 +475,31 @@ async fn write_runs(
             j += 1;
         }
         let e = runs[j].1;
+        let is_last = Some(j) == last;
         i = j + 1;
         let at = global + s;
+        // The last request passes the turn on once it is issued.
+        let pass = is_last && *turn;
+        if pass {
+            *turn = false;
+        }
+        let hook = || {
+            if pass {
+                sh.finish_turn();
+            }
+        };
         let res = match kind {
             Kind::Skip => continue,
-            Kind::Zero => target.write_zeroes(at, e - s, ZeroFlags { may_unmap: true, ..Default::default() }).await.res,
+            Kind::Zero => {
+                let z = ZeroFlags { may_unmap: true, ..Default::default() };
+                after_issue(target.write_zeroes(at, e - s, z), hook).await.res
+            }
             Kind::Data => {
                 b.set_window(s as usize, (e - s) as usize);
                 let d = if sh.o.compress.is_some() {
-                    target.write_compressed(at, b).await
+                    after_issue(target.write_compressed(at, b), hook).await
                 } else {
-                    target.write(at, b, WriteFlags::default()).await
+                    after_issue(target.write(at, b, WriteFlags::default()), hook).await
                 };
                 let Some(back) = d.buf else {
                     sh.fail(CopyError::Write(at, d.res.err().unwrap_or(IoStatus::EIO)));
@@ -490,6 +516,21 @@ async fn write_runs(
         }
     }
     Ok(b)
+}
+
+/// Await `fut`, calling `then` right after its first poll: by then a request has been handed
+/// to its node (a format allocates for an in-order write before its data goes out).
+async fn after_issue<F: std::future::Future>(fut: F, then: impl FnOnce()) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut then = Some(then);
+    std::future::poll_fn(|cx| {
+        let r = fut.as_mut().poll(cx);
+        if let Some(t) = then.take() {
+            t();
+        }
+        r
+    })
+    .await
 }
 
 const SECTOR: u64 = 512;
