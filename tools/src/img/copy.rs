@@ -90,7 +90,8 @@ struct Shared {
     claim: Mutex<(u64, u64)>,
     /// Chunks written so far in order (without `-W`).
     written_seq: AtomicU64,
-    waiters: Mutex<Vec<Waker>>,
+    /// Workers waiting for their turn: (sequence number, waker).
+    waiters: Mutex<Vec<(u64, Waker)>>,
     done_bytes: AtomicU64,
     error: Mutex<Option<CopyError>>,
     start: Instant,
@@ -218,7 +219,10 @@ impl Shared {
             if self.written_seq.load(Ordering::SeqCst) == seq || self.failed() {
                 Poll::Ready(())
             } else {
-                w.push(cx.waker().clone());
+                match w.iter_mut().find(|(s, _)| *s == seq) {
+                    Some(e) => e.1 = cx.waker().clone(),
+                    None => w.push((seq, cx.waker().clone())),
+                }
                 Poll::Pending
             }
         })
@@ -226,15 +230,22 @@ impl Shared {
     }
 
     fn wake_all(&self) {
-        let ws: Vec<Waker> = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in ws {
+        let ws = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, w) in ws {
             w.wake();
         }
     }
 
+    /// Pass the turn on, waking only the worker whose turn it now is.
     fn finish_turn(&self) {
-        self.written_seq.fetch_add(1, Ordering::SeqCst);
-        self.wake_all();
+        let next = {
+            let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = self.written_seq.fetch_add(1, Ordering::SeqCst) + 1;
+            w.iter().position(|(s, _)| *s == seq).map(|i| w.swap_remove(i).1)
+        };
+        if let Some(w) = next {
+            w.wake();
+        }
     }
 
     fn fail(&self, e: CopyError) {
