@@ -2,7 +2,9 @@
 //! extensions, backing file name), the refcount table, refcount blocks and the empty L1
 //! table, laid out as QEMU lays them out (header, refcount table, refcount block, L1); for
 //! `encrypt.format=luks`, the LUKS header clusters after them where QEMU's allocator puts them
-//! (after the preallocated data with `preallocation`).
+//! (after the preallocated data with `preallocation`). With `data_file` the data file is
+//! created beside it (its name recorded in a header extension before the LUKS one, as QEMU
+//! orders them), sized and preallocated as QEMU does it.
 
 use basalt_engine::{
     parse_bool, parse_size, BlockError, BlockResult, CreateOptDesc, ErrorKind, Graph, OpenFlags, Opts, Perm, Queue,
@@ -14,8 +16,7 @@ use crate::qcow2::header::{self, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_EXT
 use crate::qcow2::refcount;
 
 /// `-o` options as QEMU 10 declares them (`qcow2_create_opts`): this order is the order of
-/// qemu-img's `Formatting` line, and the options this driver refuses (data file) are listed
-/// too, as `-o help` lists them; using one fails with a clear message.
+/// qemu-img's `Formatting` line, as `-o help` lists them.
 pub(crate) const CREATE_OPTS: &[CreateOptDesc] = &[
     CreateOptDesc {
         name: "encryption",
@@ -120,20 +121,8 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
                 "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
-        if crypt.is_some() {
-            return Err(BlockError::new(
-                ErrorKind::Unsupported,
-                "qcow2 encryption together with an external data file is not supported yet",
-            ));
-        }
-        if matches!(prealloc, basalt_engine::Prealloc::Falloc | basalt_engine::Prealloc::Full) {
-            return Err(BlockError::new(
-                ErrorKind::Unsupported,
-                format!("Preallocation mode '{}' with an external data file is not supported yet", prealloc.name()),
-            ));
-        }
         // As QEMU: a raw data file maps every cluster 1:1 from the start.
-        if data_raw {
+        if data_raw && prealloc == basalt_engine::Prealloc::Off {
             prealloc = basalt_engine::Prealloc::Metadata;
         }
     }
@@ -152,11 +141,13 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
     let proto = proto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
     proto.create(graph, filename, 0, opts).await?;
     if let Some(df) = &data_file {
-        // The data file, raw, of the virtual size (named as given, relative to the working
-        // directory, as QEMU creates it).
+        // The data file, raw (named as given, relative to the working directory, as QEMU
+        // creates it): of the virtual size, or empty when preallocation below sizes it (and
+        // preallocates it for `falloc` and `full`), as QEMU grows it.
         let dproto = graph.registry().protocol_for(df).or_else(|| graph.registry().get("file"));
         let dproto = dproto.ok_or_else(|| BlockError::new(ErrorKind::NotFound, "Unknown protocol"))?;
-        dproto.create(graph, df, size, Opts::new()).await?;
+        let dsize = if prealloc == basalt_engine::Prealloc::Off { size } else { 0 };
+        dproto.create(graph, df, dsize, Opts::new()).await?;
     }
 
     let cluster_bits = cs.trailing_zeros();
@@ -252,11 +243,12 @@ pub(crate) async fn create(graph: &Graph, filename: &str, size: u64, mut opts: O
         refcount_order,
         header_length: if version >= 3 { 112 } else { 72 },
         compression_type: compression,
-        extensions: match (static_crypt, luks_at, &data_file) {
-            (Some(c), Some(at), _) => vec![c.extension(at * cs)],
-            (_, _, Some(df)) => vec![header::Extension { kind: header::EXT_DATA_FILE, data: df.as_bytes().to_vec() }],
-            _ => Vec::new(),
-        },
+        // As QEMU orders them: the data file name, then the LUKS header's place.
+        extensions: data_file
+            .iter()
+            .map(|df| header::Extension { kind: header::EXT_DATA_FILE, data: df.as_bytes().to_vec() })
+            .chain(static_crypt.zip(luks_at).map(|(c, at)| c.extension(at * cs)))
+            .collect(),
         backing_file,
         backing_format: backing_fmt,
         data_file: data_file.clone(),

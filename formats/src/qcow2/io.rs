@@ -788,6 +788,12 @@ impl Qcow2Queue {
             // land first.
             self.s.inflight.drain().await;
             meta.free_target(e).await?;
+            // As QEMU: a data cluster dropped from a (non-raw) external data file is
+            // discarded there, as a freed cluster is in the image file.
+            if self.s.layout.data_file && !self.s.data_raw && has_host(e) && self.s.pass_discard {
+                let cs = self.s.cs;
+                let _ = self.data.discard(gc * cs, cs).await;
+            }
         }
         Ok(())
     }

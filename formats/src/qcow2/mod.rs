@@ -29,8 +29,12 @@
 //! host offset == guest offset (as QEMU always maps them), without refcounts; L2 entries still
 //! record the allocation. Compressed writes and internal snapshots are refused, as QEMU refuses
 //! them; with `data_file_raw` a zero write zeroes the data file too, so it stays a valid raw
-//! image. Not yet: encryption together with a data file, and `falloc`/`full` preallocation of
-//! a data file (refused with clear errors).
+//! image. Encryption works with a data file as QEMU does it: the ciphertext sits in the data
+//! file at the guest offset (so LUKS's host-sector IVs are the guest sectors), the LUKS header
+//! stays in the qcow2 file; `falloc`/`full` preallocate the data file and map every cluster.
+//! A cluster dropped by a discard or an unmapping zero write is discarded in a non-raw data
+//! file. Resizing resizes the data file too, and `resize --preallocation` (refused for other
+//! qcow2 images for now) maps the new clusters and grows the data file as QEMU 10 does.
 
 mod amend;
 mod bitmap;
@@ -148,6 +152,10 @@ fn unsupported(msg: impl Into<String>) -> BlockError {
     BlockError::new(ErrorKind::Unsupported, msg)
 }
 
+fn no_data_file() -> BlockError {
+    BlockError::new(ErrorKind::PermissionDenied, "The qcow2 image was opened without its external data file and cannot do I/O")
+}
+
 async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
     let name = graph.take_node_name(&mut opts)?;
     let read_only = opts.take_bool("read-only", flags.read_only)?;
@@ -240,9 +248,6 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         // `qemu-img info` opens no data file (and works without it), as QEMU.
         None
     } else {
-        if crypt.is_some() {
-            return Err(unsupported("qcow2 images with both encryption and an external data file are not supported yet"));
-        }
         if !data_opt {
             let name = hdr.data_file.as_deref().ok_or_else(|| BlockError::option("'data-file' is required for this image"))?;
             // As QEMU 10 opens it: the name as stored, not resolved relative to the image
@@ -431,21 +436,48 @@ impl Qcow2Node {
 
     /// Allocate every cluster of the image (`preallocation=metadata|falloc|full`): for each L2
     /// table's range, the table and then its data clusters, as QEMU lays them out; then the file
-    /// is extended to the end of the data, with fallocate (`falloc`) or zeroes (`full`).
+    /// is extended to the end of the data, with fallocate (`falloc`) or zeroes (`full`). With an
+    /// external data file the clusters map 1:1 into it and the data file is what is extended.
     pub async fn preallocate(&self, mode: Prealloc) -> BlockResult<()> {
         let file = Queue::new(self.s.file.clone())?;
         let meta = meta::MetaIo { s: &self.s, file: &file };
-        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not preallocate the image");
         let _g = self.s.alloc.lock().await;
+        self.preallocate_locked(&meta, &file, 0, self.size(), mode).await
+    }
+
+    /// Allocate the clusters of guest bytes `from..to` (QEMU's `preallocate_co`), the
+    /// allocation lock held: a cluster already allocated (the one holding `from` may be) is
+    /// left as it is. The file (or the external data file) is then extended to cover them,
+    /// with `mode`'s data preallocation (none for `metadata`).
+    async fn preallocate_locked(
+        &self,
+        meta: &meta::MetaIo<'_>,
+        file: &Queue,
+        from: u64,
+        to: u64,
+        mode: Prealloc,
+    ) -> BlockResult<()> {
+        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not preallocate the image");
         let cs = self.s.cs;
-        let total = self.size().div_ceil(cs);
-        let mut gc = 0;
+        // An external data file maps 1:1 and keeps no refcounts.
+        let ext_data = self.s.layout.data_file;
+        let total = to.div_ceil(cs);
+        let mut gc = from / cs;
+        // The head of a newly mapped cluster holding `from`, which QEMU fills with zeroes
+        // (its copy on write) in a data file.
+        let mut head = 0..0;
+        if gc < total && !from.is_multiple_of(cs) {
+            if meta.entry(gc).await.map_err(fail)? != (0, 0) {
+                gc += 1;
+            } else {
+                head = gc * cs..from;
+            }
+        }
+        let first = gc;
         let mut end = self.s.file.size();
         while gc < total {
             let n = (self.s.l2_entries - gc % self.s.l2_entries).min(total - gc);
             meta.ensure_l2(gc).await.map_err(fail)?;
-            // An external data file maps 1:1 and keeps no refcounts.
-            let ext_data = self.s.layout.data_file;
             let host = if ext_data { gc * cs } else { meta.alloc_clusters(n).await.map_err(fail)? };
             for k in 0..n {
                 meta.set_entry(gc + k, (host + k * cs) | entry::COPIED, 0, false).await.map_err(fail)?;
@@ -458,7 +490,24 @@ impl Qcow2Node {
         meta.writeback().await.map_err(fail)?;
         self.s.zero_from.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
         let data_mode = if mode == Prealloc::Metadata { Prealloc::Off } else { mode };
-        if end > self.s.file.size() {
+        if ext_data {
+            // As QEMU 10 does it (seen in its system calls): the partial clusters at both ends
+            // of the range get their parts outside it written with zeroes (its copy on write,
+            // which extends the data file to a cluster boundary); only then, if the data file
+            // is still short of `to` (a cluster-aligned end), is it grown with the data
+            // preallocation.
+            let data = self.s.data_file.as_ref().ok_or_else(no_data_file)?;
+            let tail = if to.is_multiple_of(cs) || first >= total { 0..0 } else { to..to.next_multiple_of(cs) };
+            let q = Queue::new(data.clone())?;
+            for r in [head, tail].into_iter().filter(|r| !r.is_empty()) {
+                let z = IoBuf::from_slice(&vec![0u8; (r.end - r.start) as usize]);
+                q.write(r.start, z, Default::default()).await.res.map_err(fail)?;
+            }
+            q.flush().await.res.map_err(fail)?;
+            if to > data.size() {
+                data.truncate(to, data_mode).await?;
+            }
+        } else if end > self.s.file.size() {
             self.s.file.truncate(end, data_mode).await?;
         }
         file.flush().await.res.map(|_| ()).map_err(BlockError::from)
@@ -679,13 +728,22 @@ impl Node for Qcow2Node {
             if self.s.read_only {
                 return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
             }
-            if prealloc != Prealloc::Off {
+            let ext_data = self.s.layout.data_file;
+            if prealloc != Prealloc::Off && !ext_data {
                 return Err(unsupported(format!(
                     "Preallocation mode '{}' is not supported for qcow2 resize yet",
                     prealloc.name()
                 )));
             }
             let cur = self.size();
+            if prealloc != Prealloc::Off && size < cur {
+                return Err(BlockError::option("Preallocation can only be used for growing images"));
+            }
+            let data = match (&self.s.data_file, ext_data) {
+                (Some(d), true) => Some(d.clone()),
+                (None, true) => return Err(no_data_file()),
+                _ => None,
+            };
             let h = self.header();
             let file = Queue::new(self.s.file.clone())?;
             let meta = meta::MetaIo { s: &self.s, file: &file };
@@ -699,6 +757,16 @@ impl Node for Qcow2Node {
             let need = size.div_ceil(self.s.cs * h.l2_entries());
             if need > u64::from(h.l1_size) {
                 self.grow_l1(&meta, &file, need).await?;
+            }
+            // As QEMU's qcow2_co_truncate: a raw data file keeps every cluster mapped, so
+            // growing preallocates at least the metadata; with a data file, `off` resizes the
+            // data file to the new size and the other modes map the new clusters 1:1 and grow
+            // the data file with their data preallocation.
+            let prealloc = if self.s.data_raw && size > cur && prealloc == Prealloc::Off { Prealloc::Metadata } else { prealloc };
+            match (prealloc, data) {
+                (Prealloc::Off, Some(d)) => d.truncate(size, Prealloc::Off).await?,
+                (Prealloc::Off, None) => {}
+                (mode, _) => self.preallocate_locked(&meta, &file, cur, size, mode).await?,
             }
             let d = file.write(24, IoBuf::from_slice(&size.to_be_bytes()), Default::default()).await;
             d.res.map_err(|e| BlockError::from(e).context("Could not update qcow2 header"))?;
