@@ -238,8 +238,10 @@ fn cross_core_messages_ping_pong() {
     assert!(after[1] - before[1] >= u64::from(HOPS / 2), "reactor 1 counted {} messages", after[1] - before[1]);
 }
 
-/// Hops a self-reposting message may make before the test calls it a livelock.
-const REPOST_LIMIT: u32 = 200_000;
+/// Hops a self-reposting message may make before the test calls it a livelock: far more than
+/// a reactor makes in the test's short sleep (a hop takes well under a microsecond, so a fast
+/// machine made 200k of them within 20 ms and a smaller limit failed for no fault).
+const REPOST_LIMIT: u32 = 20_000_000;
 
 /// A message that sends itself to its own reactor again until `stop` is set (or the limit).
 fn repost(h: ReactorHandle, stop: Arc<AtomicU32>, hops: Arc<AtomicU32>) {
@@ -260,7 +262,7 @@ fn a_message_reposting_itself_does_not_starve_the_reactor() {
         let me = current_handle();
         me.clone().send(move || repost(me, s2, h2));
         // Timers, tasks and I/O must still get turns while the chain runs.
-        sleep(Duration::from_millis(20)).await;
+        sleep(Duration::from_millis(2)).await;
         stop.store(1, Ordering::Relaxed);
         let at_stop = hops.load(Ordering::Relaxed);
         // Let the chain notice the flag.
