@@ -364,7 +364,8 @@ async fn fill(
             let inside = pieces.iter().filter(|p| p.0 < e && p.1 > c);
             let kind = if inside.clone().all(|p| p.2 == Kind::Skip) {
                 Kind::Skip
-            } else if inside.clone().all(|p| p.2 == Kind::Zero) {
+            } else if inside.clone().all(|p| p.2 == Kind::Zero) && sh.o.sparse_size > 0 {
+                // (`-S 0` writes zeroes out as data, compressed too.)
                 Kind::Zero
             } else {
                 Kind::Data
@@ -422,8 +423,8 @@ async fn fill(
             let inside = || pieces.iter().filter(|p| p.0 < e && p.1 > c);
             let kind = if inside().all(|p| p.2 == Kind::Skip) {
                 Kind::Skip
-            } else if inside().all(|p| p.2 == Kind::Zero)
-                || (sh.o.sparse_size > 0 && basalt_engine::buffer_is_zero(&b[c as usize..e as usize]))
+            } else if sh.o.sparse_size > 0
+                && (inside().all(|p| p.2 == Kind::Zero) || basalt_engine::buffer_is_zero(&b[c as usize..e as usize]))
             {
                 Kind::Zero
             } else {
