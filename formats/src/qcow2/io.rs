@@ -606,6 +606,17 @@ impl Qcow2Queue {
 
     /// Zero or discard whole clusters by changing their entries; partial clusters are written
     /// as zeroes through the write path.
+    /// Zero `off..off+len` (no unmapping), outside the engine's bounds checks: for the node
+    /// itself, after it has grown.
+    pub(crate) async fn zero_range(self: Rc<Self>, off: u64, len: u64) -> IoDone {
+        self.zero_or_discard(off, len, false, false).await
+    }
+
+    /// Write `buf` at `off` through the data path, for the node itself.
+    pub(crate) async fn write_range(self: Rc<Self>, off: u64, buf: IoBuf) -> IoDone {
+        self.write_slow(off, buf, WriteFlags::default()).await
+    }
+
     async fn zero_or_discard(self: Rc<Self>, off: u64, len: u64, discard: bool, unmap: bool) -> IoDone {
         let cs = self.s.cs;
         // As QEMU: a raw data file is zeroed first, then the entries (for a discard, the

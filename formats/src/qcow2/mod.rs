@@ -33,8 +33,15 @@
 //! file at the guest offset (so LUKS's host-sector IVs are the guest sectors), the LUKS header
 //! stays in the qcow2 file; `falloc`/`full` preallocate the data file and map every cluster.
 //! A cluster dropped by a discard or an unmapping zero write is discarded in a non-raw data
-//! file. Resizing resizes the data file too, and `resize --preallocation` (refused for other
-//! qcow2 images for now) maps the new clusters and grows the data file as QEMU 10 does.
+//! file. Resizing resizes the data file too, and `resize --preallocation` maps the new
+//! clusters and grows the data file as QEMU 10 does.
+//!
+//! Resizing: growing over a backing file longer than the old size zeroes the new area (zero
+//! clusters, explicit zeroes for an unaligned head; refused on version 2, which has no zero
+//! clusters), as QEMU does, so the backing file's data does not show there;
+//! `--preallocation=metadata` maps the new clusters (the head of a newly mapped cluster keeps
+//! what it read); `falloc`/`full` without a data file are refused with a clear error (QEMU
+//! places new refcount structures and data in one area at the end of the file there).
 
 mod amend;
 mod bitmap;
@@ -475,10 +482,14 @@ impl Qcow2Node {
         }
         let first = gc;
         let mut end = self.s.file.size();
+        let mut head_host = None;
         while gc < total {
             let n = (self.s.l2_entries - gc % self.s.l2_entries).min(total - gc);
             meta.ensure_l2(gc).await.map_err(fail)?;
             let host = if ext_data { gc * cs } else { meta.alloc_clusters(n).await.map_err(fail)? };
+            if gc == first {
+                head_host = Some(host);
+            }
             for k in 0..n {
                 meta.set_entry(gc + k, (host + k * cs) | entry::COPIED, 0, false).await.map_err(fail)?;
             }
@@ -507,9 +518,76 @@ impl Qcow2Node {
             if to > data.size() {
                 data.truncate(to, data_mode).await?;
             }
-        } else if end > self.s.file.size() {
-            self.s.file.truncate(end, data_mode).await?;
+        } else {
+            if let (false, Some(host)) = (head.is_empty(), head_host) {
+                // As QEMU's copy on write of the new cluster's head: what it read before (the
+                // backing file's data, or zeroes) is written into it.
+                let len = (head.end - head.start) as usize;
+                let mut buf = IoBuf::new(len);
+                if let Some(b) = &self.s.backing {
+                    let have = b.size().saturating_sub(head.start).min(len as u64) as usize;
+                    if have > 0 {
+                        buf.slice(0, have);
+                        let d = Queue::new(b.clone())?.read(head.start, buf).await;
+                        d.res.map_err(fail)?;
+                        buf = d.buf.expect("read returns its buffer");
+                        buf.reset(len);
+                    }
+                }
+                if let Some(c) = &self.s.crypt {
+                    buf = c.encrypted_copy(head.start, host, &buf).map_err(fail)?;
+                }
+                file.write(host, buf, Default::default()).await.res.map_err(fail)?;
+            }
+            if end > self.s.file.size() {
+                self.s.file.truncate(end, data_mode).await?;
+            }
         }
+        file.flush().await.res.map(|_| ()).map_err(BlockError::from)
+    }
+
+    /// The data path on the calling reactor.
+    fn io_queue(&self) -> BlockResult<Rc<io::Qcow2Queue>> {
+        let file = Queue::new(self.s.file.clone())?;
+        let backing = match &self.s.backing {
+            Some(b) => Some(Queue::new(b.clone())?),
+            None => None,
+        };
+        let data = match (&self.s.data_file, self.s.layout.data_file) {
+            (Some(d), _) => Queue::new(d.clone())?,
+            (None, false) => file.clone(),
+            (None, true) => {
+                return Err(BlockError::new(
+                    ErrorKind::PermissionDenied,
+                    "The qcow2 image was opened without its external data file and cannot do I/O",
+                ))
+            }
+        };
+        Ok(Rc::new(io::Qcow2Queue::new(self.s.clone(), file, data, backing)))
+    }
+
+    /// After growing from `old` to `new` over a backing file longer than `old`: the new area
+    /// must read as zeroes, not as the backing file (QEMU's `BDRV_REQ_ZERO_WRITE` truncate):
+    /// zero clusters from the first (sub)cluster boundary to the end, explicit zeroes for the
+    /// unaligned head.
+    async fn zero_grown(&self, old: u64, new: u64) -> BlockResult<()> {
+        let q = self.io_queue()?;
+        let fail = |e: basalt_engine::IoStatus| BlockError::from(e).context("Failed to zero out new clusters");
+        let zero_start = old.next_multiple_of(self.s.layout.subcluster_size());
+        if new > zero_start {
+            // The last cluster is zeroed whole: nothing lies past the end of the image.
+            let end = new.next_multiple_of(self.s.cs);
+            q.clone().zero_range(zero_start, end - zero_start).await.res.map_err(fail)?;
+        }
+        if zero_start > old {
+            let len = zero_start.min(new) - old;
+            q.write_range(old, IoBuf::new(len as usize)).await.res.map_err(fail)?;
+        }
+        // Tables changed by the writes go to the file now, as the rest of the resize did.
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = meta::MetaIo { s: &self.s, file: &file };
+        let _g = self.s.alloc.lock().await;
+        meta.writeback().await.map_err(fail)?;
         file.flush().await.res.map(|_| ()).map_err(BlockError::from)
     }
 
@@ -706,22 +784,7 @@ impl Node for Qcow2Node {
                 }
             }));
         }
-        let file = Queue::new(self.s.file.clone())?;
-        let backing = match &self.s.backing {
-            Some(b) => Some(Queue::new(b.clone())?),
-            None => None,
-        };
-        let data = match (&self.s.data_file, self.s.layout.data_file) {
-            (Some(d), _) => Queue::new(d.clone())?,
-            (None, false) => file.clone(),
-            (None, true) => {
-                return Err(BlockError::new(
-                    ErrorKind::PermissionDenied,
-                    "The qcow2 image was opened without its external data file and cannot do I/O",
-                ))
-            }
-        };
-        Ok(Rc::new(io::Qcow2NodeQueue(Rc::new(io::Qcow2Queue::new(self.s.clone(), file, data, backing)))))
+        Ok(Rc::new(io::Qcow2NodeQueue(self.io_queue()?)))
     }
     fn truncate(&self, size: u64, prealloc: Prealloc) -> LocalBoxFuture<'_, BlockResult<()>> {
         Box::pin(async move {
@@ -729,7 +792,7 @@ impl Node for Qcow2Node {
                 return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
             }
             let ext_data = self.s.layout.data_file;
-            if prealloc != Prealloc::Off && !ext_data {
+            if matches!(prealloc, Prealloc::Falloc | Prealloc::Full) && !ext_data {
                 return Err(unsupported(format!(
                     "Preallocation mode '{}' is not supported for qcow2 resize yet",
                     prealloc.name()
@@ -738,6 +801,12 @@ impl Node for Qcow2Node {
             let cur = self.size();
             if prealloc != Prealloc::Off && size < cur {
                 return Err(BlockError::option("Preallocation can only be used for growing images"));
+            }
+            // Growing over a longer backing file: the new area is zeroed with zero clusters,
+            // which version 2 lacks (QEMU fails there after changing the size; we fail first).
+            let zero_grown = size > cur && self.s.backing.as_ref().is_some_and(|b| b.size() > cur);
+            if zero_grown && self.header().version < 3 {
+                return Err(BlockError::new(ErrorKind::Unsupported, "Failed to zero out new clusters: Operation not supported"));
             }
             let data = match (&self.s.data_file, ext_data) {
                 (Some(d), true) => Some(d.clone()),
@@ -774,6 +843,9 @@ impl Node for Qcow2Node {
             self.s.hdr.lock().unwrap_or_else(|e| e.into_inner()).size = size;
             drop(_g);
             self.bitmaps_resize(size);
+            if zero_grown {
+                self.zero_grown(cur, size).await?;
+            }
             Ok(())
         })
     }
