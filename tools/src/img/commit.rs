@@ -308,8 +308,8 @@ async fn commit(
     progress: bool,
 ) -> Result<(), String> {
     let size = top.size();
-    // Grow the base to the top's size; where a backing file of its own would show through the
-    // new area, zero it (as QEMU's truncate does).
+    // Grow the base to the top's size (the format zeroes the new area where a backing file of
+    // its own would show through, as QEMU's truncate does).
     let old = base_node.size();
     let grow_err = |e: &dyn std::fmt::Display| {
         format!(
@@ -323,13 +323,6 @@ async fn commit(
     }
     let mut base = Backend::new(base_node.clone()).map_err(|e| e.to_string())?;
     base.set_writethrough(writethrough);
-    if size > old {
-        if let Some(b) = backing_child(base_node) {
-            if b.size() > old {
-                base.write_zeroes(old, size - old, ZeroFlags::default()).await.res.map_err(|e| grow_err(&e))?;
-            }
-        }
-    }
     let chain = Chain::new(top.clone())?;
     let mut covers = Vec::new();
     let mut cur = Some(top.clone());
