@@ -3,11 +3,13 @@
 //! - [`null`]: `null-co` and `null-aio`, devices that store nothing.
 //! - [`file`]: `file` (regular files) and `host_device` (block devices), over io_uring with a
 //!   thread-pool fallback.
+//! - [`nvme`]: NVMe namespaces driven from userspace through VFIO, with polled queue pairs.
 //!
 //! [`drivers`] is the explicit registration list.
 
 pub mod file;
 pub mod null;
+pub mod nvme;
 
 use basalt_engine::BlockDriver;
 
@@ -15,5 +17,5 @@ pub(crate) use basalt_engine::json_filename;
 
 /// The protocol drivers, for the registry.
 pub fn drivers() -> Vec<&'static dyn BlockDriver> {
-    vec![&file::FILE, &file::HOST_DEVICE, &null::NULL_CO, &null::NULL_AIO]
+    vec![&file::FILE, &file::HOST_DEVICE, &null::NULL_CO, &null::NULL_AIO, &nvme::NVME]
 }

@@ -520,7 +520,9 @@ pub(crate) fn route_wake(w: u64) {
     }
 }
 
-pub(crate) fn current_pool() -> Option<DmaPool> {
+/// The DMA buffer pool of the reactor running on this thread, if it has one (a device driver maps
+/// it for DMA once, so buffers from it need no bounce).
+pub fn current_pool() -> Option<DmaPool> {
     try_with_current(|r| r.pool.clone()).flatten()
 }
 
