@@ -82,6 +82,16 @@ pub fn apply(fd: RawFd, perm: Perm, shared: Perm, name: &str) -> Result<(), Bloc
     Ok(())
 }
 
+/// Drop every permission and sharing lock `fd`'s open file description holds. Called when the
+/// node closes: an io_uring that had the file registered may keep the description alive for a
+/// while after that (Linux 6.1 puts unregistered files after up to a second), and its locks
+/// must not outlive the node, or the next program to open the image finds it "in use".
+pub fn release(fd: RawFd) {
+    for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
+        let _ = set(fd, libc::F_UNLCK as i16, byte);
+    }
+}
+
 /// Whether OFD locks work on `fd` (for `locking=auto`).
 pub fn supported(fd: RawFd) -> bool {
     locked_by_other(fd, PERM_BASE).is_ok()

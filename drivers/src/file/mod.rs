@@ -45,6 +45,13 @@ pub(crate) struct FileShared {
     pub(crate) path: String,
 }
 
+impl Drop for FileShared {
+    fn drop(&mut self) {
+        // The image locks go with the node, even while a ring still holds the file.
+        lock::release(self.fd.as_raw_fd());
+    }
+}
+
 struct FileNode {
     driver: &'static str,
     name: String,

@@ -271,14 +271,14 @@ impl Controller {
         if nsid == 0 || nsid > self.id.nn {
             return Err(BlockError::new(
                 ErrorKind::NotFound,
-                format!("NVMe {}: namespace {nsid} does not exist (the controller has {} namespaces)", self.bdf, self.id.nn),
+                format!("NVMe {}: namespace {nsid} does not exist (the controller has at most {})", self.bdf, self.id.nn),
             ));
         }
         let mut page = vec![0u8; PAGE as usize];
         self.identify(0, nsid, &mut page)?;
-        IdentifyNamespace::parse(&page)
-            .map_err(|e| err(format!("NVMe {}: {e}", self.bdf)))?
-            .ok_or_else(|| BlockError::new(ErrorKind::NotFound, format!("NVMe {}: namespace {nsid} is not active", self.bdf)))
+        IdentifyNamespace::parse(&page).map_err(|e| err(format!("NVMe {}: {e}", self.bdf)))?.ok_or_else(|| {
+            BlockError::new(ErrorKind::NotFound, format!("NVMe {}: namespace {nsid} does not exist (it is not active)", self.bdf))
+        })
     }
 
     /// Take a free I/O queue identifier.

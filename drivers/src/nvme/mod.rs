@@ -37,6 +37,12 @@ pub static NVME: NvmeDriver = NvmeDriver;
 
 const PREFIX: &str = "nvme://";
 
+/// QEMU's options for creating on an existing device (`bdrv_create_opts_simple`).
+const CREATE_OPTS: &[basalt_engine::CreateOptDesc] = &[
+    basalt_engine::CreateOptDesc { name: "size", kind: "size", help: "Virtual disk size" },
+    basalt_engine::CreateOptDesc { name: "preallocation", kind: "str", help: "Preallocation mode (allowed values: off)" },
+];
+
 /// What a queue needs to know of its namespace.
 #[derive(Clone, Copy)]
 pub(crate) struct NsInfo {
@@ -126,6 +132,9 @@ impl BlockDriver for NvmeDriver {
     }
     fn open<'a>(&'a self, graph: &'a Graph, opts: Opts, flags: OpenFlags) -> LocalBoxFuture<'a, BlockResult<Arc<dyn Node>>> {
         Box::pin(async move { open_nvme(graph, opts, flags) })
+    }
+    fn create_opts(&self) -> &'static [basalt_engine::CreateOptDesc] {
+        CREATE_OPTS
     }
     /// As QEMU's simple create for devices: the namespace must be large enough; its first
     /// block is zeroed so nothing probes it as a format it no longer holds.
