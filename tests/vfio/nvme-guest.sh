@@ -1,6 +1,6 @@
 # Runs inside the VFIO test guest (scripts/vfio-guest/run --script), driven by
 # tests/tests/nvme_vfio.rs. Two controllers bound to vfio-pci, in NVME_BDFS order:
-#   A: 128 MiB, 512-byte blocks, MDTS 16 KiB, 2 I/O queue pairs
+#   A: 128 MiB, 512-byte blocks, MDTS 16 KiB, 2 I/O queue pairs, discard passed to its file
 #   B: 64 MiB, 4096-byte blocks, 1 I/O queue pair
 # The host wrote patterns into both backing files before boot and checks what this script
 # writes after the guest exits. Each check prints "ok NAME" or "FAIL NAME: ..."; the host
@@ -58,13 +58,17 @@ check read-a $IO -f raw \
 check write-b $IO -f raw -c 'write -P 0x66 40M 1M' -c 'write -P 0x77 41M 4k' -c 'write -z 40M 64k' nvme://$B/1
 check info-a $IMG info nvme://$A/1
 
+# basalt-img bench on the namespace (writes land in 0..8 MiB, which the copy below overwrites).
+check img-bench-write $IMG bench -f raw -c 2000 -d 32 -w nvme://$A/1
+check img-bench-read $IMG bench -f raw -c 2000 -d 32 nvme://$A/1
+
 # Two reactors, two queue pairs: a copy of 96 MiB is spread over both cores.
 check make-src $IMG create -q -f raw /tmp/src.raw 96M
 check fill-src $IO -f raw -c 'write -P 1 0 32M' -c 'write -P 2 32M 32M' -c 'write -P 3 64M 32M' /tmp/src.raw
 check convert-2q $IMG convert -n -f raw -O raw /tmp/src.raw nvme://$A/1
 check bench-2q basalt-bench --filename=nvme://$A/1 --format=raw --rw=randread --cores=2 --iodepth=16 --number_ios=4000
 # B grants one queue pair: a second core is refused, by name.
-refuse one-queue-pair 'no I/O queue pair left' basalt-bench --filename=nvme://$B/1 --format=raw --rw=randread --cores=2 --number_ios=100
+refuse one-queue-pair 'no I/O queue pair left' basalt-bench --filename=nvme://$B/1 --format=raw --rw=randread --cores=2 --runtime=3
 
 # qcow2 on a namespace: created, written, checked here; the host checks it with qemu-img.
 check qcow2-create $IMG create -q -f qcow2 nvme://$B/1 32M

@@ -145,6 +145,9 @@ impl Drop for QueueInner {
         }
         if deleted {
             self.ctrl.put_qid(self.qid);
+            // The controller no longer reaches the rings, PRP lists and bounce buffers.
+            self.ctrl.dev.unmap(self.mem.ptr() as usize);
+            self.ctrl.dev.unmap(self.bounce.region().0 as usize);
         }
     }
 }
