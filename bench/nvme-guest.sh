@@ -34,10 +34,11 @@ echo "basalt-nvme-qd32 \$(basalt-bench --filename=nvme://\$BDF/1 --format=raw --
 dev=\$(use-kernel-nvme \$BDF)
 echo "kernel-basalt-qd1 \$(basalt-bench --filename=host_device:\$dev --format=raw --direct=1 --rw=read --bs=4096 --iodepth=1 --number_ios=$N | iops)"
 echo "kernel-basalt-qd32 \$(basalt-bench --filename=host_device:\$dev --format=raw --direct=1 --rw=randread --bs=4096 --iodepth=32 --number_ios=$N | iops)"
-t0=\$(date +%s%N)
+# busybox date has no sub-second format: time dd by /proc/uptime (10 ms steps; dd runs seconds).
+t0=\$(cut -d' ' -f1 /proc/uptime)
 dd if=\$dev of=/dev/null bs=4096 count=$N iflag=direct 2>/dev/null
-t1=\$(date +%s%N)
-echo "kernel-dd-qd1 \$(( $N * 1000000000 / (t1 - t0) ))"
+t1=\$(cut -d' ' -f1 /proc/uptime)
+echo "kernel-dd-qd1 \$(awk -v a=\$t0 -v b=\$t1 'BEGIN { printf "%.0f", $N / (b - a) }')"
 EOF
 
 out=$(./scripts/vfio-guest/run --mode "$MODE" --smp 2 --nvme "$dir/ns.img" --bin "$G/basalt-bench" --script "$dir/guest.sh")
