@@ -45,6 +45,7 @@ const CHECKS: &[&str] = &[
     "host-pattern-b",
     "write-a",
     "read-a",
+    "prp-lists",
     "write-b",
     "info-a",
     "img-bench-write",
@@ -93,7 +94,8 @@ fn guest_run(mode: &str, hugepages: u32) {
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     let tail: String = console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     let lines: Vec<&str> = out.lines().collect();
-    for c in CHECKS {
+    let extra: &[&str] = if mode == "noiommu" { &["noiommu-needs-hugepages"] } else { &[] };
+    for c in CHECKS.iter().chain(extra) {
         let ok = lines.iter().any(|l| *l == format!("ok {c}") || l.starts_with(&format!("ok {c}:")));
         assert!(ok, "{mode}: guest check {c} did not pass.\nguest output:\n{out}\nstderr: {}\nconsole tail:\n{tail}", stderr(&o));
     }
@@ -135,6 +137,8 @@ fn guest_run(mode: &str, hugepages: u32) {
         "-c",
         "read -P 0 105M 2M",
         "-c",
+        "read -P 0x88 110M 1M",
+        "-c",
         "read -P 0x5a 120M 512k",
         a_s,
     ]);
@@ -160,12 +164,14 @@ fn guest_run(mode: &str, hugepages: u32) {
 
 #[test]
 fn nvme_behind_an_iommu() {
+    // Behind the IOMMU a buffer is one run of IOVAs: transfers of more than two pages use an SGL
+    // descriptor (QEMU's controller offers them); the buffer pools are on ordinary pages.
     guest_run("iommu", 0);
 }
 
 #[test]
 fn nvme_without_an_iommu() {
-    // Without an IOMMU the device gets physical addresses: hugepages are what keeps buffers
-    // in place in production, so this run has them.
+    // Without an IOMMU the device gets physical addresses, which only hugepages keep in place:
+    // the driver refuses to work without them (checked in the guest), so the boot reserves some.
     guest_run("noiommu", 64);
 }

@@ -55,6 +55,9 @@ check write-a $IO -f raw \
 check read-a $IO -f raw \
     -c 'read -P 0x11 100M 1M' -c 'read -P 0x22 102400512 20480' -c 'read -P 0x33 103809031 70001' \
     -c 'read -P 0x44 104M 12k' -c 'read -P 0 105M 2M' nvme://$A/1
+# PRP lists where SGLs would otherwise be used (x-sgl=off): 1 MiB split at MDTS into 4-page
+# transfers.
+check prp-lists $IO --image-opts -c 'write -P 0x88 110M 1M' -c 'read -P 0x88 110M 1M' "driver=nvme,device=$A,x-sgl=off"
 check write-b $IO -f raw -c 'write -P 0x66 40M 1M' -c 'write -P 0x77 41M 4k' -c 'write -z 40M 64k' nvme://$B/1
 check info-a $IMG info nvme://$A/1
 
@@ -86,6 +89,13 @@ holder=$!
 sleep 2
 refuse in-use 'in use' $IO -f raw -c 'read 0 512' nvme://$A/1
 wait $holder
+if [ "$VFIO_MODE" = noiommu ]; then
+    # Without an IOMMU the driver takes only hugepages for DMA.
+    n=$(cat /proc/sys/vm/nr_hugepages)
+    echo 0 >/proc/sys/vm/nr_hugepages
+    refuse noiommu-needs-hugepages 'only hugepages' $IO -f raw -c 'read 0 512' nvme://$A/1
+    echo "$n" >/proc/sys/vm/nr_hugepages
+fi
 echo "$B" >/sys/bus/pci/devices/$B/driver/unbind
 refuse not-vfio 'not bound to vfio-pci' $IO -c 'read 0 512' nvme://$B/1
 

@@ -79,6 +79,14 @@ impl Sqe {
         s
     }
 
+    /// Set the data pointer: PRP1/PRP2, or with `sgl` one SGL Data Block descriptor (address
+    /// in `a`, byte length in `b`'s low 32 bits, descriptor type 0 in its top byte), PSDT 01b.
+    pub(crate) fn set_data(&mut self, a: u64, b: u64, sgl: bool) {
+        self.prp1 = a;
+        self.prp2 = b;
+        self.cdw0 = (self.cdw0 & !(3 << 14)) | (u32::from(sgl) << 14);
+    }
+
     /// The command identifier.
     #[cfg(test)]
     pub(crate) fn cid(&self) -> u16 {
@@ -311,6 +319,9 @@ mod tests {
         let z = Sqe::write_zeroes(3, 2, 10, 1, true, false);
         assert_eq!(z.cdw0 & 0xff, 0x08);
         assert_eq!(z.cdw12, 1 << 25);
+        let mut r = Sqe::rw(io::READ, 9, 1, 0, 1, false);
+        r.set_data(0x1000, 8192, true);
+        assert_eq!((r.cdw0, r.prp1, r.prp2), (0x0009_4002, 0x1000, 8192));
         let d = Sqe::deallocate(1, 1, 2);
         assert_eq!((d.cdw10, d.cdw11), (1, 4));
     }

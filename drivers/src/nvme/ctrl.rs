@@ -101,7 +101,7 @@ impl Controller {
             return Err(err(format!("NVMe {bdf}: the admin doorbells (stride {dstrd}) lie outside BAR 0")));
         }
         // Admin queue memory: SQ page, CQ page, data page.
-        let mem = Arc::new(DmaAlloc::new(3 * PAGE as usize)?);
+        let mem = Arc::new(DmaAlloc::new(3 * PAGE as usize, dev.noiommu())?);
         let region = dev.map(Box::new(mem.clone()))?;
         let base = mem.ptr() as usize;
         let bus = |p: usize| region.bus(p);

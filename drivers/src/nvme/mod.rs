@@ -2,16 +2,18 @@
 //! and SPDK's NVMe driver do: no kernel in the data path.
 //!
 //! Filenames `nvme://DOMAIN:BUS:DEV.FN/NAMESPACE` (namespace 1 when left out) or the options
-//! `device=0000:06:0d.0,namespace=N`, plus the generic `read-only`, `auto-read-only`,
-//! `force-share`, `cache.direct`, `cache.no-flush`, `discard`, `node-name`. The controller must be
-//! bound to vfio-pci; both IOMMU modes work (see [`vfio`]). One process owns a controller at a
-//! time, as with QEMU: a second user gets "in use".
+//! `device=0000:06:0d.0,namespace=N`; `x-sgl=off` (PRP lists even where SGLs would do); the
+//! generic `read-only`, `auto-read-only`, `force-share`, `cache.direct`, `cache.no-flush`,
+//! `discard`, `node-name`. The controller must be bound to vfio-pci; both IOMMU modes work
+//! (see [`vfio`]). One process owns a controller at a time, as with QEMU: a second user gets
+//! "in use". Without an IOMMU, all memory given to the device must be on hugepages: opening
+//! refuses otherwise, by name.
 //!
 //! Pieces: [`vfio`] (container, group, BAR, DMA mappings), [`cmd`] (entries, status, identify,
 //! PRPs; pure), [`ring`] (a queue pair's rings and doorbells), [`ctrl`] (bring-up, admin queue,
 //! teardown), [`queue`] (a reactor's I/O queue pair: the data plane). The node declares the
-//! namespace's logical block size as its request alignment and the controller's maximum transfer
-//! (MDTS, at most 2 MiB) as its max transfer; the engine pads and splits to those.
+//! namespace's logical block size as its request alignment and the controller's maximum
+//! transfer (MDTS, at most 2 MiB) as its max transfer; the engine pads and splits to those.
 
 mod cmd;
 mod ctrl;
@@ -51,6 +53,9 @@ pub(crate) struct NsInfo {
     pub(crate) write_zeroes_dealloc: bool,
     /// Discard requests are passed down (`discard=unmap`).
     pub(crate) discard: bool,
+    /// SGLs may be used where the controller offers them (`x-sgl`, default on; off forces
+    /// PRP lists, for tests).
+    pub(crate) sgl: bool,
 }
 
 struct NvmeNode {
@@ -100,6 +105,7 @@ fn open_nvme(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc
     let _ = opts.take_bool("cache.direct", flags.cache_direct)?;
     let no_flush = opts.take_bool("cache.no-flush", flags.no_flush)?;
     let discard = opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "unmap")?;
+    let sgl = opts.take_bool("x-sgl", true)?;
     if let Some(v) = opts.take_str("aio-max-batch") {
         basalt_engine::parse_number(&v).ok_or_else(|| BlockError::option("Parameter 'aio-max-batch' expects a number"))?;
     }
@@ -116,6 +122,7 @@ fn open_nvme(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc
         block_size: id.block_size,
         write_zeroes_dealloc: id.write_zeroes_dealloc,
         discard: discard == "unmap" || discard == "on",
+        sgl,
     };
     Ok(Arc::new(NvmeNode { name, bdf, ns, size: id.size(), read_only, no_flush, ctrl }))
 }

@@ -8,8 +8,10 @@
 //!
 //! Fast path (no allocation): a read or write whose buffer lies in memory mapped for DMA (the
 //! reactor's buffer pool, mapped once per controller) takes a free command identifier, gets its
-//! PRPs (a PRP list page per identifier, preallocated) and completes through a reactor slot that
-//! holds the buffer until the device is done. Anything else (a buffer from the heap or another
+//! data pointer (a PRP list page per identifier, preallocated) and completes through a reactor slot that
+//! holds the buffer until the device is done. Where a transfer would need a PRP list, the
+//! controller takes SGLs and the buffer is one run of bus addresses (always behind an IOMMU,
+//! within a hugepage without one), the data pointer is a single SGL descriptor instead. Anything else (a buffer from the heap or another
 //! reactor's pool, a full queue, write zeroes and discard that may need several commands) takes
 //! the slow path: a boxed future that waits for an identifier and bounces data through the
 //! queue's own mapped buffer pool.
@@ -41,7 +43,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Polls between timeout checks while commands are outstanding.
 const CHECK_EVERY: u32 = 4096;
 /// The bounce pool of each queue.
-const BOUNCE_POOL: usize = 8 << 20;
+const BOUNCE_POOL: usize = 4 << 20;
 /// Most blocks one Write Zeroes command covers (NLB is 16 bits).
 const MAX_ZERO_BLOCKS: u64 = 1 << 16;
 /// Ranges in one Dataset Management command (one page of 16-byte ranges).
@@ -70,6 +72,8 @@ pub(crate) struct QueueInner {
     outstanding: Cell<usize>,
     waiters: RefCell<VecDeque<Waker>>,
     polls: Cell<u32>,
+    /// The controller takes SGLs for I/O commands.
+    sgl: bool,
     last_progress: Cell<Instant>,
     dead: Cell<bool>,
 }
@@ -85,14 +89,21 @@ impl NvmeQueue {
     pub(crate) fn new(ctrl: Arc<Controller>, ns: NsInfo) -> BlockResult<NvmeQueue> {
         let size = QUEUE_ENTRIES.min(ctrl.mqes.min(u32::from(u16::MAX)) as u16);
         let page = PAGE as usize;
-        let mem = Arc::new(DmaAlloc::new((2 + usize::from(size)) * page)?);
+        // Without an IOMMU only hugepages may be given to the device (see `vfio`): a reactor
+        // pool on ordinary pages is not mapped (its buffers are bounced).
+        let noiommu = ctrl.dev.noiommu();
+        let mem = Arc::new(DmaAlloc::new((2 + usize::from(size)) * page, noiommu)?);
         let mem_region = ctrl.map(Box::new(mem.clone()))?;
         let mut regions = vec![mem_region.clone()];
-        if let Some(pool) = basalt_reactor::current_pool() {
+        if let Some(pool) = basalt_reactor::current_pool().filter(|p| p.hugepages() || !noiommu) {
             regions.push(ctrl.map(Box::new(pool))?);
         }
         let bounce = DmaPool::new(BOUNCE_POOL, true).map_err(|e| basalt_engine::BlockError::io("NVMe bounce buffers", &e))?;
+        if noiommu && !bounce.hugepages() {
+            return Err(basalt_engine::BlockError::new(basalt_engine::ErrorKind::Io, super::vfio::NOIOMMU_HUGEPAGES));
+        }
         regions.push(ctrl.map(Box::new(bounce.clone()))?);
+        let sgl = ctrl.id.sgls & 3 != 0 && ns.sgl;
         let qid = ctrl.take_qid()?;
         let base = mem.ptr() as usize;
         if let Err(e) = ctrl.create_io_queues(qid, size, mem_region.bus(base), mem_region.bus(base + page)) {
@@ -116,6 +127,7 @@ impl NvmeQueue {
             outstanding: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
             polls: Cell::new(0),
+            sgl,
             last_progress: Cell::new(Instant::now()),
             dead: Cell::new(false),
         });
@@ -169,6 +181,18 @@ impl QueueInner {
         self.free.borrow_mut().pop()
     }
 
+    /// The data pointer of a read or write of `addr..addr+len` in `region`: one SGL descriptor
+    /// where PRPs would need a list, the controller takes SGLs and the range is one run of bus
+    /// addresses (no list to build or fetch), else PRPs (`sgl` false).
+    fn data_ptr(&self, cid: u16, region: &DmaRegion, addr: usize, len: usize) -> (u64, u64, bool) {
+        let pages = pages_spanned((addr as u64) % PAGE, len as u64);
+        if self.sgl && pages > 2 && region.bus_contiguous(addr, len) {
+            return (region.bus(addr), len as u64, true);
+        }
+        let (a, b) = self.prps(cid, region, addr, len);
+        (a, b, false)
+    }
+
     /// PRP1/PRP2 for `addr..addr+len` in `region`, using command `cid`'s list page.
     fn prps(&self, cid: u16, region: &DmaRegion, addr: usize, len: usize) -> (u64, u64) {
         let page = PAGE as usize;
@@ -207,10 +231,10 @@ impl QueueInner {
         let (addr, len) = (buf.as_ptr() as usize, buf.len());
         let Some(region) = self.region_of(addr, len) else { return Err(buf) };
         let Some(cid) = self.take_cid() else { return Err(buf) };
-        let (prp1, prp2) = self.prps(cid, region, addr, len);
+        let (a, b, sgl) = self.data_ptr(cid, region, addr, len);
         let shift = self.block_shift();
         let mut sqe = Sqe::rw(opcode, cid, self.ns.nsid, off >> shift, (len >> shift) as u32, fua);
-        (sqe.prp1, sqe.prp2) = (prp1, prp2);
+        sqe.set_data(a, b, sgl);
         let slot = slot_alloc(Some(buf));
         self.issue(cid, sqe, slot, len as i64);
         Ok(IoFuture::Slot(SlotFuture::new(slot), SlotKind::Other))
@@ -257,21 +281,33 @@ impl QueueInner {
         }
     }
 
-    /// Submit a command built by `make(cid, prp1, prp2)` over `buf` (mapped memory) and wait.
-    async fn run(&self, buf: Option<IoBuf>, ok: i64, make: impl FnOnce(u16, u64, u64) -> Sqe) -> (i64, Option<IoBuf>) {
+    /// Submit a command built by `make(cid, data pointer)` over `buf` (mapped memory) and
+    /// wait. `sgl` allows an SGL data pointer (reads and writes).
+    async fn run(
+        &self,
+        buf: Option<IoBuf>,
+        ok: i64,
+        sgl: bool,
+        make: impl FnOnce(u16, (u64, u64, bool)) -> Sqe,
+    ) -> (i64, Option<IoBuf>) {
         let cid = match self.cid().await {
             Ok(c) => c,
             Err(e) => return (-i64::from(e.errno()), buf),
         };
-        let (prp1, prp2) = match &buf {
+        let dptr = match &buf {
             Some(b) => {
                 let (addr, len) = (b.as_ptr() as usize, b.len());
                 let r = self.region_of(addr, len).expect("run's buffer is mapped");
-                self.prps(cid, r, addr, len)
+                if sgl {
+                    self.data_ptr(cid, r, addr, len)
+                } else {
+                    let (a, b) = self.prps(cid, r, addr, len);
+                    (a, b, false)
+                }
             }
-            None => (0, 0),
+            None => (0, 0, false),
         };
-        let sqe = make(cid, prp1, prp2);
+        let sqe = make(cid, dptr);
         let slot = slot_alloc(buf);
         self.issue(cid, sqe, slot, ok);
         SlotFuture::new(slot).await
@@ -282,13 +318,13 @@ impl QueueInner {
         let len = buf.len();
         let shift = self.block_shift();
         let nsid = self.ns.nsid;
-        let sqe = move |cid, p1, p2| {
+        let sqe = move |cid, (a, b, sgl): (u64, u64, bool)| {
             let mut s = Sqe::rw(opcode, cid, nsid, off >> shift, (len >> shift) as u32, fua);
-            (s.prp1, s.prp2) = (p1, p2);
+            s.set_data(a, b, sgl);
             s
         };
         if self.region_of(buf.as_ptr() as usize, len).is_some() {
-            let (res, b) = self.run(Some(buf), len as i64, sqe).await;
+            let (res, b) = self.run(Some(buf), len as i64, true, sqe).await;
             return done(res, b);
         }
         let mut b = match self.bounce_buf(len).await {
@@ -298,7 +334,7 @@ impl QueueInner {
         if opcode == io::WRITE {
             b.as_mut_slice().copy_from_slice(&buf);
         }
-        let (res, b) = self.run(Some(b), len as i64, sqe).await;
+        let (res, b) = self.run(Some(b), len as i64, true, sqe).await;
         if res >= 0 && opcode == io::READ {
             if let Some(b) = &b {
                 buf.as_mut_slice().copy_from_slice(b);
@@ -317,7 +353,7 @@ impl QueueInner {
         while lba < end {
             let n = (end - lba).min(MAX_ZERO_BLOCKS);
             let (res, _) =
-                self.run(None, 0, |cid, _, _| Sqe::write_zeroes(cid, nsid, lba, n as u32, deallocate, flags.fua)).await;
+                self.run(None, 0, false, |cid, _| Sqe::write_zeroes(cid, nsid, lba, n as u32, deallocate, flags.fua)).await;
             if res < 0 {
                 return IoDone::err(IoStatus::from_neg(res));
             }
@@ -349,9 +385,9 @@ impl QueueInner {
             }
             b.reset(16 * ranges as usize);
             let (res, b) = self
-                .run(Some(b), 0, |cid, p1, p2| {
+                .run(Some(b), 0, false, |cid, (a, b, _)| {
                     let mut s = Sqe::deallocate(cid, nsid, ranges);
-                    (s.prp1, s.prp2) = (p1, p2);
+                    s.set_data(a, b, false);
                     s
                 })
                 .await;
@@ -500,7 +536,7 @@ impl basalt_engine::NodeQueue for NvmeQueue {
             None => {
                 let q = q.clone();
                 IoFuture::boxed(async move {
-                    let (res, _) = q.run(None, 0, |cid, _, _| Sqe::new(io::FLUSH, cid, nsid)).await;
+                    let (res, _) = q.run(None, 0, false, |cid, _| Sqe::new(io::FLUSH, cid, nsid)).await;
                     done(res, None)
                 })
             }

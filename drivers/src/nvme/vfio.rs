@@ -82,6 +82,17 @@ impl DmaRegion {
         }
     }
 
+    /// Whether `addr..addr+len` (inside the region) is one run of bus addresses.
+    pub(crate) fn bus_contiguous(&self, addr: usize, len: usize) -> bool {
+        match &self.tr {
+            Translation::Iova(_) => true,
+            Translation::Phys(pages) => {
+                let (first, last) = ((addr - self.base) / PAGE, (addr + len - 1 - self.base) / PAGE);
+                (first..last).all(|p| pages[p + 1] == pages[p] + PAGE as u64)
+            }
+        }
+    }
+
     /// Whether `addr..addr+len` lies inside the region.
     #[inline]
     pub(crate) fn contains(&self, addr: usize, len: usize) -> bool {
@@ -344,6 +355,11 @@ impl VfioDevice {
 }
 
 impl VfioDevice {
+    /// Whether the device has no IOMMU (it is given physical addresses).
+    pub(crate) fn noiommu(&self) -> bool {
+        self.noiommu
+    }
+
     /// Undo the mapping of the region at `base` (the device must no longer use it) and let go
     /// of the memory. IOVAs are not reused: the space (4 GiB to 512 GiB) outlasts any
     /// realistic number of queue creations.
@@ -413,8 +429,9 @@ fn physical_pages(base: usize, len: usize) -> BlockResult<Vec<u64>> {
     Ok(out)
 }
 
-/// Anonymous memory owned by the driver (queues, PRP lists, bounce buffers), populated and
-/// locked, zero-filled.
+/// Memory owned by the driver (queues, PRP lists), populated, locked and zero-filled: on
+/// hugepages for a device without an IOMMU (it is given physical addresses, and the kernel may
+/// migrate ordinary pages, locked or not, under compaction), else anonymous pages.
 pub(crate) struct DmaAlloc {
     ptr: *mut u8,
     len: usize,
@@ -426,23 +443,27 @@ unsafe impl Send for DmaAlloc {}
 // SAFETY: as above.
 unsafe impl Sync for DmaAlloc {}
 
+/// What no-IOMMU mode needs, for errors.
+pub(crate) const NOIOMMU_HUGEPAGES: &str = "VFIO no-IOMMU mode gives the device physical addresses, which only hugepages \
+     keep in place: reserve hugepages (echo N > /proc/sys/vm/nr_hugepages)";
+
 impl DmaAlloc {
-    /// `len` bytes (rounded up to pages), locked in memory.
-    pub(crate) fn new(len: usize) -> BlockResult<DmaAlloc> {
-        let len = len.next_multiple_of(PAGE);
+    /// `len` bytes (rounded up to pages, or to 2 MiB on `hugepages`), locked in memory.
+    pub(crate) fn new(len: usize, hugepages: bool) -> BlockResult<DmaAlloc> {
+        let huge = 2 << 20;
+        let len = if hugepages { len.next_multiple_of(huge) } else { len.next_multiple_of(PAGE) };
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_POPULATE
+            | if hugepages { libc::MAP_HUGETLB | libc::MAP_HUGE_2MB } else { 0 };
         // SAFETY: a fresh private anonymous mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
         if p == libc::MAP_FAILED {
-            return Err(err(ErrorKind::Io, format!("DMA memory of {len} bytes: {}", std::io::Error::last_os_error())));
+            let e = std::io::Error::last_os_error();
+            if hugepages {
+                return Err(err(ErrorKind::Io, format!("{NOIOMMU_HUGEPAGES}: {e}")));
+            }
+            return Err(err(ErrorKind::Io, format!("DMA memory of {len} bytes: {e}")));
         }
         // SAFETY: locking the mapping just made; failure (RLIMIT_MEMLOCK) is reported.
         if unsafe { libc::mlock(p, len) } != 0 {
@@ -495,6 +516,9 @@ mod tests {
         assert_eq!(r.bus(0x11000), 0x9000);
         assert_eq!(r.bus(0x12fff), 0x2fff);
         assert!(r.contains(0x11000, 0x2000) && !r.contains(0x11000, 0x2001) && !r.contains(0xf000, 1));
+        assert!(r.bus_contiguous(0x10010, 0xff0) && !r.bus_contiguous(0x10010, 0xff1));
+        let c = DmaRegion { base: 0x10000, len: 0x3000, tr: Translation::Phys(vec![0x5000, 0x6000, 0x2000].into()) };
+        assert!(c.bus_contiguous(0x10800, 0x1000) && !c.bus_contiguous(0x10800, 0x2000));
         let r = DmaRegion { base: 0x10000, len: 0x3000, tr: Translation::Iova(1 << 32) };
         assert_eq!(r.bus(0x12004), (1 << 32) + 0x2004);
     }
