@@ -64,6 +64,7 @@ const CHECKS: &[&str] = &[
     "no-namespace",
     "bad-namespace",
     "in-use",
+    "controller-gone",
     "not-vfio",
 ];
 

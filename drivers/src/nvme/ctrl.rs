@@ -331,9 +331,13 @@ impl Controller {
         self.dev.map(mem)
     }
 
-    /// Whether the controller reports fatal status.
-    pub(crate) fn fatal(&self) -> bool {
-        self.csts() & CSTS_CFS != 0
+    /// Why the controller cannot go on, if it cannot: fatal status, or gone from the bus.
+    pub(crate) fn fatal(&self) -> Option<&'static str> {
+        match self.csts() {
+            u32::MAX => Some("the controller stopped answering (CSTS reads all ones)"),
+            s if s & CSTS_CFS != 0 => Some("controller fatal status (CSTS.CFS)"),
+            _ => None,
+        }
     }
 
     /// Stop the controller after a fatal error or a timeout: disabling it stops its DMA, so

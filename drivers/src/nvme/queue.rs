@@ -438,10 +438,14 @@ impl QueueInner {
         let p = self.polls.get().wrapping_add(1);
         self.polls.set(p);
         if p.is_multiple_of(CHECK_EVERY) {
-            let stalled = self.last_progress.get().elapsed() > IO_TIMEOUT;
-            if stalled || self.ctrl.fatal() {
-                let why =
-                    if stalled { format!("a command timed out after {IO_TIMEOUT:?}") } else { "controller fatal status".into() };
+            let why = match self.ctrl.fatal() {
+                Some(f) => Some(f.to_string()),
+                None if self.last_progress.get().elapsed() > IO_TIMEOUT => {
+                    Some(format!("a command timed out after {IO_TIMEOUT:?}"))
+                }
+                None => None,
+            };
+            if let Some(why) = why {
                 eprintln!("NVMe {}: {why}: stopping the controller, failing its I/O", self.ctrl.bdf);
                 self.die();
                 return 1;
