@@ -3,11 +3,13 @@
 //! - [`null`]: `null-co` and `null-aio`, devices that store nothing.
 //! - [`file`]: `file` (regular files) and `host_device` (block devices), over io_uring with a
 //!   thread-pool fallback.
+//! - [`nbd`]: the NBD wire protocol (the server in basalt-tools uses it).
 //! - [`nvme`]: NVMe namespaces driven from userspace through VFIO, with polled queue pairs.
 //!
 //! [`drivers`] is the explicit registration list.
 
 pub mod file;
+pub mod nbd;
 pub mod null;
 pub mod nvme;
 

@@ -1,6 +1,6 @@
 //! basalt-tools: the command-line tools, qemu-img and qemu-io work-alikes.
 //!
-//! `basalt-img` ([`img`]) and `basalt-io` ([`io`]) take the QEMU tools' command lines and print
+//! `basalt-img` ([`img`]), `basalt-io` ([`io`]) and `basalt-nbd` ([`nbd`]) take the QEMU tools' command lines and print
 //! what they print. Shared pieces: option parsing ([`getopt`]), opening images from tool
 //! options ([`image`]), QEMU-style JSON ([`qjson`]) and human-readable numbers ([`human`]),
 //! and the benchmark loop ([`bench`]) behind `basalt-img bench` and `basalt-bench`.
@@ -11,6 +11,7 @@ pub mod human;
 pub mod image;
 pub mod img;
 pub mod io;
+pub mod nbd;
 pub mod qjson;
 
 use basalt_reactor::{Runtime, RuntimeConfig};

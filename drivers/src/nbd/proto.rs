@@ -1,0 +1,400 @@
+//! The NBD wire protocol (NetworkBlockDevice/nbd `doc/proto.md`, with QEMU's extensions from
+//! `docs/interop/nbd.rst`): magics, option and command codes, flags, and the encoding and
+//! parsing of the fixed-size parts of messages. No I/O: everything works on byte slices, so the
+//! server's and the client's parsers are unit- and fuzz-testable.
+//!
+//! Every field read from the peer is untrusted: parsers check magics and sizes and return
+//! [`ProtoError`] naming what is wrong; lengths that decide an allocation are bounded by the
+//! caller with [`MAX_OPTION_LEN`] and [`MAX_PAYLOAD`].
+
+/// `NBDMAGIC`, the first 8 bytes the server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: newstyle negotiation, and the magic before each client option.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// Magic before each option reply.
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Magic of a compact request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Handshake flags (server).
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// Handshake flags (server): no 124 zero bytes after EXPORT_NAME.
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flags.
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// Client flags.
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+/// Option codes.
+pub mod opt {
+    pub const EXPORT_NAME: u32 = 1;
+    pub const ABORT: u32 = 2;
+    pub const LIST: u32 = 3;
+    pub const STARTTLS: u32 = 5;
+    pub const INFO: u32 = 6;
+    pub const GO: u32 = 7;
+    pub const STRUCTURED_REPLY: u32 = 8;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
+}
+
+/// Option reply types.
+pub mod rep {
+    pub const ACK: u32 = 1;
+    pub const SERVER: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
+    const ERR: u32 = 1 << 31;
+    pub const ERR_UNSUP: u32 = ERR | 1;
+    pub const ERR_POLICY: u32 = ERR | 2;
+    pub const ERR_INVALID: u32 = ERR | 3;
+    pub const ERR_PLATFORM: u32 = ERR | 4;
+    pub const ERR_TLS_REQD: u32 = ERR | 5;
+    pub const ERR_UNKNOWN: u32 = ERR | 6;
+    pub const ERR_SHUTDOWN: u32 = ERR | 7;
+    pub const ERR_BLOCK_SIZE_REQD: u32 = ERR | 8;
+    pub const ERR_TOO_BIG: u32 = ERR | 9;
+}
+
+/// `NBD_OPT_INFO`/`GO` information types.
+pub mod info {
+    pub const EXPORT: u16 = 0;
+    pub const NAME: u16 = 1;
+    pub const DESCRIPTION: u16 = 2;
+    pub const BLOCK_SIZE: u16 = 3;
+}
+
+/// Transmission flags.
+pub mod tflag {
+    pub const HAS_FLAGS: u16 = 1 << 0;
+    pub const READ_ONLY: u16 = 1 << 1;
+    pub const SEND_FLUSH: u16 = 1 << 2;
+    pub const SEND_FUA: u16 = 1 << 3;
+    pub const ROTATIONAL: u16 = 1 << 4;
+    pub const SEND_TRIM: u16 = 1 << 5;
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const SEND_DF: u16 = 1 << 7;
+    pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    pub const SEND_CACHE: u16 = 1 << 10;
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
+}
+
+/// Command types.
+pub mod cmd {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+    pub const FLUSH: u16 = 3;
+    pub const TRIM: u16 = 4;
+    pub const CACHE: u16 = 5;
+    pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
+}
+
+/// Command flags.
+pub mod cflag {
+    pub const FUA: u16 = 1 << 0;
+    pub const NO_HOLE: u16 = 1 << 1;
+    pub const DF: u16 = 1 << 2;
+    pub const REQ_ONE: u16 = 1 << 3;
+    pub const FAST_ZERO: u16 = 1 << 4;
+}
+
+/// Structured reply chunk types and flags.
+pub mod chunk {
+    pub const FLAG_DONE: u16 = 1 << 0;
+    pub const NONE: u16 = 0;
+    pub const OFFSET_DATA: u16 = 1;
+    pub const OFFSET_HOLE: u16 = 2;
+    pub const BLOCK_STATUS: u16 = 5;
+    pub const ERROR: u16 = (1 << 15) | 1;
+    pub const ERROR_OFFSET: u16 = (1 << 15) | 2;
+}
+
+/// `base:allocation` descriptor flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` descriptor flags.
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// Error values on the wire (not the host's errno values).
+pub mod err {
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const ENOMEM: u32 = 12;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOVERFLOW: u32 = 75;
+    pub const ENOTSUP: u32 = 95;
+    pub const ESHUTDOWN: u32 = 108;
+}
+
+/// Largest option payload accepted (names are at most 4096 bytes; meta context queries add up).
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Largest read or write payload (QEMU's NBD_MAX_BUFFER_SIZE).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Longest export or context name.
+pub const MAX_NAME: usize = 4096;
+
+/// Map a host errno to the protocol's error value.
+pub fn errno_to_wire(e: i32) -> u32 {
+    match e {
+        libc::EPERM | libc::EROFS | libc::EACCES => err::EPERM,
+        libc::ENOMEM => err::ENOMEM,
+        libc::EINVAL => err::EINVAL,
+        libc::ENOSPC | libc::EFBIG | libc::EDQUOT => err::ENOSPC,
+        libc::EOVERFLOW => err::EOVERFLOW,
+        libc::ENOTSUP => err::ENOTSUP,
+        libc::ESHUTDOWN => err::ESHUTDOWN,
+        _ => err::EIO,
+    }
+}
+
+/// Map a protocol error value to a host errno (unknown values read as EINVAL, as the spec asks).
+pub fn wire_to_errno(e: u32) -> i32 {
+    match e {
+        err::EPERM => libc::EPERM,
+        err::EIO => libc::EIO,
+        err::ENOMEM => libc::ENOMEM,
+        err::EINVAL => libc::EINVAL,
+        err::ENOSPC => libc::ENOSPC,
+        err::EOVERFLOW => libc::EOVERFLOW,
+        err::ENOTSUP => libc::ENOTSUP,
+        err::ESHUTDOWN => libc::ESHUTDOWN,
+        _ => libc::EINVAL,
+    }
+}
+
+/// A malformed message from the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError(pub String);
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The header of a client option (16 bytes: magic, option, length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionHeader {
+    pub option: u32,
+    pub len: u32,
+}
+
+impl OptionHeader {
+    pub const SIZE: usize = 16;
+
+    /// Parse and check the magic.
+    pub fn parse(b: &[u8; 16]) -> Result<OptionHeader, ProtoError> {
+        if be64(b, 0) != IHAVEOPT {
+            return Err(ProtoError(format!("option magic {:#x} is not IHAVEOPT", be64(b, 0))));
+        }
+        Ok(OptionHeader { option: be32(b, 8), len: be32(b, 12) })
+    }
+
+    /// Encode (client side).
+    pub fn encode(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        o[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        o[8..12].copy_from_slice(&self.option.to_be_bytes());
+        o[12..16].copy_from_slice(&self.len.to_be_bytes());
+        o
+    }
+}
+
+/// The header of an option reply (20 bytes) followed by `len` bytes of data.
+pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut o = Vec::with_capacity(20 + data.len());
+    o.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    o.extend_from_slice(&option.to_be_bytes());
+    o.extend_from_slice(&reply.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(data);
+    o
+}
+
+/// A parsed option reply header (client side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    pub option: u32,
+    pub reply: u32,
+    pub len: u32,
+}
+
+impl OptionReplyHeader {
+    pub const SIZE: usize = 20;
+
+    /// Parse and check the magic.
+    pub fn parse(b: &[u8; 20]) -> Result<OptionReplyHeader, ProtoError> {
+        if be64(b, 0) != OPT_REPLY_MAGIC {
+            return Err(ProtoError(format!("option reply magic {:#x} is wrong", be64(b, 0))));
+        }
+        Ok(OptionReplyHeader { option: be32(b, 8), reply: be32(b, 12), len: be32(b, 16) })
+    }
+}
+
+/// A reader over option data that fails, by name, instead of reading past the end.
+pub struct Fields<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(b: &'a [u8]) -> Fields<'a> {
+        Fields { b, at: 0 }
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtoError> {
+        if self.b.len() - self.at < n {
+            return Err(ProtoError(format!("option data too short for {what}")));
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    pub fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
+        Ok(be16(self.take(2, what)?, 0))
+    }
+
+    pub fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
+        Ok(be32(self.take(4, what)?, 0))
+    }
+
+    /// A string with a 32-bit length prefix, at most [`MAX_NAME`] bytes, valid UTF-8.
+    pub fn string(&mut self, what: &str) -> Result<String, ProtoError> {
+        let n = self.u32(what)? as usize;
+        if n > MAX_NAME {
+            return Err(ProtoError(format!("{what} is {n} bytes, more than {MAX_NAME}")));
+        }
+        let s = self.take(n, what)?;
+        String::from_utf8(s.to_vec()).map_err(|_| ProtoError(format!("{what} is not UTF-8")))
+    }
+
+    /// Whether every byte was consumed.
+    pub fn done(&self) -> bool {
+        self.at == self.b.len()
+    }
+}
+
+/// A transmission request (compact form, 28 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Request {
+    pub const SIZE: usize = 28;
+
+    /// Parse and check the magic.
+    pub fn parse(b: &[u8; 28]) -> Result<Request, ProtoError> {
+        if be32(b, 0) != REQUEST_MAGIC {
+            return Err(ProtoError(format!("request magic {:#x} is wrong", be32(b, 0))));
+        }
+        Ok(Request { flags: be16(b, 4), typ: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), len: be32(b, 24) })
+    }
+
+    /// Encode (client side).
+    pub fn encode(&self) -> [u8; 28] {
+        let mut o = [0u8; 28];
+        o[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        o[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        o[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        o[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        o[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        o[24..28].copy_from_slice(&self.len.to_be_bytes());
+        o
+    }
+}
+
+/// A simple reply header (16 bytes).
+pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    o[4..8].copy_from_slice(&error.to_be_bytes());
+    o[8..16].copy_from_slice(&cookie.to_be_bytes());
+    o
+}
+
+/// A structured reply chunk header (20 bytes); `len` bytes of payload follow.
+pub fn chunk_header(flags: u16, typ: u16, cookie: u64, len: u32) -> [u8; 20] {
+    let mut o = [0u8; 20];
+    o[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    o[4..6].copy_from_slice(&flags.to_be_bytes());
+    o[6..8].copy_from_slice(&typ.to_be_bytes());
+    o[8..16].copy_from_slice(&cookie.to_be_bytes());
+    o[16..20].copy_from_slice(&len.to_be_bytes());
+    o
+}
+
+/// An ERROR chunk (header and payload) ending the reply to `cookie`.
+pub fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut o = chunk_header(chunk::FLAG_DONE, chunk::ERROR, cookie, 6 + msg.len() as u32).to_vec();
+    o.extend_from_slice(&error.to_be_bytes());
+    o.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    o.extend_from_slice(msg);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_magic_is_named() {
+        let r = Request { flags: cflag::FUA, typ: cmd::WRITE, cookie: 7, offset: 1 << 40, len: 4096 };
+        assert_eq!(Request::parse(&r.encode()).unwrap(), r);
+        let mut b = r.encode();
+        b[0] = 0;
+        assert!(Request::parse(&b).unwrap_err().0.contains("request magic"));
+    }
+
+    #[test]
+    fn options_parse_and_fields_stop_at_the_end() {
+        let h = OptionHeader { option: opt::GO, len: 10 };
+        assert_eq!(OptionHeader::parse(&h.encode()).unwrap(), h);
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"abc");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        let mut f = Fields::new(&d);
+        assert_eq!(f.string("name").unwrap(), "abc");
+        assert_eq!(f.u16("count").unwrap(), 1);
+        assert!(f.done());
+        assert!(f.u16("more").unwrap_err().0.contains("too short for more"));
+        let huge = (u32::MAX).to_be_bytes();
+        assert!(Fields::new(&huge).string("name").unwrap_err().0.contains("more than"));
+    }
+
+    #[test]
+    fn replies_encode() {
+        let r = option_reply(opt::GO, rep::ACK, &[]);
+        let h = OptionReplyHeader::parse(r[..20].try_into().unwrap()).unwrap();
+        assert_eq!((h.option, h.reply, h.len), (opt::GO, rep::ACK, 0));
+        assert_eq!(&simple_reply(5, 9)[4..8], &5u32.to_be_bytes());
+        let e = error_chunk(3, err::EINVAL, "bad");
+        assert_eq!(e.len(), 20 + 6 + 3);
+        assert_eq!(errno_to_wire(libc::EROFS), err::EPERM);
+        assert_eq!(wire_to_errno(9999), libc::EINVAL);
+    }
+}

@@ -1,0 +1,151 @@
+//! basalt-nbd against real NBD clients (qemu-io and qemu-img over `nbd+unix://`), side by side
+//! with qemu-nbd serving a copy of the same image: the same commands give the same output and
+//! leave the same data; the image is clean and complete after the server is stopped with
+//! SIGTERM; a read-only export refuses writes as qemu-nbd's does; without `-t` the server ends
+//! with its client.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use basalt_tests::{must, peer, run, stdout, tool};
+
+/// A running server, killed if the test ends before stopping it.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(server: &mut Command, sock: &Path) -> Server {
+    let child = Server(Some(server.stdout(Stdio::null()).spawn().expect("start the NBD server")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "NBD server did not create {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+fn stop(mut server: Server) {
+    let mut child = server.0.take().expect("running");
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "server exited with {st:?} on SIGTERM");
+}
+
+/// qemu-io output without its timing lines.
+fn io_out(o: &std::process::Output) -> String {
+    stdout(o).lines().filter(|l| !l.contains("ops/sec")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn basalt_nbd_serves_as_qemu_nbd_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (q_img, b_img) = (d.join("q.qcow2"), d.join("b.qcow2"));
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", q_img.to_str().unwrap(), "64M"])), "create");
+    must(&run(peer("qemu-io").args(["-c", "write -P 0x11 1M 64k", "-c", "write -z 3M 64k", q_img.to_str().unwrap()])), "io");
+    std::fs::copy(&q_img, &b_img).unwrap();
+    let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
+    let q = start(peer("qemu-nbd").args(["-t", "-f", "qcow2", "-k"]).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start(Command::new(tool("basalt-nbd")).args(["-t", "-f", "qcow2", "-k"]).arg(&b_sock).arg(&b_img), &b_sock);
+
+    let cmds = [
+        "read -P 0x11 1M 64k",
+        "write -P 0x22 5M 128k",
+        "write -P 0x33 6000000 3333",
+        "write -z 7M 1M",
+        "write -P 0x44 9M 64k",
+        "discard 9M 64k",
+        "flush",
+        "read -P 0x22 5M 128k",
+        "read -P 0x33 6000000 3333",
+        "read -P 0 7M 1M",
+        "read -P 0 0 1M",
+        "aio_write -P 0x55 10M 4k",
+        "aio_write -P 0x66 10M+4k 4k",
+        "aio_flush",
+        "read -P 0x55 10M 4k",
+        "length",
+    ];
+    for c in cmds {
+        let c = c.replace("10M+4k", "10489856");
+        let qo = run(peer("qemu-io").args(["-f", "raw", "-c", &c, &uri(&q_sock)]));
+        let bo = run(peer("qemu-io").args(["-f", "raw", "-c", &c, &uri(&b_sock)]));
+        assert_eq!(io_out(&bo), io_out(&qo), "{c}: output differs");
+        assert_eq!(bo.status.code(), qo.status.code(), "{c}: exit code differs");
+        assert!(bo.status.success(), "{c}: {}", io_out(&bo));
+    }
+    // Both exports read the same, as qemu-img compare sees them over NBD.
+    must(&run(peer("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &uri(&q_sock), &uri(&b_sock)])), "compare over NBD");
+    let info = run(peer("qemu-img").args(["info", "--output=json", &uri(&b_sock)]));
+    must(&info, "info over NBD");
+    assert!(stdout(&info).contains("\"virtual-size\": 67108864"), "{}", stdout(&info));
+    stop(q);
+    stop(b);
+    // SIGTERM closed the image cleanly: no leaks or errors, the same content as qemu-nbd's.
+    must(&run(peer("qemu-img").args(["check", "-f", "qcow2", b_img.to_str().unwrap()])), "check after SIGTERM");
+    must(&run(peer("qemu-img").args(["compare", "-f", "qcow2", "-F", "qcow2"]).arg(&q_img).arg(&b_img)), "compare images");
+}
+
+#[test]
+fn allocation_maps_match_qemu_nbd_on_raw_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("r.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"])), "create");
+    must(
+        &run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 1 1M 256k", "-c", "write -P 2 5M 1M", img.to_str().unwrap()])),
+        "io",
+    );
+    let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
+    let q = start(peer("qemu-nbd").args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&q_sock).arg(&img), &q_sock);
+    let b = start(Command::new(tool("basalt-nbd")).args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&b_sock).arg(&img), &b_sock);
+    let map = |s: &Path| {
+        let o = run(peer("qemu-img").args(["map", "--output=json", "-f", "raw", &uri(s)]));
+        must(&o, "map over NBD");
+        stdout(&o)
+    };
+    assert_eq!(map(&b_sock), map(&q_sock), "base:allocation differs");
+    // A read-only export refuses writes with the same error.
+    let w = |s: &Path| run(peer("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &uri(s)]));
+    let (qw, bw) = (w(&q_sock), w(&b_sock));
+    let msg = |o: &std::process::Output, s: &Path| basalt_tests::stderr(o).replace(s.to_str().unwrap(), "SOCK");
+    assert_eq!(msg(&bw, &b_sock), msg(&qw, &q_sock), "read-only refusal differs");
+    assert_eq!(bw.status.code(), qw.status.code());
+    stop(q);
+    stop(b);
+}
+
+#[test]
+fn without_persistent_the_server_ends_with_its_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("x.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
+    let sock = tmp.path().join("x.sock");
+    let mut server = start(Command::new(tool("basalt-nbd")).args(["-f", "raw", "-k"]).arg(&sock).arg(&img), &sock);
+    let b = server.0.as_mut().expect("running");
+    must(&run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 4k", &uri(&sock)])), "io");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = b.try_wait().unwrap() {
+            assert!(st.success(), "server ended with {st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "basalt-nbd kept running after its only client left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!sock.exists(), "the socket file is removed on exit");
+    must(&run(peer("qemu-io").args(["-f", "raw", "-c", "read -P 7 0 4k", img.to_str().unwrap()])), "data written through NBD");
+}

@@ -1,0 +1,506 @@
+//! basalt-nbd: serve an image over NBD, taking qemu-nbd's command line.
+//!
+//! `basalt-nbd [OPTIONS] FILE`: `-p/--port`, `-b/--bind`, `-k/--socket`, `-x/--export-name`,
+//! `-D/--description`, `-f/--format`, `-r/--read-only`, `-t/--persistent`, `-e/--shared`,
+//! `-A/--allocation-depth`, `-n/--nocache`, `--cache`, `--aio`, `--discard`,
+//! `--detect-zeroes=off`, `--image-opts`, `--object`, `--fork`, `--pid-file`, `-v`. As qemu-nbd:
+//! without `-t` the server exits when its last client has gone; `-e N` admits N clients at once
+//! (1 by default) and turns the others away; SIGTERM/SIGINT end it cleanly (the image is
+//! flushed and closed). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, `-B`, `-L`, TLS,
+//! `-T`, `-o`, `-P`, `--detect-zeroes=on|unmap`) are refused by name.
+//!
+//! Connections are served by [`server`] on the tool's reactor, socket I/O through [`sock`].
+
+pub mod server;
+pub mod sock;
+
+use std::cell::Cell;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use basalt_engine::{Perm, Queue};
+
+use crate::image::{self, ImageSpec};
+use crate::img::common::Chain;
+
+const USAGE: &str = "Usage: basalt-nbd [OPTIONS] FILE\n\
+Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.\n\
+  -p, --port=PORT           port to listen on (default 10809)\n\
+  -b, --bind=IFACE          interface to bind to (default 0.0.0.0)\n\
+  -k, --socket=PATH         listen on a Unix socket instead\n\
+  -x, --export-name=NAME    export name (default \"\")\n\
+  -D, --description=TEXT    export description\n\
+  -f, --format=FORMAT       image format (probed if left out)\n\
+  -r, --read-only           export read-only\n\
+  -t, --persistent          keep serving after the last client has gone\n\
+  -e, --shared=NUM          clients allowed at once (default 1, 0 for no limit)\n\
+  -A, --allocation-depth    offer the qemu:allocation-depth metadata context\n\
+  -n, --nocache             same as --cache=none\n\
+      --cache=MODE          none, writeback, writethrough, directsync, unsafe\n\
+      --aio=MODE            threads or io_uring\n\
+      --discard=MODE        ignore or unmap\n\
+      --detect-zeroes=off   (on and unmap are not supported yet)\n\
+      --image-opts          FILE is a set of image options\n\
+      --object=OBJ          define an object (secret)\n\
+      --fork                run in the background once the server is listening\n\
+      --pid-file=PATH       write the server's pid there\n\
+  -v, --verbose             accepted\n\
+  -h, --help                this help\n\
+  -V, --version             version";
+
+struct Config {
+    port: u16,
+    bind: String,
+    socket: Option<String>,
+    name: String,
+    description: Option<String>,
+    fmt: Option<String>,
+    read_only: bool,
+    persistent: bool,
+    shared: usize,
+    allocation_depth: bool,
+    cache: Option<String>,
+    aio: Option<String>,
+    discard: bool,
+    image_opts: bool,
+    objects: Vec<String>,
+    fork: bool,
+    pid_file: Option<String>,
+    file: String,
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("basalt-nbd: {msg}");
+    1
+}
+
+/// Split `--name=value`, `--name value`, `-xvalue` and `-x value`; returns the options in order.
+fn parse(args: &[String]) -> Result<Config, String> {
+    const WITH_ARG: &[(&str, char)] = &[
+        ("port", 'p'),
+        ("bind", 'b'),
+        ("socket", 'k'),
+        ("export-name", 'x'),
+        ("description", 'D'),
+        ("format", 'f'),
+        ("shared", 'e'),
+        ("cache", '\0'),
+        ("aio", '\0'),
+        ("discard", '\0'),
+        ("detect-zeroes", '\0'),
+        ("object", '\0'),
+        ("pid-file", '\0'),
+        ("connect", 'c'),
+        ("snapshot", '\0'),
+        ("load-snapshot", 'l'),
+        ("bitmap", 'B'),
+        ("tls-creds", '\0'),
+        ("tls-hostname", '\0'),
+        ("tls-authz", '\0'),
+        ("trace", 'T'),
+        ("offset", 'o'),
+        ("partition", 'P'),
+        ("handshake-limit", '\0'),
+    ];
+    const FLAGS: &[(&str, char)] = &[
+        ("read-only", 'r'),
+        ("persistent", 't'),
+        ("allocation-depth", 'A'),
+        ("nocache", 'n'),
+        ("image-opts", '\0'),
+        ("fork", '\0'),
+        ("verbose", 'v'),
+        ("help", 'h'),
+        ("version", 'V'),
+        ("disconnect", 'd'),
+        ("list", 'L'),
+    ];
+    let mut c = Config {
+        port: 10809,
+        bind: "0.0.0.0".into(),
+        socket: None,
+        name: String::new(),
+        description: None,
+        fmt: None,
+        read_only: false,
+        persistent: false,
+        shared: 1,
+        allocation_depth: false,
+        cache: None,
+        aio: None,
+        discard: false,
+        image_opts: false,
+        objects: Vec::new(),
+        fork: false,
+        pid_file: None,
+        file: String::new(),
+    };
+    let mut files = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        let (name, inline): (String, Option<String>) = if let Some(l) = a.strip_prefix("--") {
+            match l.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (l.to_string(), None),
+            }
+        } else if a.len() > 1 && a.starts_with('-') {
+            let ch = a.chars().nth(1).expect("two chars");
+            let long = WITH_ARG.iter().chain(FLAGS).find(|(_, s)| *s == ch).map(|(l, _)| l.to_string());
+            let long = long.ok_or_else(|| format!("invalid option -- '{ch}'"))?;
+            let rest = &a[2..];
+            (long, (!rest.is_empty()).then(|| rest.to_string()))
+        } else {
+            files.push(a.clone());
+            continue;
+        };
+        let takes = WITH_ARG.iter().any(|(l, _)| *l == name);
+        if !takes && !FLAGS.iter().any(|(l, _)| *l == name) {
+            return Err(format!("unrecognized option '--{name}'"));
+        }
+        let val = if takes {
+            match inline {
+                Some(v) => v,
+                None => {
+                    let v = args.get(i).cloned().ok_or_else(|| format!("option '--{name}' requires an argument"))?;
+                    i += 1;
+                    v
+                }
+            }
+        } else {
+            String::new()
+        };
+        match name.as_str() {
+            "port" => c.port = val.parse().map_err(|_| format!("Invalid port '{val}'"))?,
+            "bind" => c.bind = val,
+            "socket" => c.socket = Some(val),
+            "export-name" => c.name = val,
+            "description" => c.description = Some(val),
+            "format" => c.fmt = Some(val),
+            "shared" => {
+                let n: i64 = val.parse().map_err(|_| format!("Invalid shared device number '{val}'"))?;
+                if n < 0 {
+                    return Err(format!("Invalid shared device number '{val}'"));
+                }
+                c.shared = if n == 0 { usize::MAX } else { n as usize };
+            }
+            "cache" => c.cache = Some(val),
+            "aio" => c.aio = Some(val),
+            "discard" => match val.as_str() {
+                "ignore" | "off" => c.discard = false,
+                "unmap" | "on" => c.discard = true,
+                _ => return Err(format!("Invalid discard mode `{val}'")),
+            },
+            "detect-zeroes" => {
+                if val != "off" {
+                    return Err(format!("--detect-zeroes={val} is not supported yet"));
+                }
+            }
+            "object" => c.objects.push(val),
+            "pid-file" => c.pid_file = Some(val),
+            "read-only" => c.read_only = true,
+            "persistent" => c.persistent = true,
+            "allocation-depth" => c.allocation_depth = true,
+            "nocache" => c.cache = Some("none".into()),
+            "image-opts" => c.image_opts = true,
+            "fork" => c.fork = true,
+            "verbose" => {}
+            "help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "version" => {
+                println!("basalt-nbd {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => return Err(format!("option --{other} is not supported yet")),
+        }
+    }
+    match files.len() {
+        1 => c.file = files.remove(0),
+        0 => return Err("Not enough arguments".into()),
+        _ => return Err("Too many arguments".into()),
+    }
+    if c.socket.is_some() && c.port != 10809 {
+        return Err("--socket and --port are incompatible".into());
+    }
+    Ok(c)
+}
+
+/// The listening socket.
+fn listen(c: &Config) -> Result<OwnedFd, String> {
+    if let Some(path) = &c.socket {
+        let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("Failed to bind socket to {path}: {e}"))?;
+        // SAFETY: taking ownership of the listener's descriptor, which it gives up.
+        return Ok(unsafe { OwnedFd::from_raw_fd(l.into_raw_fd()) });
+    }
+    let l = std::net::TcpListener::bind((c.bind.as_str(), c.port))
+        .map_err(|e| format!("Failed to bind socket to {}:{}: {e}", c.bind, c.port))?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(l.into_raw_fd()) })
+}
+
+/// The tool's entry point: parse, listen, optionally daemonize, then serve on a reactor.
+pub fn main(args: Vec<String>) -> i32 {
+    let c = match parse(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{e}\nTry 'basalt-nbd --help' for more information.")),
+    };
+    let listener = match listen(&c) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    // With --fork, the parent waits on a pipe until the child serves (or says why it cannot).
+    let mut ready_pipe: Option<std::fs::File> = None;
+    if c.fork {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) into a two-element array.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return fail(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: no other thread exists yet (the reactors start after this), so the child
+        // may go on running Rust code.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return fail(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid > 0 {
+            // SAFETY: the pipe's ends were just made; each side keeps one.
+            let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+            // SAFETY: as above.
+            unsafe { libc::close(fds[1]) };
+            let mut msg = String::new();
+            let _ = std::io::Read::read_to_string(&mut r, &mut msg);
+            return match msg.strip_prefix("ok") {
+                Some(_) => 0,
+                None if msg.is_empty() => fail("the server ended before it was ready"),
+                None => {
+                    eprint!("{msg}");
+                    1
+                }
+            };
+        }
+        // SAFETY: as above.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: the child's own end.
+        ready_pipe = Some(unsafe { std::fs::File::from_raw_fd(fds[1]) });
+        // SAFETY: setsid has no preconditions.
+        unsafe { libc::setsid() };
+    }
+    block_stop_signals();
+    let lfd = listener.into_raw_fd();
+    crate::run_tool(move || serve_main(c, lfd, ready_pipe))
+}
+
+/// SIGTERM, SIGINT and SIGHUP are taken by a thread with sigwait (blocked here, before any
+/// thread starts, so every thread inherits the mask).
+fn block_stop_signals() {
+    // SAFETY: building a signal set and setting this thread's mask; plain libc calls.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_stop_signal() {
+    // SAFETY: as in `block_stop_signals`; sigwait on a valid set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}
+
+/// A flag a task can wait on.
+#[derive(Default)]
+struct Stop {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Stop {
+    fn fire(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.get() {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> i32 {
+    // SAFETY: `lfd` is the listener's descriptor, owned from here on.
+    let listener = unsafe { OwnedFd::from_raw_fd(lfd) };
+    let mut report = |msg: String| -> i32 {
+        match ready.take() {
+            Some(mut p) => {
+                let _ = writeln!(p, "basalt-nbd: {msg}");
+            }
+            None => eprintln!("basalt-nbd: {msg}"),
+        }
+        1
+    };
+    let graph = basalt_engine::Graph::new(basalt_formats::registry());
+    for def in &c.objects {
+        if let Err(e) = graph.add_object(def) {
+            return report(e.msg);
+        }
+    }
+    let mut spec = ImageSpec::new(&c.file);
+    spec.fmt = c.fmt.clone();
+    spec.image_opts = c.image_opts;
+    spec.read_only = c.read_only;
+    spec.cache = c.cache.clone();
+    spec.aio = c.aio.clone();
+    // As qemu-nbd: writers may share the image only with a shared export.
+    spec.unshare = Perm::NONE;
+    let node = match image::open(&graph, &spec).await {
+        Ok((n, _)) => n,
+        Err(e) => return report(format!("Failed to blk_new_open '{}': {}", c.file, e.msg)),
+    };
+    let queue = match Queue::new(node.clone()) {
+        Ok(q) => q,
+        Err(e) => return report(e.msg),
+    };
+    let chain = match Chain::new(node.clone()) {
+        Ok(ch) => ch,
+        Err(e) => return report(e),
+    };
+    let exp = Rc::new(server::Export {
+        name: c.name.clone(),
+        description: c.description.clone(),
+        queue,
+        chain,
+        size: node.size(),
+        read_only: c.read_only || node.read_only(),
+        discard: c.discard,
+        allocation_depth: c.allocation_depth,
+        multi_conn: c.shared > 1,
+    });
+    if let Some(p) = &c.pid_file {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            return report(format!("Cannot write pid file to '{p}': {e}"));
+        }
+    }
+    if let Some(mut p) = ready.take() {
+        let _ = p.write_all(b"ok");
+        drop(p);
+        // Detached: stdio goes nowhere from now on.
+        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            for fd in 0..3 {
+                // SAFETY: dup2 onto the standard descriptors.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
+    }
+    let stop = Rc::new(Stop::default());
+    {
+        let h = basalt_reactor::current_handle();
+        let stop_flag = StopHandle(h);
+        std::thread::spawn(move || {
+            wait_stop_signal();
+            stop_flag.fire();
+        });
+    }
+    STOP.with(|s| *s.borrow_mut() = Some(stop.clone()));
+    let active = Rc::new(Cell::new(0usize));
+    let (persistent, shared) = (c.persistent, c.shared);
+    let st = stop.clone();
+    basalt_reactor::spawn_local(async move {
+        let lraw = listener.as_raw_fd();
+        loop {
+            // accept(2) waits in the blocking pool; the reactor stays free for the clients.
+            let (res, _) = basalt_reactor::blocking(
+                move || {
+                    // SAFETY: accept4 on the listening descriptor, which outlives the loop.
+                    let r = unsafe { libc::accept4(lraw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+                    if r < 0 {
+                        -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+                    } else {
+                        i64::from(r)
+                    }
+                },
+                None,
+            )
+            .await;
+            if res < 0 {
+                if -res == i64::from(libc::EINTR) || -res == i64::from(libc::ECONNABORTED) {
+                    continue;
+                }
+                eprintln!("basalt-nbd: accept: {}", std::io::Error::from_raw_os_error((-res) as i32));
+                st.fire();
+                return;
+            }
+            // SAFETY: accept returned a new descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(res as RawFd) };
+            if active.get() >= shared {
+                // Turned away, as qemu-nbd does past --shared.
+                drop(fd);
+                continue;
+            }
+            active.set(active.get() + 1);
+            let (exp, active, st) = (exp.clone(), active.clone(), st.clone());
+            basalt_reactor::spawn_local(async move {
+                let sock = Rc::new(sock::Sock::new(fd));
+                if let Err(e) = server::serve(sock, exp).await {
+                    eprintln!("basalt-nbd: client: {e}");
+                }
+                active.set(active.get() - 1);
+                if active.get() == 0 && !persistent {
+                    st.fire();
+                }
+            });
+        }
+    });
+    stop.wait().await;
+    let mut code = 0;
+    if let Err(e) = node.close().await {
+        eprintln!("basalt-nbd: closing the image: {}", e.msg);
+        code = 1;
+    }
+    if let Some(p) = &c.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    code
+}
+
+thread_local! {
+    static STOP: std::cell::RefCell<Option<Rc<Stop>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Fires the reactor's stop flag from another thread.
+struct StopHandle(basalt_reactor::ReactorHandle);
+
+impl StopHandle {
+    fn fire(&self) {
+        self.0.send(|| {
+            STOP.with(|s| {
+                if let Some(s) = s.borrow().as_ref() {
+                    s.fire();
+                }
+            })
+        });
+    }
+}

@@ -1,0 +1,554 @@
+//! One NBD client connection served on a reactor: fixed newstyle negotiation, then the
+//! transmission phase with many requests in flight.
+//!
+//! Negotiation: `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO` (export, name,
+//! description and block size information), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled). TLS and
+//! extended headers are answered with the protocol's "unsupported"/"policy" errors, so clients
+//! fall back or stop cleanly.
+//!
+//! Transmission: the reader takes one request at a time (a write's payload with it) and starts
+//! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is written whole under the
+//! connection's write lock. Requests out of bounds, on a read-only export, or unknown get the
+//! protocol's error and the connection goes on; a malformed header, a payload over
+//! [`proto::MAX_PAYLOAD`] or a socket error ends this connection only.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Fields, OptionHeader, Request};
+use basalt_engine::{IoStatus, Queue, WriteFlags, ZeroFlags};
+use basalt_reactor::IoBuf;
+
+use super::sock::Sock;
+use crate::img::common::Chain;
+
+/// Requests of one connection running at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Extents in one block status reply.
+const MAX_EXTENTS: usize = 1024;
+/// Context ids.
+const CTX_BASE: u32 = 1;
+const CTX_DEPTH: u32 = 2;
+
+/// What is served, as one reactor sees it.
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub queue: Queue,
+    pub chain: Chain,
+    pub size: u64,
+    pub read_only: bool,
+    /// Trim requests are passed down (`--discard=unmap`).
+    pub discard: bool,
+    /// `qemu:allocation-depth` is offered (`-A`).
+    pub allocation_depth: bool,
+    /// Several clients may connect (`-e` > 1): advertise multi-conn.
+    pub multi_conn: bool,
+}
+
+impl Export {
+    fn tflags(&self, structured: bool) -> u16 {
+        let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_FUA | tflag::SEND_CACHE;
+        if self.read_only {
+            f |= tflag::READ_ONLY;
+        } else {
+            f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
+        }
+        if structured {
+            f |= tflag::SEND_DF;
+        }
+        if self.multi_conn || self.read_only {
+            f |= tflag::CAN_MULTI_CONN;
+        }
+        f
+    }
+
+    /// The meta contexts this export offers, with their ids.
+    fn contexts(&self) -> Vec<(u32, &'static str)> {
+        let mut v = vec![(CTX_BASE, "base:allocation")];
+        if self.allocation_depth {
+            v.push((CTX_DEPTH, "qemu:allocation-depth"));
+        }
+        v
+    }
+}
+
+/// A connection's failure, reported on the server's stderr by the caller.
+pub type ConnResult = Result<(), String>;
+
+fn ioe(e: std::io::Error) -> String {
+    e.to_string()
+}
+
+/// Serve one connection to the end.
+pub async fn serve(sock: Rc<Sock>, exp: Rc<Export>) -> ConnResult {
+    match negotiate(&sock, &exp).await? {
+        Some(neg) => transmission(sock, exp, neg).await,
+        None => Ok(()),
+    }
+}
+
+/// What negotiation settled.
+#[derive(Default, Clone)]
+struct Negotiated {
+    structured: bool,
+    contexts: Vec<u32>,
+}
+
+async fn reply(sock: &Sock, option: u32, typ: u32, data: &[u8]) -> ConnResult {
+    sock.write_bytes(&proto::option_reply(option, typ, data)).await.map_err(ioe)
+}
+
+async fn reply_err(sock: &Sock, option: u32, typ: u32, msg: &str) -> ConnResult {
+    reply(sock, option, typ, msg.as_bytes()).await
+}
+
+/// Fixed newstyle negotiation; `None` when the client ended it without entering transmission.
+async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, String> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    sock.write_bytes(&hello).await.map_err(ioe)?;
+    let cf = sock.read_bytes(4).await.map_err(ioe)?;
+    let cflags = u32::from_be_bytes(cf[..4].try_into().expect("4 bytes"));
+    if cflags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        return Err(format!("unknown client flags {cflags:#x}"));
+    }
+    let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut neg = Negotiated::default();
+    loop {
+        let h = sock.read_bytes(OptionHeader::SIZE).await.map_err(ioe)?;
+        let h = OptionHeader::parse(h[..16].try_into().expect("16 bytes")).map_err(|e| e.0)?;
+        if h.len > proto::MAX_OPTION_LEN {
+            // Too big to take in: drain it if it is not absurd, and say so.
+            if h.len > 16 << 20 {
+                return Err(format!("option {} of {} bytes", h.option, h.len));
+            }
+            sock.read_bytes(h.len as usize).await.map_err(ioe)?;
+            reply_err(sock, h.option, rep::ERR_TOO_BIG, "option too long").await?;
+            continue;
+        }
+        let data = sock.read_bytes(h.len as usize).await.map_err(ioe)?;
+        let data = data.as_slice();
+        match h.option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(data);
+                if name != exp.name {
+                    return Err(format!("client asked for export '{name}', which does not exist"));
+                }
+                let mut o = Vec::with_capacity(134);
+                o.extend_from_slice(&exp.size.to_be_bytes());
+                o.extend_from_slice(&exp.tflags(neg.structured).to_be_bytes());
+                if !no_zeroes {
+                    o.extend_from_slice(&[0u8; 124]);
+                }
+                sock.write_bytes(&o).await.map_err(ioe)?;
+                return Ok(Some(neg));
+            }
+            opt::ABORT => {
+                let _ = reply(sock, h.option, rep::ACK, &[]).await;
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                    continue;
+                }
+                let mut d = Vec::new();
+                d.extend_from_slice(&(exp.name.len() as u32).to_be_bytes());
+                d.extend_from_slice(exp.name.as_bytes());
+                if let Some(desc) = &exp.description {
+                    d.extend_from_slice(desc.as_bytes());
+                }
+                reply(sock, h.option, rep::SERVER, &d).await?;
+                reply(sock, h.option, rep::ACK, &[]).await?;
+            }
+            opt::INFO | opt::GO => {
+                if info_or_go(sock, exp, h.option, data, &neg).await? && h.option == opt::GO {
+                    return Ok(Some(neg));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                } else if neg.structured {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "structured replies already negotiated").await?;
+                } else {
+                    neg.structured = true;
+                    reply(sock, h.option, rep::ACK, &[]).await?;
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta_context(sock, exp, h.option, data, &mut neg).await?,
+            opt::STARTTLS => reply_err(sock, h.option, rep::ERR_POLICY, "TLS is not configured on this server").await?,
+            opt::EXTENDED_HEADERS => reply_err(sock, h.option, rep::ERR_UNSUP, "extended headers are not supported").await?,
+            o => reply_err(sock, o, rep::ERR_UNSUP, &format!("option {o} is not supported")).await?,
+        }
+    }
+}
+
+/// `NBD_OPT_INFO`/`GO`; returns whether the export was found and acknowledged.
+async fn info_or_go(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &Negotiated) -> Result<bool, String> {
+    let mut f = Fields::new(data);
+    let parsed = (|| {
+        let name = f.string("export name")?;
+        let n = f.u16("information request count")?;
+        let mut reqs = Vec::new();
+        for _ in 0..n {
+            reqs.push(f.u16("information request")?);
+        }
+        Ok::<_, proto::ProtoError>((name, reqs))
+    })();
+    let (name, reqs) = match parsed {
+        Ok(v) if f.done() => v,
+        Ok(_) => {
+            reply_err(sock, option, rep::ERR_INVALID, "trailing data in the option").await?;
+            return Ok(false);
+        }
+        Err(e) => {
+            reply_err(sock, option, rep::ERR_INVALID, &e.0).await?;
+            return Ok(false);
+        }
+    };
+    if name != exp.name {
+        reply_err(sock, option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await?;
+        return Ok(false);
+    }
+    let mut d = Vec::with_capacity(12);
+    d.extend_from_slice(&info::EXPORT.to_be_bytes());
+    d.extend_from_slice(&exp.size.to_be_bytes());
+    d.extend_from_slice(&exp.tflags(neg.structured).to_be_bytes());
+    reply(sock, option, rep::INFO, &d).await?;
+    if reqs.contains(&info::NAME) {
+        let mut d = info::NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(exp.name.as_bytes());
+        reply(sock, option, rep::INFO, &d).await?;
+    }
+    if let Some(desc) = exp.description.as_ref().filter(|_| reqs.contains(&info::DESCRIPTION)) {
+        let mut d = info::DESCRIPTION.to_be_bytes().to_vec();
+        d.extend_from_slice(desc.as_bytes());
+        reply(sock, option, rep::INFO, &d).await?;
+    }
+    if reqs.contains(&info::BLOCK_SIZE) {
+        // Any alignment works (the engine pads), 4 KiB preferred, 32 MiB at most.
+        let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [1u32, 4096, proto::MAX_PAYLOAD] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        reply(sock, option, rep::INFO, &d).await?;
+    }
+    reply(sock, option, rep::ACK, &[]).await?;
+    Ok(true)
+}
+
+async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &mut Negotiated) -> ConnResult {
+    if !neg.structured {
+        return reply_err(sock, option, rep::ERR_INVALID, "structured replies have not been negotiated").await;
+    }
+    let mut f = Fields::new(data);
+    let parsed = (|| {
+        let name = f.string("export name")?;
+        let n = f.u32("query count")?;
+        if n as usize > data.len() / 4 {
+            return Err(proto::ProtoError(format!("{n} queries do not fit the option")));
+        }
+        let mut qs = Vec::new();
+        for _ in 0..n {
+            qs.push(f.string("query")?);
+        }
+        Ok::<_, proto::ProtoError>((name, qs))
+    })();
+    let (name, queries) = match parsed {
+        Ok(v) if f.done() => v,
+        Ok(_) => return reply_err(sock, option, rep::ERR_INVALID, "trailing data in the option").await,
+        Err(e) => return reply_err(sock, option, rep::ERR_INVALID, &e.0).await,
+    };
+    if name != exp.name {
+        return reply_err(sock, option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await;
+    }
+    let offered = exp.contexts();
+    let list = option == opt::LIST_META_CONTEXT;
+    let mut chosen = Vec::new();
+    for (id, ctx) in &offered {
+        let wanted = if queries.is_empty() {
+            list
+        } else {
+            queries.iter().any(|q| q == ctx || (list && q.ends_with(':') && ctx.starts_with(q.as_str())))
+        };
+        if wanted {
+            chosen.push((*id, *ctx));
+        }
+    }
+    for (id, ctx) in &chosen {
+        let mut d = if list { 0u32 } else { *id }.to_be_bytes().to_vec();
+        d.extend_from_slice(ctx.as_bytes());
+        reply(sock, option, rep::META_CONTEXT, &d).await?;
+    }
+    if !list {
+        neg.contexts = chosen.iter().map(|(id, _)| *id).collect();
+    }
+    reply(sock, option, rep::ACK, &[]).await
+}
+
+/// A lock serialising whole replies on the socket.
+#[derive(Default)]
+struct WriteLock {
+    held: Cell<bool>,
+    waiters: RefCell<VecDeque<Waker>>,
+}
+
+impl WriteLock {
+    async fn lock(&self) {
+        std::future::poll_fn(|cx| {
+            if self.held.get() {
+                self.waiters.borrow_mut().push_back(cx.waker().clone());
+                Poll::Pending
+            } else {
+                self.held.set(true);
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    fn unlock(&self) {
+        self.held.set(false);
+        if let Some(w) = self.waiters.borrow_mut().pop_front() {
+            w.wake();
+        }
+    }
+}
+
+struct Conn {
+    sock: Rc<Sock>,
+    exp: Rc<Export>,
+    neg: Negotiated,
+    wlock: WriteLock,
+    in_flight: Cell<usize>,
+    waiters: RefCell<VecDeque<Waker>>,
+    /// The socket failed: stop taking requests.
+    broken: Cell<bool>,
+}
+
+impl Conn {
+    fn done_one(&self) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        if let Some(w) = self.waiters.borrow_mut().pop_front() {
+            w.wake();
+        }
+    }
+
+    async fn wait_below(&self, n: usize) {
+        std::future::poll_fn(|cx| {
+            if self.in_flight.get() < n {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push_back(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Write a reply made of `parts` whole.
+    async fn send(&self, parts: Vec<IoBuf>) {
+        self.wlock.lock().await;
+        for p in parts {
+            if self.sock.write_all(p).await.is_err() {
+                self.broken.set(true);
+                break;
+            }
+        }
+        self.wlock.unlock();
+    }
+
+    /// Reply to `req` with an error (or success when `error` is 0) and no data.
+    async fn status(&self, req: &Request, error: u32, msg: &str) {
+        let b = if !self.neg.structured {
+            IoBuf::from_slice(&proto::simple_reply(error, req.cookie))
+        } else if error != 0 {
+            IoBuf::from_slice(&proto::error_chunk(req.cookie, error, msg))
+        } else {
+            IoBuf::from_slice(&proto::chunk_header(chunk::FLAG_DONE, chunk::NONE, req.cookie, 0))
+        };
+        self.send(vec![b]).await;
+    }
+}
+
+fn wire(e: IoStatus) -> u32 {
+    proto::errno_to_wire(e.errno())
+}
+
+async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnResult {
+    let conn = Rc::new(Conn {
+        sock,
+        exp,
+        neg,
+        wlock: WriteLock::default(),
+        in_flight: Cell::new(0),
+        waiters: RefCell::new(VecDeque::new()),
+        broken: Cell::new(false),
+    });
+    let result = loop {
+        conn.wait_below(MAX_IN_FLIGHT).await;
+        if conn.broken.get() {
+            break Err("the client stopped reading replies".to_string());
+        }
+        let h = match conn.sock.read_exact(IoBuf::new_uninit(Request::SIZE)).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.to_string()),
+        };
+        let req = match Request::parse(h[..Request::SIZE].try_into().expect("28 bytes")) {
+            Ok(r) => r,
+            Err(e) => break Err(e.0),
+        };
+        if req.typ == cmd::DISC {
+            break Ok(());
+        }
+        let mut payload = None;
+        if req.typ == cmd::WRITE {
+            if req.len > proto::MAX_PAYLOAD {
+                break Err(format!("write of {} bytes is over the {} byte limit", req.len, proto::MAX_PAYLOAD));
+            }
+            match conn.sock.read_bytes(req.len as usize).await {
+                Ok(b) => payload = Some(b),
+                Err(e) => break Err(e.to_string()),
+            }
+        }
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        let c = conn.clone();
+        basalt_reactor::spawn_local(async move {
+            handle(&c, req, payload).await;
+            c.done_one();
+        });
+    };
+    // Every request taken in gets its reply before the connection closes.
+    conn.wait_below(1).await;
+    result
+}
+
+async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
+    let exp = &c.exp;
+    let end = req.offset.checked_add(u64::from(req.len));
+    let in_bounds = end.is_some_and(|e| e <= exp.size);
+    let writes = matches!(req.typ, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && exp.read_only {
+        return c.status(&req, proto::err::EPERM, "export is read-only").await;
+    }
+    let q = &exp.queue;
+    let fua = req.flags & cflag::FUA != 0;
+    match req.typ {
+        cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS if !in_bounds => {
+            let e = if writes { proto::err::ENOSPC } else { proto::err::EINVAL };
+            c.status(&req, e, "request past the end of the export").await
+        }
+        cmd::READ => {
+            if req.len > proto::MAX_PAYLOAD {
+                return c.status(&req, proto::err::EINVAL, "read too large").await;
+            }
+            let d = q.read(req.offset, IoBuf::new_uninit(req.len as usize)).await;
+            match (d.res, d.buf) {
+                (Ok(_), Some(data)) => {
+                    let head = if c.neg.structured {
+                        let mut h = proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, req.cookie, 8 + req.len).to_vec();
+                        h.extend_from_slice(&req.offset.to_be_bytes());
+                        h
+                    } else {
+                        proto::simple_reply(0, req.cookie).to_vec()
+                    };
+                    c.send(vec![IoBuf::from_slice(&head), data]).await
+                }
+                (Err(e), _) => c.status(&req, wire(e), &format!("read failed: {e}")).await,
+                (Ok(_), None) => c.status(&req, proto::err::EIO, "read lost its buffer").await,
+            }
+        }
+        cmd::WRITE => {
+            let buf = payload.expect("a write carries its payload");
+            let r = q.write(req.offset, buf, WriteFlags { fua }).await.res;
+            finish(c, &req, r.map(|_| ())).await
+        }
+        cmd::FLUSH => finish(c, &req, q.flush().await.res.map(|_| ())).await,
+        cmd::TRIM => {
+            let mut r = if exp.discard { q.discard(req.offset, u64::from(req.len)).await.res.map(|_| ()) } else { Ok(()) };
+            if r.is_ok() && fua {
+                r = q.flush().await.res.map(|_| ());
+            }
+            finish(c, &req, r).await
+        }
+        cmd::WRITE_ZEROES => {
+            let fast = req.flags & cflag::FAST_ZERO != 0;
+            let flags = ZeroFlags { may_unmap: req.flags & cflag::NO_HOLE == 0 && exp.discard, no_fallback: fast, fua };
+            let r = q.write_zeroes(req.offset, u64::from(req.len), flags).await.res.map(|_| ());
+            finish(c, &req, r).await
+        }
+        cmd::CACHE => c.status(&req, 0, "").await,
+        cmd::BLOCK_STATUS => block_status(c, &req).await,
+        t => c.status(&req, proto::err::EINVAL, &format!("unknown command {t}")).await,
+    }
+}
+
+async fn finish(c: &Conn, req: &Request, r: Result<(), IoStatus>) {
+    match r {
+        Ok(()) => c.status(req, 0, "").await,
+        Err(e) => c.status(req, wire(e), &e.to_string()).await,
+    }
+}
+
+async fn block_status(c: &Conn, req: &Request) {
+    if !c.neg.structured || c.neg.contexts.is_empty() {
+        return c.status(req, proto::err::EINVAL, "no metadata context was negotiated").await;
+    }
+    if req.len == 0 {
+        return c.status(req, proto::err::EINVAL, "empty block status request").await;
+    }
+    let one = req.flags & cflag::REQ_ONE != 0;
+    let max = if one { 1 } else { MAX_EXTENTS };
+    let mut chunks = Vec::new();
+    for (i, id) in c.neg.contexts.iter().enumerate() {
+        let mut ext: Vec<(u32, u32)> = Vec::new();
+        let (mut off, end) = (req.offset, req.offset + u64::from(req.len));
+        while off < end {
+            let st = match c.exp.chain.status(off, end - off).await {
+                Ok(s) => s,
+                Err(e) => return c.status(req, wire(e), &format!("block status failed: {e}")).await,
+            };
+            let len = st.len.min(end - off).max(1) as u32;
+            let flags = match *id {
+                CTX_BASE => (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 },
+                _ => {
+                    if st.allocated {
+                        st.depth + 1
+                    } else {
+                        0
+                    }
+                }
+            };
+            let n = ext.len();
+            match ext.last_mut() {
+                Some(l) if l.1 == flags && u64::from(l.0) + u64::from(len) <= u64::from(u32::MAX) => l.0 += len,
+                _ if n == max => break,
+                _ => ext.push((len, flags)),
+            }
+            off += u64::from(len);
+        }
+        let done = i + 1 == c.neg.contexts.len();
+        let mut p = proto::chunk_header(
+            if done { chunk::FLAG_DONE } else { 0 },
+            chunk::BLOCK_STATUS,
+            req.cookie,
+            4 + 8 * ext.len() as u32,
+        )
+        .to_vec();
+        p.extend_from_slice(&id.to_be_bytes());
+        for (l, f) in ext {
+            p.extend_from_slice(&l.to_be_bytes());
+            p.extend_from_slice(&f.to_be_bytes());
+        }
+        chunks.push(IoBuf::from_slice(&p));
+    }
+    c.send(chunks).await
+}

@@ -1,0 +1,113 @@
+//! A connected socket read and written from a reactor task: through the reactor's io_uring
+//! (plain reads and writes on the descriptor), or through its blocking thread pool when the
+//! reactor has no ring. Short reads and writes are continued; end of stream mid-message is an
+//! error. Buffers are owned [`IoBuf`]s, parked in the reactor's slot until the operation ends.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use basalt_reactor::{IoBuf, UringFd};
+
+/// A connected stream socket.
+pub struct Sock {
+    fd: OwnedFd,
+    uring: bool,
+}
+
+fn io_err(res: i64) -> std::io::Error {
+    std::io::Error::from_raw_os_error((-res) as i32)
+}
+
+impl Sock {
+    /// Wrap a connected socket (blocking mode).
+    pub fn new(fd: OwnedFd) -> Sock {
+        Sock { fd, uring: basalt_reactor::uring_features().is_some() }
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// One read or write of `buf`'s window; returns the count (0 = end of stream).
+    async fn once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
+        let (res, buf) = if self.uring {
+            basalt_reactor::uring_rw(UringFd::Raw(self.raw()), write, buf, 0).await
+        } else {
+            let fd = self.raw();
+            let (ptr, len) = (buf.as_ptr() as usize, buf.len());
+            basalt_reactor::blocking(
+                move || {
+                    // SAFETY: the buffer is parked in the slot until this job's result is
+                    // delivered, so `ptr..ptr+len` stays valid and unused meanwhile; `fd` is
+                    // kept open by the awaiting `Sock`.
+                    let r = unsafe {
+                        if write {
+                            libc::write(fd, ptr as *const libc::c_void, len)
+                        } else {
+                            libc::read(fd, ptr as *mut libc::c_void, len)
+                        }
+                    };
+                    if r < 0 {
+                        -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+                    } else {
+                        r as i64
+                    }
+                },
+                Some(buf),
+            )
+            .await
+        };
+        (res, buf.expect("socket I/O returns its buffer"))
+    }
+
+    /// Fill `buf`'s window. `Ok(None)` when the stream ends before the first byte (a clean
+    /// close between messages); an error when it ends in the middle.
+    pub async fn read_exact(&self, mut buf: IoBuf) -> std::io::Result<Option<IoBuf>> {
+        let (start, len) = (buf.window_start(), buf.len());
+        let mut done = 0;
+        while done < len {
+            buf.set_window(start + done, len - done);
+            let (res, b) = self.once(false, buf).await;
+            buf = b;
+            match res {
+                r if r < 0 && -r == i64::from(libc::EINTR) => continue,
+                r if r < 0 => return Err(io_err(r)),
+                0 if done == 0 => return Ok(None),
+                0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+                n => done += n as usize,
+            }
+        }
+        buf.set_window(start, len);
+        Ok(Some(buf))
+    }
+
+    /// Read exactly `n` bytes into a new buffer (an error on end of stream).
+    pub async fn read_bytes(&self, n: usize) -> std::io::Result<IoBuf> {
+        self.read_exact(IoBuf::new_uninit(n))
+            .await?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"))
+    }
+
+    /// Write all of `buf`'s window, and hand the buffer back.
+    pub async fn write_all(&self, mut buf: IoBuf) -> std::io::Result<IoBuf> {
+        let (start, len) = (buf.window_start(), buf.len());
+        let mut done = 0;
+        while done < len {
+            buf.set_window(start + done, len - done);
+            let (res, b) = self.once(true, buf).await;
+            buf = b;
+            match res {
+                r if r < 0 && -r == i64::from(libc::EINTR) => continue,
+                r if r < 0 => return Err(io_err(r)),
+                0 => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
+                n => done += n as usize,
+            }
+        }
+        buf.set_window(start, len);
+        Ok(buf)
+    }
+
+    /// Write `data` (copied into a buffer).
+    pub async fn write_bytes(&self, data: &[u8]) -> std::io::Result<()> {
+        self.write_all(IoBuf::from_slice(data)).await.map(|_| ())
+    }
+}
