@@ -149,3 +149,38 @@ fn without_persistent_the_server_ends_with_its_client() {
     assert!(!sock.exists(), "the socket file is removed on exit");
     must(&run(peer("qemu-io").args(["-f", "raw", "-c", "read -P 7 0 4k", img.to_str().unwrap()])), "data written through NBD");
 }
+
+#[test]
+fn fork_pid_file_and_open_errors_as_qemu_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // An image that cannot be opened: the same message, the same exit code, no socket left.
+    let missing = d.join("missing.raw");
+    let q = run(peer("qemu-nbd").args(["-f", "raw", "-k"]).arg(d.join("q.sock")).arg(&missing));
+    let b = run(Command::new(tool("basalt-nbd")).args(["-f", "raw", "-k"]).arg(d.join("b.sock")).arg(&missing));
+    assert_eq!(basalt_tests::stderr(&b).replace("basalt-nbd", "qemu-nbd"), basalt_tests::stderr(&q));
+    assert_eq!(b.status.code(), q.status.code());
+    assert!(!d.join("b.sock").exists());
+    // --fork returns once the server listens; --pid-file names the server, which goes away
+    // with its client.
+    let img = d.join("f.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
+    let (sock, pid_file) = (d.join("f.sock"), d.join("f.pid"));
+    let o = run(Command::new(tool("basalt-nbd"))
+        .args(["--fork", "-f", "raw", "-k"])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(&img));
+    must(&o, "basalt-nbd --fork");
+    assert!(sock.exists(), "the socket exists when --fork returns");
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    must(&run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 4k", &uri(&sock)])), "io");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(Instant::now() < deadline, "the forked server kept running after its client left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    must(&run(peer("qemu-io").args(["-f", "raw", "-c", "read -P 9 0 4k", img.to_str().unwrap()])), "data");
+}

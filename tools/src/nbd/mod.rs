@@ -353,6 +353,16 @@ impl Stop {
 async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> i32 {
     // SAFETY: `lfd` is the listener's descriptor, owned from here on.
     let listener = unsafe { OwnedFd::from_raw_fd(lfd) };
+    // The Unix socket's file goes when the server does, however it ends.
+    struct SocketFile(Option<String>);
+    impl Drop for SocketFile {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let _socket_file = SocketFile(c.socket.clone());
     let mut report = |msg: String| -> i32 {
         match ready.take() {
             Some(mut p) => {
@@ -378,7 +388,12 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     spec.unshare = Perm::NONE;
     let node = match image::open(&graph, &spec).await {
         Ok((n, _)) => n,
-        Err(e) => return report(format!("Failed to blk_new_open '{}': {}", c.file, e.msg)),
+        Err(e) => {
+            // The driver's message already names the file; qemu-nbd says it once.
+            let once = format!("Could not open '{}': ", c.file);
+            let msg = e.msg.strip_prefix(&once).filter(|m| m.starts_with(&once)).unwrap_or(&e.msg);
+            return report(format!("Failed to blk_new_open '{}': {msg}", c.file));
+        }
     };
     let queue = match Queue::new(node.clone()) {
         Ok(q) => q,
@@ -428,8 +443,8 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let active = Rc::new(Cell::new(0usize));
     let (persistent, shared) = (c.persistent, c.shared);
     let st = stop.clone();
+    let lraw = listener.as_raw_fd();
     basalt_reactor::spawn_local(async move {
-        let lraw = listener.as_raw_fd();
         loop {
             // accept(2) waits in the blocking pool; the reactor stays free for the clients.
             let (res, _) = basalt_reactor::blocking(
@@ -448,6 +463,10 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             if res < 0 {
                 if -res == i64::from(libc::EINTR) || -res == i64::from(libc::ECONNABORTED) {
                     continue;
+                }
+                if st.set.get() {
+                    // The listener was shut down to end this loop.
+                    return;
                 }
                 eprintln!("basalt-nbd: accept: {}", std::io::Error::from_raw_os_error((-res) as i32));
                 st.fire();
@@ -475,13 +494,14 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         }
     });
     stop.wait().await;
+    // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
+    // in flight when the reactor stops.
+    // SAFETY: shutdown(2) on the listening descriptor, still open (the accept loop owns it).
+    unsafe { libc::shutdown(lraw, libc::SHUT_RDWR) };
     let mut code = 0;
     if let Err(e) = node.close().await {
         eprintln!("basalt-nbd: closing the image: {}", e.msg);
         code = 1;
-    }
-    if let Some(p) = &c.socket {
-        let _ = std::fs::remove_file(p);
     }
     code
 }
