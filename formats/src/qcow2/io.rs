@@ -612,6 +612,11 @@ impl Qcow2Queue {
         self.zero_or_discard(off, len, false, false).await
     }
 
+    /// Read `buf.len()` guest bytes at `off` through the data path, for the node itself.
+    pub(crate) async fn read_range(self: Rc<Self>, off: u64, buf: IoBuf) -> IoDone {
+        self.read_slow(off, buf).await
+    }
+
     /// Write `buf` at `off` through the data path, for the node itself.
     pub(crate) async fn write_range(self: Rc<Self>, off: u64, buf: IoBuf) -> IoDone {
         self.write_slow(off, buf, WriteFlags::default()).await

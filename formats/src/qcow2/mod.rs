@@ -4,7 +4,8 @@
 //!
 //! Layout of the folder: `header` (parse/serialise, no I/O), `entry` (L1/L2 entry decoding),
 //! `refcount` (refcount block entries), `compress`, `meta` (cached tables and the ordered,
-//! written-through metadata updates), `io` (the data path), `create`.
+//! written-through metadata updates), `io` (the data path), `create`, `resize` (growing with
+//! data preallocation).
 //!
 //! Several reactors: every reactor that opens the node gets its own queue; the caches, the
 //! allocation lock, the set of guest clusters being allocated and the count of writes in
@@ -40,8 +41,8 @@
 //! clusters, explicit zeroes for an unaligned head; refused on version 2, which has no zero
 //! clusters), as QEMU does, so the backing file's data does not show there;
 //! `--preallocation=metadata` maps the new clusters (the head of a newly mapped cluster keeps
-//! what it read); `falloc`/`full` without a data file are refused with a clear error (QEMU
-//! places new refcount structures and data in one area at the end of the file there).
+//! what it read); `falloc`/`full` without a data file (`resize`) put new refcount structures
+//! and the data in one area at the end of the file, as QEMU does.
 
 mod amend;
 mod bitmap;
@@ -58,6 +59,7 @@ mod io;
 mod lock;
 mod meta;
 mod refcount;
+mod resize;
 mod snapshot;
 mod snapshot_ops;
 
@@ -668,8 +670,10 @@ impl Qcow2Node {
         }
         self.s.lock_meta().l1 = table;
         if old_size > 0 {
+            // Freed without a discard, as QEMU frees it (`QCOW2_DISCARD_OTHER`, off by default):
+            // the file keeps the old table's bytes.
             for k in 0..(old_size * 8).div_ceil(cs) {
-                meta.free_cluster(old_off + k * cs).await.map_err(fail)?;
+                meta.add_refcount(old_off / cs + k, -1).await.map_err(fail)?;
             }
         }
         meta.writeback().await.map_err(fail)?;
@@ -792,19 +796,17 @@ impl Node for Qcow2Node {
                 return Err(BlockError::new(ErrorKind::PermissionDenied, "Image is read-only"));
             }
             let ext_data = self.s.layout.data_file;
-            if matches!(prealloc, Prealloc::Falloc | Prealloc::Full) && !ext_data {
-                return Err(unsupported(format!(
-                    "Preallocation mode '{}' is not supported for qcow2 resize yet",
-                    prealloc.name()
-                )));
-            }
             let cur = self.size();
             if prealloc != Prealloc::Off && size < cur {
                 return Err(BlockError::option("Preallocation can only be used for growing images"));
             }
             // Growing over a longer backing file: the new area is zeroed with zero clusters,
             // which version 2 lacks (QEMU fails there after changing the size; we fail first).
-            let zero_grown = size > cur && self.s.backing.as_ref().is_some_and(|b| b.size() > cur);
+            // `falloc`/`full` without a data file map the area to clusters the file grows
+            // with zeroes instead, as QEMU does, on any version.
+            let in_file = matches!(prealloc, Prealloc::Falloc | Prealloc::Full) && !ext_data;
+            let over_backing = size > cur && self.s.backing.as_ref().is_some_and(|b| b.size() > cur);
+            let zero_grown = over_backing && !in_file;
             if zero_grown && self.header().version < 3 {
                 return Err(BlockError::new(ErrorKind::Unsupported, "Failed to zero out new clusters: Operation not supported"));
             }
@@ -835,6 +837,11 @@ impl Node for Qcow2Node {
             match (prealloc, data) {
                 (Prealloc::Off, Some(d)) => d.truncate(size, Prealloc::Off).await?,
                 (Prealloc::Off, None) => {}
+                (mode, None) if in_file => {
+                    if size > cur {
+                        self.grow_preallocated(&meta, &file, cur, size, mode, over_backing).await?
+                    }
+                }
                 (mode, _) => self.preallocate_locked(&meta, &file, cur, size, mode).await?,
             }
             let d = file.write(24, IoBuf::from_slice(&size.to_be_bytes()), Default::default()).await;
