@@ -150,8 +150,10 @@ impl Drop for QueueInner {
         // Deleting the submission queue makes the controller abort what it still holds; after
         // that it no longer touches the buffers, which are handed back with ECANCELED.
         let deleted = !self.ctrl.failed() && self.ctrl.delete_io_queues(self.qid).is_ok();
+        // Slots belong to the reactor; when it is being torn down itself, they go with it.
+        let on_reactor = basalt_reactor::current_id().is_some();
         for c in self.cmds.get_mut().iter_mut() {
-            if let Some(s) = c.slot.take() {
+            if let Some(s) = c.slot.take().filter(|_| on_reactor) {
                 slot_complete(s, -i64::from(libc::ECANCELED));
             }
         }
