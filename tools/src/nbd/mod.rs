@@ -443,6 +443,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let active = Rc::new(Cell::new(0usize));
     let (persistent, shared) = (c.persistent, c.shared);
     let st = stop.clone();
+    let served = exp.clone();
     let lraw = listener.as_raw_fd();
     basalt_reactor::spawn_local(async move {
         loop {
@@ -499,6 +500,12 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     // SAFETY: shutdown(2) on the listening descriptor, still open (the accept loop owns it).
     unsafe { libc::shutdown(lraw, libc::SHUT_RDWR) };
     let mut code = 0;
+    // Whatever the clients did not flush is made durable (metadata caches included) before
+    // the image is closed, as qemu-nbd's exit does.
+    if let Err(e) = served.queue.flush().await.res {
+        eprintln!("basalt-nbd: flushing the image: {e}");
+        code = 1;
+    }
     if let Err(e) = node.close().await {
         eprintln!("basalt-nbd: closing the image: {}", e.msg);
         code = 1;
