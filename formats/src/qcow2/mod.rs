@@ -79,6 +79,7 @@ pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;
 pub use error::Qcow2Error;
 pub use header::Qcow2Header;
+pub use refcount::refcount_metadata_clusters;
 
 use entry::Layout;
 use meta::{Meta, Shared};

@@ -7,6 +7,24 @@ pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
     (1u64 << (cluster_bits + 3)) >> refcount_order
 }
 
+/// Refcount blocks and refcount table clusters that cover `clusters` clusters plus themselves
+/// (QEMU's `qcow2_refcount_metadata_size`, exact: the fixed point where the blocks and table
+/// clusters added need no more of either).
+pub fn refcount_metadata_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> (u64, u64) {
+    let per_block = entries_per_block(cluster_bits, refcount_order);
+    let per_table_cluster = (1u64 << cluster_bits) / 8;
+    let (mut blocks, mut table, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return (blocks, table);
+        }
+    }
+}
+
 /// The largest refcount representable with this width.
 pub fn max_refcount(refcount_order: u32) -> u64 {
     if refcount_order == 6 {

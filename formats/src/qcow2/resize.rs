@@ -30,21 +30,9 @@ use super::{entry, header, meta, refcount, Qcow2Node};
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 
 /// How many refcount blocks cover `clusters` clusters plus the refcount blocks and table
-/// themselves (QEMU's `qcow2_refcount_metadata_size`, exact: the fixed point where the blocks
-/// and table clusters added need no more of either).
+/// themselves.
 fn refcount_blocks_for(clusters: u64, cluster_bits: u32, refcount_order: u32) -> u64 {
-    let per_block = refcount::entries_per_block(cluster_bits, refcount_order);
-    let per_table_cluster = (1u64 << cluster_bits) / 8;
-    let (mut blocks, mut table, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            return blocks;
-        }
-    }
+    refcount::refcount_metadata_clusters(clusters, cluster_bits, refcount_order).0
 }
 
 impl Qcow2Node {

@@ -27,18 +27,8 @@ Calculates the file size required to create a new image.
 
 /// QEMU's `qcow2_refcount_metadata_size`: refcount table and blocks for `clusters` clusters.
 fn refcount_metadata(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
-    let per_table_cluster = cs / 8;
-    let per_block = cs * 8 / (1 << refcount_order);
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            return (blocks + table) * cs;
-        }
-    }
+    let (blocks, table) = basalt_formats::qcow2::refcount_metadata_clusters(clusters, cs.trailing_zeros(), refcount_order);
+    (blocks + table) * cs
 }
 
 /// QEMU's `qcow2_calc_prealloc_size` less the data: the metadata of a fully allocated image.

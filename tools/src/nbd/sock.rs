@@ -59,25 +59,35 @@ impl Sock {
         (res, buf.expect("socket I/O returns its buffer"))
     }
 
-    /// Fill `buf`'s window. `Ok(None)` when the stream ends before the first byte (a clean
-    /// close between messages); an error when it ends in the middle.
-    pub async fn read_exact(&self, mut buf: IoBuf) -> std::io::Result<Option<IoBuf>> {
+    /// Transfer all of `buf`'s window, continuing short reads and writes; stops early only
+    /// where the stream ends (a read of 0, a write of 0), and says how far it got.
+    async fn transfer(&self, write: bool, mut buf: IoBuf) -> std::io::Result<(usize, IoBuf)> {
         let (start, len) = (buf.window_start(), buf.len());
         let mut done = 0;
         while done < len {
             buf.set_window(start + done, len - done);
-            let (res, b) = self.once(false, buf).await;
+            let (res, b) = self.once(write, buf).await;
             buf = b;
             match res {
                 r if r < 0 && -r == i64::from(libc::EINTR) => continue,
                 r if r < 0 => return Err(io_err(r)),
-                0 if done == 0 => return Ok(None),
-                0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+                0 => break,
                 n => done += n as usize,
             }
         }
         buf.set_window(start, len);
-        Ok(Some(buf))
+        Ok((done, buf))
+    }
+
+    /// Fill `buf`'s window. `Ok(None)` when the stream ends before the first byte (a clean
+    /// close between messages); an error when it ends in the middle.
+    pub async fn read_exact(&self, buf: IoBuf) -> std::io::Result<Option<IoBuf>> {
+        let len = buf.len();
+        match self.transfer(false, buf).await? {
+            (done, buf) if done == len => Ok(Some(buf)),
+            (0, _) => Ok(None),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+        }
     }
 
     /// Read exactly `n` bytes into a new buffer (an error on end of stream).
@@ -88,22 +98,12 @@ impl Sock {
     }
 
     /// Write all of `buf`'s window, and hand the buffer back.
-    pub async fn write_all(&self, mut buf: IoBuf) -> std::io::Result<IoBuf> {
-        let (start, len) = (buf.window_start(), buf.len());
-        let mut done = 0;
-        while done < len {
-            buf.set_window(start + done, len - done);
-            let (res, b) = self.once(true, buf).await;
-            buf = b;
-            match res {
-                r if r < 0 && -r == i64::from(libc::EINTR) => continue,
-                r if r < 0 => return Err(io_err(r)),
-                0 => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
-                n => done += n as usize,
-            }
+    pub async fn write_all(&self, buf: IoBuf) -> std::io::Result<IoBuf> {
+        let len = buf.len();
+        match self.transfer(true, buf).await? {
+            (done, buf) if done == len => Ok(buf),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
         }
-        buf.set_window(start, len);
-        Ok(buf)
     }
 
     /// Write `data` (copied into a buffer).
