@@ -553,6 +553,16 @@ pub fn slot_complete(id: SlotId, res: i64) {
     with_current(|r| r.slots.complete(id, res));
 }
 
+/// Take the buffer parked in a slot in flight (a network driver filling a read in place).
+pub fn slot_take_buf(id: SlotId) -> Option<IoBuf> {
+    with_current(|r| r.slots.take_buf(id))
+}
+
+/// Park a buffer taken with [`slot_take_buf`] in its slot again.
+pub fn slot_put_buf(id: SlotId, buf: IoBuf) {
+    with_current(|r| r.slots.put_buf(id, buf));
+}
+
 /// Complete a slot at the start of the next turn (a bottom half).
 pub fn slot_complete_deferred(id: SlotId, res: i64) {
     with_current(|r| r.deferred.borrow_mut().push((id, res)));

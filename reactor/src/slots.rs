@@ -102,6 +102,28 @@ impl Slots {
         }
     }
 
+    /// Take the buffer parked in a slot in flight, to fill or send it; [`Slots::put_buf`]
+    /// parks it again. The driver holds it meanwhile, so it is never freed while in use.
+    pub(crate) fn take_buf(&self, id: SlotId) -> Option<IoBuf> {
+        let mut slots = self.slots.borrow_mut();
+        let s = slots.get_mut(id.0 as usize)?;
+        match s.state {
+            State::Pending | State::Orphan => s.buf.take(),
+            State::Free | State::Done => None,
+        }
+    }
+
+    /// Park `buf` again in a slot in flight (the buffer is dropped if the slot is not in flight).
+    pub(crate) fn put_buf(&self, id: SlotId, buf: IoBuf) {
+        let mut slots = self.slots.borrow_mut();
+        let stale = match slots.get_mut(id.0 as usize) {
+            Some(s) if matches!(s.state, State::Pending | State::Orphan) => s.buf.replace(buf),
+            _ => Some(buf),
+        };
+        drop(slots);
+        drop(stale);
+    }
+
     fn poll(&self, id: SlotId, cx: &mut Context<'_>) -> Poll<(i64, Option<IoBuf>)> {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[id.0 as usize];

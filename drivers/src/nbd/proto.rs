@@ -20,6 +20,13 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
+/// Magic of an extended request (`NBD_OPT_EXTENDED_HEADERS`).
+pub const EXT_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended reply chunk.
+pub const EXT_REPLY_MAGIC: u32 = 0x6e8a_278c;
+/// Magic of the oldstyle handshake (in place of `IHAVEOPT`).
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 /// Handshake flags (server): no 124 zero bytes after EXPORT_NAME.
@@ -112,6 +119,7 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
     pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     pub const ERROR: u16 = (1 << 15) | 1;
     pub const ERROR_OFFSET: u16 = (1 << 15) | 2;
 }
@@ -292,37 +300,163 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// A transmission request (compact form, 28 bytes).
+/// A transmission request: compact (28 bytes, 32-bit length) or extended (32 bytes, 64-bit
+/// length) on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub typ: u16,
     pub cookie: u64,
     pub offset: u64,
-    pub len: u32,
+    pub len: u64,
 }
 
 impl Request {
+    /// Size of a compact request.
     pub const SIZE: usize = 28;
+    /// Size of an extended request.
+    pub const EXT_SIZE: usize = 32;
 
-    /// Parse and check the magic.
+    /// Parse a compact request and check the magic.
     pub fn parse(b: &[u8; 28]) -> Result<Request, ProtoError> {
         if be32(b, 0) != REQUEST_MAGIC {
             return Err(ProtoError(format!("request magic {:#x} is wrong", be32(b, 0))));
         }
-        Ok(Request { flags: be16(b, 4), typ: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), len: be32(b, 24) })
+        Ok(Request { flags: be16(b, 4), typ: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), len: u64::from(be32(b, 24)) })
     }
 
-    /// Encode (client side).
-    pub fn encode(&self) -> [u8; 28] {
-        let mut o = [0u8; 28];
-        o[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    /// Parse an extended request and check the magic.
+    pub fn parse_ext(b: &[u8; 32]) -> Result<Request, ProtoError> {
+        if be32(b, 0) != EXT_REQUEST_MAGIC {
+            return Err(ProtoError(format!("extended request magic {:#x} is wrong", be32(b, 0))));
+        }
+        Ok(Request { flags: be16(b, 4), typ: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), len: be64(b, 24) })
+    }
+
+    /// Encode (client side) into `o`, compact or extended; returns the bytes used. A compact
+    /// request's length must fit in 32 bits (the caller splits larger ones).
+    pub fn encode_into(&self, extended: bool, o: &mut [u8; 32]) -> usize {
         o[4..6].copy_from_slice(&self.flags.to_be_bytes());
         o[6..8].copy_from_slice(&self.typ.to_be_bytes());
         o[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         o[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        o[24..28].copy_from_slice(&self.len.to_be_bytes());
-        o
+        if extended {
+            o[0..4].copy_from_slice(&EXT_REQUEST_MAGIC.to_be_bytes());
+            o[24..32].copy_from_slice(&self.len.to_be_bytes());
+            Self::EXT_SIZE
+        } else {
+            debug_assert!(self.len <= u64::from(u32::MAX));
+            o[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            o[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
+            Self::SIZE
+        }
+    }
+
+    /// Encode a compact request.
+    pub fn encode(&self) -> [u8; 28] {
+        let mut o = [0u8; 32];
+        self.encode_into(false, &mut o);
+        o[..28].try_into().expect("28 bytes")
+    }
+}
+
+/// A reply header as the client reads it: the first 16 bytes say which kind it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyStart {
+    /// A whole simple reply: error value and cookie.
+    Simple { error: u32, cookie: u64 },
+    /// A structured chunk: 4 more header bytes follow.
+    Structured,
+    /// An extended chunk: 16 more header bytes follow.
+    Extended,
+}
+
+impl ReplyStart {
+    /// Size of the part read first.
+    pub const SIZE: usize = 16;
+
+    /// Classify the first 16 bytes of a reply by their magic.
+    pub fn parse(b: &[u8; 16]) -> Result<ReplyStart, ProtoError> {
+        match be32(b, 0) {
+            SIMPLE_REPLY_MAGIC => Ok(ReplyStart::Simple { error: be32(b, 4), cookie: be64(b, 8) }),
+            STRUCTURED_REPLY_MAGIC => Ok(ReplyStart::Structured),
+            EXT_REPLY_MAGIC => Ok(ReplyStart::Extended),
+            m => Err(ProtoError(format!("reply magic {m:#x} is wrong"))),
+        }
+    }
+}
+
+/// A structured or extended reply chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    /// Payload bytes that follow.
+    pub len: u64,
+}
+
+impl ChunkHeader {
+    /// Size of a structured chunk header.
+    pub const SIZE: usize = 20;
+    /// Size of an extended chunk header.
+    pub const EXT_SIZE: usize = 32;
+
+    /// Parse a whole header (20 or 32 bytes; the magic was checked by [`ReplyStart::parse`]).
+    pub fn parse(b: &[u8]) -> Result<ChunkHeader, ProtoError> {
+        let (flags, typ, cookie) = (be16(b, 4), be16(b, 6), be64(b, 8));
+        let len = match b.len() {
+            Self::SIZE => u64::from(be32(b, 16)),
+            Self::EXT_SIZE => be64(b, 24),
+            n => return Err(ProtoError(format!("chunk header of {n} bytes"))),
+        };
+        Ok(ChunkHeader { flags, typ, cookie, len })
+    }
+}
+
+/// The payload of an `ERROR` or `ERROR_OFFSET` chunk: error value and message.
+pub fn parse_error_chunk(typ: u16, p: &[u8]) -> Result<(u32, String), ProtoError> {
+    if p.len() < 6 {
+        return Err(ProtoError(format!("error chunk of {} bytes", p.len())));
+    }
+    let (error, mlen) = (be32(p, 0), be16(p, 4) as usize);
+    let extra = if typ == chunk::ERROR_OFFSET { 8 } else { 0 };
+    if p.len() != 6 + mlen + extra {
+        return Err(ProtoError(format!("error chunk of {} bytes with a {mlen} byte message", p.len())));
+    }
+    if error == 0 {
+        return Err(ProtoError("error chunk with error value 0".into()));
+    }
+    Ok((error, String::from_utf8_lossy(&p[6..6 + mlen]).into_owned()))
+}
+
+/// The first extent of a `BLOCK_STATUS` (32-bit descriptors) or `BLOCK_STATUS_EXT` (64-bit)
+/// chunk: context id, length (> 0) and flags. The payload's size must match its descriptors.
+pub fn parse_block_status(typ: u16, p: &[u8]) -> Result<(u32, u64, u64), ProtoError> {
+    let bad = || ProtoError(format!("block status chunk of {} bytes", p.len()));
+    let (ctx, len, flags) = if typ == chunk::BLOCK_STATUS_EXT {
+        if p.len() < 8 + 16 || !(p.len() - 8).is_multiple_of(16) || u64::from(be32(p, 4)) != (p.len() as u64 - 8) / 16 {
+            return Err(bad());
+        }
+        (be32(p, 0), be64(p, 8), be64(p, 16))
+    } else {
+        if p.len() < 4 + 8 || !(p.len() - 4).is_multiple_of(8) {
+            return Err(bad());
+        }
+        (be32(p, 0), u64::from(be32(p, 4)), u64::from(be32(p, 8)))
+    };
+    if len == 0 {
+        return Err(ProtoError("block status extent of length 0".into()));
+    }
+    Ok((ctx, len, flags))
+}
+
+/// The offset at the start of an `OFFSET_DATA` or `OFFSET_HOLE` payload, and a hole's size.
+pub fn parse_offset_chunk(typ: u16, p: &[u8]) -> Result<(u64, u32), ProtoError> {
+    match typ {
+        chunk::OFFSET_DATA if p.len() >= 8 => Ok((be64(p, 0), 0)),
+        chunk::OFFSET_HOLE if p.len() == 12 => Ok((be64(p, 0), be32(p, 8))),
+        _ => Err(ProtoError(format!("chunk type {typ} with a {} byte payload", p.len()))),
     }
 }
 
@@ -384,6 +518,45 @@ mod tests {
         assert!(f.u16("more").unwrap_err().0.contains("too short for more"));
         let huge = (u32::MAX).to_be_bytes();
         assert!(Fields::new(&huge).string("name").unwrap_err().0.contains("more than"));
+    }
+
+    #[test]
+    fn extended_requests_and_reply_chunks_parse() {
+        let r = Request { flags: 0, typ: cmd::READ, cookie: 1, offset: 4096, len: 5 << 32 };
+        let mut b = [0u8; 32];
+        assert_eq!(r.encode_into(true, &mut b), 32);
+        assert_eq!(Request::parse_ext(&b).unwrap(), r);
+        let mut h = chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, 9, 20).to_vec();
+        assert_eq!(ReplyStart::parse(h[..16].try_into().unwrap()).unwrap(), ReplyStart::Structured);
+        let c = ChunkHeader::parse(&h).unwrap();
+        assert_eq!((c.flags, c.typ, c.cookie, c.len), (chunk::FLAG_DONE, chunk::OFFSET_DATA, 9, 20));
+        h[0] = 0;
+        assert!(ReplyStart::parse(h[..16].try_into().unwrap()).is_err());
+        assert!(matches!(ReplyStart::parse(&simple_reply(5, 2)).unwrap(), ReplyStart::Simple { error: 5, cookie: 2 }));
+    }
+
+    #[test]
+    fn chunk_payloads_are_checked() {
+        let e = error_chunk(3, err::EIO, "boom");
+        assert_eq!(parse_error_chunk(chunk::ERROR, &e[20..]).unwrap(), (err::EIO, "boom".to_string()));
+        assert!(parse_error_chunk(chunk::ERROR, &e[20..25]).is_err());
+        assert!(parse_error_chunk(chunk::ERROR_OFFSET, &e[20..]).is_err());
+        let mut bs = 1u32.to_be_bytes().to_vec();
+        bs.extend_from_slice(&4096u32.to_be_bytes());
+        bs.extend_from_slice(&STATE_HOLE.to_be_bytes());
+        assert_eq!(parse_block_status(chunk::BLOCK_STATUS, &bs).unwrap(), (1, 4096, 1));
+        assert!(parse_block_status(chunk::BLOCK_STATUS, &bs[..10]).is_err());
+        let mut ext = 1u32.to_be_bytes().to_vec();
+        ext.extend_from_slice(&1u32.to_be_bytes());
+        ext.extend_from_slice(&(1u64 << 33).to_be_bytes());
+        ext.extend_from_slice(&3u64.to_be_bytes());
+        assert_eq!(parse_block_status(chunk::BLOCK_STATUS_EXT, &ext).unwrap(), (1, 1 << 33, 3));
+        ext[7] = 2;
+        assert!(parse_block_status(chunk::BLOCK_STATUS_EXT, &ext).is_err());
+        let mut hole = 8u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&512u32.to_be_bytes());
+        assert_eq!(parse_offset_chunk(chunk::OFFSET_HOLE, &hole).unwrap(), (8, 512));
+        assert!(parse_offset_chunk(chunk::OFFSET_HOLE, &hole[..8]).is_err());
     }
 
     #[test]

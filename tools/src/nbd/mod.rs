@@ -12,7 +12,6 @@
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through [`sock`].
 
 pub mod server;
-pub mod sock;
 
 use std::cell::Cell;
 use std::io::Write;
@@ -483,7 +482,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             active.set(active.get() + 1);
             let (exp, active, st) = (exp.clone(), active.clone(), st.clone());
             basalt_reactor::spawn_local(async move {
-                let sock = Rc::new(sock::Sock::new(fd));
+                let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
                 if let Err(e) = server::serve(sock, exp).await {
                     eprintln!("basalt-nbd: client: {e}");
                 }

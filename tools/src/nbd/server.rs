@@ -22,8 +22,8 @@ use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag,
 use basalt_engine::{IoStatus, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
 
-use super::sock::Sock;
 use crate::img::common::Chain;
+use basalt_drivers::nbd::sock::Sock;
 
 /// Requests of one connection running at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -411,7 +411,7 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         }
         let mut payload = None;
         if req.typ == cmd::WRITE {
-            if req.len > proto::MAX_PAYLOAD {
+            if req.len > u64::from(proto::MAX_PAYLOAD) {
                 break Err(format!("write of {} bytes is over the {} byte limit", req.len, proto::MAX_PAYLOAD));
             }
             match conn.sock.read_bytes(req.len as usize).await {
@@ -433,7 +433,7 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
 
 async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
     let exp = &c.exp;
-    let end = req.offset.checked_add(u64::from(req.len));
+    let end = req.offset.checked_add(req.len);
     let in_bounds = end.is_some_and(|e| e <= exp.size);
     let writes = matches!(req.typ, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
     if writes && exp.read_only {
@@ -447,14 +447,15 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             c.status(&req, e, "request past the end of the export").await
         }
         cmd::READ => {
-            if req.len > proto::MAX_PAYLOAD {
+            if req.len > u64::from(proto::MAX_PAYLOAD) {
                 return c.status(&req, proto::err::EINVAL, "read too large").await;
             }
             let d = q.read(req.offset, IoBuf::new_uninit(req.len as usize)).await;
             match (d.res, d.buf) {
                 (Ok(_), Some(data)) => {
                     let head = if c.neg.structured {
-                        let mut h = proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, req.cookie, 8 + req.len).to_vec();
+                        let mut h =
+                            proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, req.cookie, 8 + req.len as u32).to_vec();
                         h.extend_from_slice(&req.offset.to_be_bytes());
                         h
                     } else {
@@ -473,7 +474,7 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
         }
         cmd::FLUSH => finish(c, &req, q.flush().await.res.map(|_| ())).await,
         cmd::TRIM => {
-            let mut r = if exp.discard { q.discard(req.offset, u64::from(req.len)).await.res.map(|_| ()) } else { Ok(()) };
+            let mut r = if exp.discard { q.discard(req.offset, req.len).await.res.map(|_| ()) } else { Ok(()) };
             if r.is_ok() && fua {
                 r = q.flush().await.res.map(|_| ());
             }
@@ -482,7 +483,7 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
         cmd::WRITE_ZEROES => {
             let fast = req.flags & cflag::FAST_ZERO != 0;
             let flags = ZeroFlags { may_unmap: req.flags & cflag::NO_HOLE == 0 && exp.discard, no_fallback: fast, fua };
-            let r = q.write_zeroes(req.offset, u64::from(req.len), flags).await.res.map(|_| ());
+            let r = q.write_zeroes(req.offset, req.len, flags).await.res.map(|_| ());
             finish(c, &req, r).await
         }
         cmd::CACHE => c.status(&req, 0, "").await,
@@ -510,7 +511,7 @@ async fn block_status(c: &Conn, req: &Request) {
     let mut chunks = Vec::new();
     for (i, id) in c.neg.contexts.iter().enumerate() {
         let mut ext: Vec<(u32, u32)> = Vec::new();
-        let (mut off, end) = (req.offset, req.offset + u64::from(req.len));
+        let (mut off, end) = (req.offset, req.offset + req.len);
         while off < end {
             let st = match c.exp.chain.status(off, end - off).await {
                 Ok(s) => s,

@@ -17,6 +17,12 @@ fn io_err(res: i64) -> std::io::Error {
     std::io::Error::from_raw_os_error((-res) as i32)
 }
 
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Sock {
     /// Wrap a connected socket (blocking mode).
     pub fn new(fd: OwnedFd) -> Sock {
@@ -60,33 +66,64 @@ impl Sock {
     }
 
     /// Transfer all of `buf`'s window, continuing short reads and writes; stops early only
-    /// where the stream ends (a read of 0, a write of 0), and says how far it got.
-    async fn transfer(&self, write: bool, mut buf: IoBuf) -> std::io::Result<(usize, IoBuf)> {
+    /// where the stream ends (a read of 0, a write of 0), and says how far it got. The buffer
+    /// comes back in every case.
+    async fn transfer(&self, write: bool, mut buf: IoBuf) -> (std::io::Result<usize>, IoBuf) {
         let (start, len) = (buf.window_start(), buf.len());
         let mut done = 0;
+        let mut res = Ok(());
         while done < len {
             buf.set_window(start + done, len - done);
-            let (res, b) = self.once(write, buf).await;
+            let (r, b) = self.once(write, buf).await;
             buf = b;
-            match res {
+            match r {
                 r if r < 0 && -r == i64::from(libc::EINTR) => continue,
-                r if r < 0 => return Err(io_err(r)),
+                r if r < 0 => {
+                    res = Err(io_err(r));
+                    break;
+                }
                 0 => break,
                 n => done += n as usize,
             }
         }
         buf.set_window(start, len);
-        Ok((done, buf))
+        (res.map(|_| done), buf)
+    }
+
+    /// Fill `buf`'s window, handing the buffer back whatever happens: `Ok(true)` when full,
+    /// `Ok(false)` when the stream ended before the first byte, an error when it ended (or
+    /// failed) in the middle.
+    pub async fn fill(&self, buf: IoBuf) -> (std::io::Result<bool>, IoBuf) {
+        let len = buf.len();
+        let (r, buf) = self.transfer(false, buf).await;
+        let r = match r {
+            Ok(d) if d == len => Ok(true),
+            Ok(0) => Ok(false),
+            Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+            Err(e) => Err(e),
+        };
+        (r, buf)
+    }
+
+    /// Send all of `buf`'s window, handing the buffer back whatever happens.
+    pub async fn send(&self, buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
+        let len = buf.len();
+        let (r, buf) = self.transfer(true, buf).await;
+        let r = match r {
+            Ok(d) if d == len => Ok(()),
+            Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
+            Err(e) => Err(e),
+        };
+        (r, buf)
     }
 
     /// Fill `buf`'s window. `Ok(None)` when the stream ends before the first byte (a clean
     /// close between messages); an error when it ends in the middle.
     pub async fn read_exact(&self, buf: IoBuf) -> std::io::Result<Option<IoBuf>> {
-        let len = buf.len();
-        match self.transfer(false, buf).await? {
-            (done, buf) if done == len => Ok(Some(buf)),
-            (0, _) => Ok(None),
-            _ => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+        match self.fill(buf).await {
+            (Ok(true), b) => Ok(Some(b)),
+            (Ok(false), _) => Ok(None),
+            (Err(e), _) => Err(e),
         }
     }
 
@@ -99,10 +136,9 @@ impl Sock {
 
     /// Write all of `buf`'s window, and hand the buffer back.
     pub async fn write_all(&self, buf: IoBuf) -> std::io::Result<IoBuf> {
-        let len = buf.len();
-        match self.transfer(true, buf).await? {
-            (done, buf) if done == len => Ok(buf),
-            _ => Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
+        match self.send(buf).await {
+            (Ok(()), b) => Ok(b),
+            (Err(e), _) => Err(e),
         }
     }
 

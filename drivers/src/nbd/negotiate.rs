@@ -1,0 +1,378 @@
+//! The client side of the NBD handshake, on a blocking socket (it runs when a node opens or
+//! a connection is re-established, off the data path): oldstyle, or fixed newstyle with
+//! `NBD_OPT_EXTENDED_HEADERS` (falling back to `STRUCTURED_REPLY`), `SET_META_CONTEXT` for the
+//! block status context, and `GO` with block size information (falling back to
+//! `EXPORT_NAME` where the server has no `GO`). Also `NBD_OPT_LIST` and `INFO` for listing.
+//!
+//! Every reply is checked: magics, the option it answers, lengths (at most
+//! [`proto::MAX_OPTION_LEN`] each, so a hostile server cannot make us allocate more), and the
+//! block size constraints the spec allows. Errors name what the server did wrong, or repeat
+//! QEMU's wording for the errors users know ("Requested export not available").
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use basalt_engine::{BlockError, BlockResult, ErrorKind};
+
+use super::proto::{self, info, opt, rep, Fields, OptionHeader, OptionReplyHeader};
+
+/// What the handshake settled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub tflags: u16,
+    /// Block size constraints (1, 4096, 32 MiB when the server gives none).
+    pub min_block: u32,
+    pub pref_block: u32,
+    pub max_block: u32,
+    /// Structured replies are on.
+    pub structured: bool,
+    /// Extended headers are on (which implies structured replies).
+    pub extended: bool,
+    /// The id of the block status context, when the server has it.
+    pub context_id: Option<u32>,
+    /// The export's description, when the server sent one.
+    pub description: Option<String>,
+}
+
+impl Negotiated {
+    /// Whether a transmission flag is set.
+    pub fn has(&self, f: u16) -> bool {
+        self.tflags & f != 0
+    }
+}
+
+/// What to ask for.
+pub struct Want<'a> {
+    pub export: &'a str,
+    /// The block status context (`base:allocation` or `x-dirty-bitmap`'s).
+    pub context: &'a str,
+    /// Whether not finding `context` is an error (it was asked for by name).
+    pub context_required: bool,
+}
+
+fn proto_err(msg: impl Into<String>) -> BlockError {
+    BlockError::new(ErrorKind::Io, msg.into())
+}
+
+fn io_err(what: &str, e: std::io::Error) -> BlockError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return proto_err(format!("Server closed the connection while {what}"));
+    }
+    BlockError::new(ErrorKind::Io, format!("Failed while {what}: {e}"))
+}
+
+/// A blocking socket with a receive timeout for the handshake.
+pub struct Handshake {
+    s: std::fs::File,
+    /// The server leaves out the 124 zero bytes after `EXPORT_NAME`.
+    no_zeroes: bool,
+}
+
+impl Handshake {
+    /// Take a connected socket; reads time out after `timeout` (a server that stops answering
+    /// mid-handshake fails the open rather than hanging it).
+    pub fn new(fd: OwnedFd, timeout: Duration) -> Handshake {
+        let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+        // SAFETY: setting SO_RCVTIMEO on a socket we own from a valid timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        Handshake { s: std::fs::File::from(fd), no_zeroes: false }
+    }
+
+    /// The socket back, with the timeout cleared for the transmission phase.
+    pub fn into_fd(self) -> OwnedFd {
+        let fd = OwnedFd::from(self.s);
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+        // SAFETY: as in `new`.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        fd
+    }
+
+    fn read<const N: usize>(&mut self, what: &str) -> BlockResult<[u8; N]> {
+        let mut b = [0u8; N];
+        self.s.read_exact(&mut b).map_err(|e| io_err(what, e))?;
+        Ok(b)
+    }
+
+    fn read_vec(&mut self, n: usize, what: &str) -> BlockResult<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).map_err(|e| io_err(what, e))?;
+        Ok(b)
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) -> BlockResult<()> {
+        let mut m = OptionHeader { option, len: data.len() as u32 }.encode().to_vec();
+        m.extend_from_slice(data);
+        self.s.write_all(&m).map_err(|e| io_err("sending an option", e))
+    }
+
+    /// One option reply: header and data.
+    fn reply(&mut self, option: u32) -> BlockResult<(u32, Vec<u8>)> {
+        let h = OptionReplyHeader::parse(&self.read::<20>("reading an option reply")?).map_err(|e| proto_err(e.0))?;
+        if h.option != option {
+            return Err(proto_err(format!("Unexpected option reply: {} in reply to option {option}", h.option)));
+        }
+        if h.len > proto::MAX_OPTION_LEN {
+            return Err(proto_err(format!("Option reply of {} bytes is too long", h.len)));
+        }
+        let data = self.read_vec(h.len as usize, "reading an option reply")?;
+        Ok((h.reply, data))
+    }
+
+    /// The greeting up to the client flags. Returns whether the server is fixed newstyle, or
+    /// the whole result for an oldstyle server.
+    fn greeting(&mut self, export: &str) -> BlockResult<Result<bool, Negotiated>> {
+        let magic = u64::from_be_bytes(self.read::<8>("reading the server's greeting")?);
+        if magic != proto::NBDMAGIC {
+            return Err(proto_err(format!("Bad initial magic received: {magic:#x}")));
+        }
+        let magic = u64::from_be_bytes(self.read::<8>("reading the server's greeting")?);
+        if magic == proto::OLDSTYLE_MAGIC {
+            let b = self.read::<{ 8 + 4 + 124 }>("reading the oldstyle greeting")?;
+            if !export.is_empty() {
+                return Err(proto_err("Server does not support non-empty export names"));
+            }
+            let size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+            let tflags = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes")) as u16;
+            return Ok(Err(Negotiated { size, tflags, ..defaults() }));
+        }
+        if magic != proto::IHAVEOPT {
+            return Err(proto_err(format!("Bad server magic received: {magic:#x}")));
+        }
+        let gflags = u16::from_be_bytes(self.read::<2>("reading the server's flags")?);
+        let fixed = gflags & proto::FLAG_FIXED_NEWSTYLE != 0;
+        let mut cflags = 0;
+        if fixed {
+            cflags |= proto::FLAG_C_FIXED_NEWSTYLE;
+        }
+        if gflags & proto::FLAG_NO_ZEROES != 0 {
+            cflags |= proto::FLAG_C_NO_ZEROES;
+        }
+        self.s.write_all(&cflags.to_be_bytes()).map_err(|e| io_err("sending the client flags", e))?;
+        self.no_zeroes = gflags & proto::FLAG_NO_ZEROES != 0;
+        Ok(Ok(fixed))
+    }
+
+    /// Negotiate an export for the transmission phase.
+    pub fn negotiate(&mut self, want: &Want) -> BlockResult<Negotiated> {
+        let fixed = match self.greeting(want.export)? {
+            Err(old) => return Ok(old),
+            Ok(fixed) => fixed,
+        };
+        let mut n = defaults();
+        if fixed {
+            n.extended = self.simple_option(opt::EXTENDED_HEADERS)?;
+            n.structured = n.extended || self.simple_option(opt::STRUCTURED_REPLY)?;
+            if n.structured {
+                n.context_id = self.set_meta_context(want.export, want.context)?;
+                if n.context_id.is_none() && want.context_required {
+                    return Err(proto_err(format!("requested x-dirty-bitmap {} not found", want.context)));
+                }
+            }
+            if self.go(want.export, &mut n)? {
+                return Ok(n);
+            }
+        }
+        self.export_name(want.export, &mut n)?;
+        Ok(n)
+    }
+
+    /// An option without data answered by ACK (true) or an error (false).
+    fn simple_option(&mut self, option: u32) -> BlockResult<bool> {
+        self.send_option(option, &[])?;
+        let (r, _) = self.reply(option)?;
+        match r {
+            rep::ACK => Ok(true),
+            r if r & (1 << 31) != 0 => Ok(false),
+            r => Err(proto_err(format!("Unexpected reply {r:#x} to option {option}"))),
+        }
+    }
+
+    fn set_meta_context(&mut self, export: &str, context: &str) -> BlockResult<Option<u32>> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&(context.len() as u32).to_be_bytes());
+        d.extend_from_slice(context.as_bytes());
+        self.send_option(opt::SET_META_CONTEXT, &d)?;
+        let mut id = None;
+        loop {
+            let (r, data) = self.reply(opt::SET_META_CONTEXT)?;
+            match r {
+                rep::META_CONTEXT => {
+                    if data.len() < 4 {
+                        return Err(proto_err("Meta context reply is too short"));
+                    }
+                    let name = &data[4..];
+                    if name != context.as_bytes() || id.is_some() {
+                        return Err(proto_err(format!(
+                            "Server replied with an unexpected meta context '{}'",
+                            String::from_utf8_lossy(name)
+                        )));
+                    }
+                    id = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
+                }
+                rep::ACK => return Ok(id),
+                r if r & (1 << 31) != 0 => return Ok(None),
+                r => return Err(proto_err(format!("Unexpected reply {r:#x} to NBD_OPT_SET_META_CONTEXT"))),
+            }
+        }
+    }
+
+    /// `NBD_OPT_GO`; false when the server does not know it (use `EXPORT_NAME`).
+    fn go(&mut self, export: &str, n: &mut Negotiated) -> BlockResult<bool> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+        self.send_option(opt::GO, &d)?;
+        let mut have_export = false;
+        loop {
+            let (r, data) = self.reply(opt::GO)?;
+            match r {
+                rep::INFO => parse_info(&data, n, &mut have_export)?,
+                rep::ACK if have_export => return Ok(true),
+                rep::ACK => return Err(proto_err("Server did not send the export's size")),
+                rep::ERR_UNSUP => return Ok(false),
+                r if r & (1 << 31) != 0 => return Err(option_error(r, opt::GO, &data)),
+                r => return Err(proto_err(format!("Unexpected reply {r:#x} to NBD_OPT_GO"))),
+            }
+        }
+    }
+
+    fn export_name(&mut self, export: &str, n: &mut Negotiated) -> BlockResult<()> {
+        self.send_option(opt::EXPORT_NAME, export.as_bytes())?;
+        let b = self.read::<10>("reading the export's size").map_err(|_| proto_err("Requested export not available"))?;
+        n.size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+        n.tflags = u16::from_be_bytes([b[8], b[9]]);
+        if !self.no_zeroes {
+            self.read::<124>("reading the export's padding")?;
+        }
+        check_size(n.size)
+    }
+
+    /// `NBD_OPT_LIST`: the exports' names and descriptions. Ends the handshake with `ABORT`.
+    pub fn list(&mut self) -> BlockResult<Vec<(String, String)>> {
+        match self.greeting("")? {
+            Err(_) => return Err(proto_err("Server does not support export lists")),
+            Ok(false) => return Err(proto_err("Server does not support export lists")),
+            Ok(true) => {}
+        }
+        self.send_option(opt::LIST, &[])?;
+        let mut out = Vec::new();
+        loop {
+            let (r, data) = self.reply(opt::LIST)?;
+            match r {
+                rep::SERVER => {
+                    let mut f = Fields::new(&data);
+                    let name = f.string("export name").map_err(|e| proto_err(e.0))?;
+                    let desc = String::from_utf8_lossy(&data[4 + name.len()..]).into_owned();
+                    out.push((name, desc));
+                    if out.len() > 65536 {
+                        return Err(proto_err("Server listed too many exports"));
+                    }
+                }
+                rep::ACK => break,
+                r => return Err(option_error(r, opt::LIST, &data)),
+            }
+        }
+        let _ = self.send_option(opt::ABORT, &[]);
+        Ok(out)
+    }
+
+    /// Politely end a handshake that will not enter transmission.
+    pub fn abort(&mut self) {
+        let _ = self.send_option(opt::ABORT, &[]);
+    }
+}
+
+fn defaults() -> Negotiated {
+    Negotiated { min_block: 1, pref_block: 4096, max_block: proto::MAX_PAYLOAD, ..Negotiated::default() }
+}
+
+fn check_size(size: u64) -> BlockResult<()> {
+    if size > i64::MAX as u64 {
+        return Err(proto_err(format!("Export size {size} is too large")));
+    }
+    Ok(())
+}
+
+fn parse_info(data: &[u8], n: &mut Negotiated, have_export: &mut bool) -> BlockResult<()> {
+    let mut f = Fields::new(data);
+    let typ = f.u16("information type").map_err(|e| proto_err(e.0))?;
+    let e = |e: proto::ProtoError| proto_err(e.0);
+    match typ {
+        info::EXPORT => {
+            if data.len() != 12 {
+                return Err(proto_err(format!("Export information of {} bytes", data.len())));
+            }
+            n.size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+            n.tflags = u16::from_be_bytes([data[10], data[11]]);
+            check_size(n.size)?;
+            *have_export = true;
+        }
+        info::BLOCK_SIZE => {
+            if data.len() != 14 {
+                return Err(proto_err(format!("Block size information of {} bytes", data.len())));
+            }
+            let (min, pref, max) = (f.u32("minimum").map_err(e)?, f.u32("preferred").map_err(e)?, f.u32("maximum").map_err(e)?);
+            if !min.is_power_of_two() || min > 64 << 10 {
+                return Err(proto_err(format!("server minimum block size {min} is not a power of two up to 64 KiB")));
+            }
+            if !pref.is_power_of_two() || pref < min {
+                return Err(proto_err(format!("server preferred block size {pref} is not valid")));
+            }
+            if max < pref || !max.is_multiple_of(min) {
+                return Err(proto_err(format!("server maximum block size {max} is not a multiple of minimum block size {min}")));
+            }
+            (n.min_block, n.pref_block, n.max_block) = (min, pref, max.min(proto::MAX_PAYLOAD));
+        }
+        info::DESCRIPTION => n.description = Some(String::from_utf8_lossy(&data[2..]).into_owned()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// QEMU's wording for an option's error reply, with the server's message appended.
+fn option_error(r: u32, option: u32, data: &[u8]) -> BlockError {
+    let what = match r {
+        rep::ERR_UNSUP => format!("Unsupported option {option}"),
+        rep::ERR_POLICY => format!("Denied by server for option {option}"),
+        rep::ERR_INVALID => format!("Invalid parameters for option {option}"),
+        rep::ERR_PLATFORM => format!("Server lacks support for option {option}"),
+        rep::ERR_TLS_REQD => format!("TLS negotiation required before option {option}"),
+        rep::ERR_UNKNOWN => "Requested export not available".to_string(),
+        rep::ERR_SHUTDOWN => "Server shutting down before option was sent".to_string(),
+        rep::ERR_BLOCK_SIZE_REQD => "Server requires INFO/GO with block size support".to_string(),
+        rep::ERR_TOO_BIG => format!("Option {option} was too large for the server"),
+        _ => format!("Unknown error code {r:#x} from server for option {option}"),
+    };
+    let msg = String::from_utf8_lossy(data);
+    let kind = if r == rep::ERR_UNKNOWN { ErrorKind::NotFound } else { ErrorKind::Io };
+    if msg.is_empty() {
+        BlockError::new(kind, what)
+    } else {
+        BlockError::new(kind, format!("{what}\nserver reported: {msg}"))
+    }
+}
