@@ -113,7 +113,7 @@ fn open_nbd(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<
     let force_share = opts.take_bool("force-share", false)?;
     let _ = opts.take_bool("cache.direct", flags.cache_direct)?;
     let _ = opts.take_bool("cache.no-flush", flags.no_flush)?;
-    let discard = opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "ignore")?;
+    let discard = opts.take_enum("discard", &["ignore", "off", "unmap", "on"], "unmap")?;
     opts.expect_empty("Block protocol", "nbd")?;
     if force_share && !read_only {
         return Err(BlockError::option("force-share=on can only be used with read-only images"));
@@ -122,7 +122,8 @@ fn open_nbd(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<
     let (fd, neg) = connect(&target, &context)?;
     if neg.has(tflag::READ_ONLY) && !read_only {
         if !auto_ro {
-            return Err(BlockError::new(ErrorKind::PermissionDenied, "NBD export is read-only"));
+            // QEMU's driver fails with a bare EACCES here, which its block layer words so.
+            return Err(BlockError::errno("Could not open image", libc::EACCES));
         }
         read_only = true;
     }
