@@ -20,6 +20,8 @@ mod queue;
 pub mod secret;
 mod zero;
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub use backend::Backend;
 pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
 pub use graph::{

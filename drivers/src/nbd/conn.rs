@@ -268,7 +268,7 @@ impl Conn {
     }
 
     /// The connection of generation `gen` is gone.
-    fn lost(self: &Rc<Self>, gen: u64, why: &str) {
+    fn lost(self: &Rc<Self>, gen: u64) {
         let sock = {
             let mut st = self.st.borrow_mut();
             if st.gen != gen || st.sock.is_none() {
@@ -345,7 +345,7 @@ impl Conn {
             .await;
             let Some((sock, gen)) = ready else { return };
             let mut used = 0;
-            let mut failed = None;
+            let mut failed = false;
             loop {
                 let next = {
                     let mut st = self.st.borrow_mut();
@@ -366,8 +366,8 @@ impl Conn {
                     used = 0;
                     match sock.write_all(staging).await {
                         Ok(b) => staging = b,
-                        Err(e) => {
-                            failed = Some(e.to_string());
+                        Err(_) => {
+                            failed = true;
                             staging = IoBuf::new_uninit(BATCH);
                             break;
                         }
@@ -377,24 +377,24 @@ impl Conn {
                     let Some(buf) = self.hold(id) else { continue };
                     let (r, b) = sock.send(buf).await;
                     self.release(id, b);
-                    if let Err(e) = r {
-                        failed = Some(e.to_string());
+                    if r.is_err() {
+                        failed = true;
                         break;
                     }
                 }
             }
-            if failed.is_none() && used > 0 {
+            if !failed && used > 0 {
                 staging.reset(used);
                 match sock.write_all(staging).await {
                     Ok(b) => staging = b,
-                    Err(e) => {
-                        failed = Some(e.to_string());
+                    Err(_) => {
+                        failed = true;
                         staging = IoBuf::new_uninit(BATCH);
                     }
                 }
             }
-            if let Some(why) = failed {
-                self.lost(gen, &why);
+            if failed {
+                self.lost(gen);
             }
         }
     }
@@ -405,8 +405,9 @@ impl Conn {
         loop {
             match self.read_reply(&sock, scratch).await {
                 Ok(b) => scratch = b,
-                Err(why) => {
-                    self.lost(gen, &why);
+                // Why it ended does not matter to the requests: they are sent again or fail.
+                Err(_) => {
+                    self.lost(gen);
                     return;
                 }
             }

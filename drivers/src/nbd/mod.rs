@@ -16,6 +16,7 @@
 //! covers every write (the protocol only promises that per connection without multi-conn).
 
 pub mod conn;
+pub mod fuzz;
 pub mod negotiate;
 pub mod proto;
 pub mod sock;

@@ -65,11 +65,19 @@ fn io_err(what: &str, e: std::io::Error) -> BlockError {
     BlockError::new(ErrorKind::Io, format!("Failed while {what}: {e}"))
 }
 
-/// A blocking socket with a receive timeout for the handshake.
-pub struct Handshake {
-    s: std::fs::File,
+/// The handshake over a blocking stream: a socket with a receive timeout, or any reader and
+/// writer (the fuzz target drives it from bytes).
+pub struct Handshake<S: Read + Write = std::fs::File> {
+    s: S,
     /// The server leaves out the 124 zero bytes after `EXPORT_NAME`.
     no_zeroes: bool,
+}
+
+impl<S: Read + Write> Handshake<S> {
+    /// Negotiate over any stream.
+    pub fn over(s: S) -> Handshake<S> {
+        Handshake { s, no_zeroes: false }
+    }
 }
 
 impl Handshake {
@@ -106,7 +114,9 @@ impl Handshake {
         };
         fd
     }
+}
 
+impl<S: Read + Write> Handshake<S> {
     fn read<const N: usize>(&mut self, what: &str) -> BlockResult<[u8; N]> {
         let mut b = [0u8; N];
         self.s.read_exact(&mut b).map_err(|e| io_err(what, e))?;

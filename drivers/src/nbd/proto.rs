@@ -300,6 +300,39 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The data of `NBD_OPT_INFO`/`GO`: the export name and the information types asked for.
+pub fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), ProtoError> {
+    let mut f = Fields::new(data);
+    let name = f.string("export name")?;
+    let n = f.u16("information request count")?;
+    let mut reqs = Vec::new();
+    for _ in 0..n {
+        reqs.push(f.u16("information request")?);
+    }
+    if !f.done() {
+        return Err(ProtoError("trailing data in the option".into()));
+    }
+    Ok((name, reqs))
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT`: export name and queries.
+pub fn parse_meta_request(data: &[u8]) -> Result<(String, Vec<String>), ProtoError> {
+    let mut f = Fields::new(data);
+    let name = f.string("export name")?;
+    let n = f.u32("query count")?;
+    if n as usize > data.len() / 4 {
+        return Err(ProtoError(format!("{n} queries do not fit the option")));
+    }
+    let mut qs = Vec::new();
+    for _ in 0..n {
+        qs.push(f.string("query")?);
+    }
+    if !f.done() {
+        return Err(ProtoError("trailing data in the option".into()));
+    }
+    Ok((name, qs))
+}
+
 /// A transmission request: compact (28 bytes, 32-bit length) or extended (32 bytes, 64-bit
 /// length) on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Fields, OptionHeader, Request};
+use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, OptionHeader, Request};
 use basalt_engine::{IoStatus, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
 
@@ -192,22 +192,8 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
 
 /// `NBD_OPT_INFO`/`GO`; returns whether the export was found and acknowledged.
 async fn info_or_go(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &Negotiated) -> Result<bool, String> {
-    let mut f = Fields::new(data);
-    let parsed = (|| {
-        let name = f.string("export name")?;
-        let n = f.u16("information request count")?;
-        let mut reqs = Vec::new();
-        for _ in 0..n {
-            reqs.push(f.u16("information request")?);
-        }
-        Ok::<_, proto::ProtoError>((name, reqs))
-    })();
-    let (name, reqs) = match parsed {
-        Ok(v) if f.done() => v,
-        Ok(_) => {
-            reply_err(sock, option, rep::ERR_INVALID, "trailing data in the option").await?;
-            return Ok(false);
-        }
+    let (name, reqs) = match proto::parse_info_request(data) {
+        Ok(v) => v,
         Err(e) => {
             reply_err(sock, option, rep::ERR_INVALID, &e.0).await?;
             return Ok(false);
@@ -248,22 +234,8 @@ async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: 
     if !neg.structured {
         return reply_err(sock, option, rep::ERR_INVALID, "structured replies have not been negotiated").await;
     }
-    let mut f = Fields::new(data);
-    let parsed = (|| {
-        let name = f.string("export name")?;
-        let n = f.u32("query count")?;
-        if n as usize > data.len() / 4 {
-            return Err(proto::ProtoError(format!("{n} queries do not fit the option")));
-        }
-        let mut qs = Vec::new();
-        for _ in 0..n {
-            qs.push(f.string("query")?);
-        }
-        Ok::<_, proto::ProtoError>((name, qs))
-    })();
-    let (name, queries) = match parsed {
-        Ok(v) if f.done() => v,
-        Ok(_) => return reply_err(sock, option, rep::ERR_INVALID, "trailing data in the option").await,
+    let (name, queries) = match proto::parse_meta_request(data) {
+        Ok(v) => v,
         Err(e) => return reply_err(sock, option, rep::ERR_INVALID, &e.0).await,
     };
     if name != exp.name {
