@@ -27,6 +27,10 @@ use basalt_drivers::nbd::sock::Sock;
 
 /// Requests of one connection running at once.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Read and write payload bytes one connection may hold at once (a client that sends reads
+/// and never reads the replies holds at most this much of the server's memory; one request
+/// of any allowed size always proceeds).
+const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// Extents in one block status reply.
 const MAX_EXTENTS: usize = 1024;
 /// Context ids.
@@ -300,22 +304,28 @@ struct Conn {
     neg: Negotiated,
     wlock: WriteLock,
     in_flight: Cell<usize>,
+    /// Payload bytes of the requests in flight.
+    bytes: Cell<u64>,
     waiters: RefCell<VecDeque<Waker>>,
     /// The socket failed: stop taking requests.
     broken: Cell<bool>,
 }
 
 impl Conn {
-    fn done_one(&self) {
+    fn done_one(&self, bytes: u64) {
         self.in_flight.set(self.in_flight.get() - 1);
-        if let Some(w) = self.waiters.borrow_mut().pop_front() {
+        self.bytes.set(self.bytes.get() - bytes);
+        for w in self.waiters.borrow_mut().drain(..) {
             w.wake();
         }
     }
 
-    async fn wait_below(&self, n: usize) {
+    /// Wait until fewer than `n` requests and at most `MAX_BYTES_IN_FLIGHT - bytes` payload
+    /// bytes are in flight (or nothing is).
+    async fn wait_below(&self, n: usize, bytes: u64) {
         std::future::poll_fn(|cx| {
-            if self.in_flight.get() < n {
+            let fits = self.bytes.get() + bytes <= MAX_BYTES_IN_FLIGHT || self.in_flight.get() == 0;
+            if self.in_flight.get() < n && fits {
                 Poll::Ready(())
             } else {
                 self.waiters.borrow_mut().push_back(cx.waker().clone());
@@ -361,11 +371,12 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         neg,
         wlock: WriteLock::default(),
         in_flight: Cell::new(0),
+        bytes: Cell::new(0),
         waiters: RefCell::new(VecDeque::new()),
         broken: Cell::new(false),
     });
     let result = loop {
-        conn.wait_below(MAX_IN_FLIGHT).await;
+        conn.wait_below(MAX_IN_FLIGHT, 0).await;
         if conn.broken.get() {
             break Err("the client stopped reading replies".to_string());
         }
@@ -381,6 +392,8 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         if req.typ == cmd::DISC {
             break Ok(());
         }
+        let cost = if matches!(req.typ, cmd::READ | cmd::WRITE) { req.len.min(u64::from(proto::MAX_PAYLOAD)) } else { 0 };
+        conn.wait_below(MAX_IN_FLIGHT, cost).await;
         let mut payload = None;
         if req.typ == cmd::WRITE {
             if req.len > u64::from(proto::MAX_PAYLOAD) {
@@ -392,14 +405,15 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
             }
         }
         conn.in_flight.set(conn.in_flight.get() + 1);
+        conn.bytes.set(conn.bytes.get() + cost);
         let c = conn.clone();
         basalt_reactor::spawn_local(async move {
             handle(&c, req, payload).await;
-            c.done_one();
+            c.done_one(cost);
         });
     };
     // Every request taken in gets its reply before the connection closes.
-    conn.wait_below(1).await;
+    conn.wait_below(1, 0).await;
     result
 }
 
