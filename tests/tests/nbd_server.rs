@@ -325,3 +325,31 @@ fn nbdsh_and_fio_against_basalt_nbd() {
     stop(q);
     stop(b);
 }
+
+/// `basalt-nbd -L` prints what `qemu-nbd -L` prints, against basalt-nbd (with a description
+/// and allocation depth) and against qemu-nbd (extended headers, block sizes).
+#[test]
+fn list_mode_prints_as_qemu_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("l.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"])), "create");
+    let (b_sock, q_sock) = (d.join("b.sock"), d.join("q.sock"));
+    let b = start(
+        Command::new(tool("basalt-nbd"))
+            .args(["-t", "-r", "-A", "-x", "disk", "-D", "a test disk", "-f", "raw", "-k"])
+            .arg(&b_sock)
+            .arg(&img),
+        &b_sock,
+    );
+    let q = start(peer("qemu-nbd").args(["-t", "-r", "-f", "raw", "-x", "q", "-k"]).arg(&q_sock).arg(&img), &q_sock);
+    for s in [&b_sock, &q_sock] {
+        let bo = run(Command::new(tool("basalt-nbd")).arg("-L").arg("-k").arg(s));
+        let qo = run(peer("qemu-nbd").arg("-L").arg("-k").arg(s));
+        must(&bo, "basalt-nbd -L");
+        assert_eq!(stdout(&bo), stdout(&qo), "listing of {}", s.display());
+        assert!(stdout(&bo).contains("export: '"), "{}", stdout(&bo));
+    }
+    stop(b);
+    stop(q);
+}

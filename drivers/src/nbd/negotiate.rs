@@ -45,6 +45,16 @@ impl Negotiated {
     }
 }
 
+/// One export as a listing shows it.
+#[derive(Clone, Debug)]
+pub struct ExportDetails {
+    pub name: String,
+    pub description: String,
+    /// Size, flags and block sizes (0 when the server sent none).
+    pub info: Negotiated,
+    pub contexts: Vec<String>,
+}
+
 /// What to ask for.
 pub struct Want<'a> {
     pub export: &'a str,
@@ -285,10 +295,72 @@ impl<S: Read + Write> Handshake<S> {
     /// `NBD_OPT_LIST`: the exports' names and descriptions. Ends the handshake with `ABORT`.
     pub fn list(&mut self) -> BlockResult<Vec<(String, String)>> {
         match self.greeting("")? {
-            Err(_) => return Err(proto_err("Server does not support export lists")),
-            Ok(false) => return Err(proto_err("Server does not support export lists")),
+            Err(_) | Ok(false) => return Err(proto_err("Server does not support export lists")),
             Ok(true) => {}
         }
+        let out = self.list_names()?;
+        self.abort();
+        Ok(out)
+    }
+
+    /// What `qemu-nbd -L` shows: every export with its information and meta contexts
+    /// (`LIST`, then `INFO` and `LIST_META_CONTEXT` for each); ends with `ABORT`. Returns
+    /// whether extended headers were negotiated, and the exports.
+    pub fn list_details(&mut self) -> BlockResult<(bool, Vec<ExportDetails>)> {
+        match self.greeting("")? {
+            Err(_) | Ok(false) => return Err(proto_err("Server does not support export lists")),
+            Ok(true) => {}
+        }
+        let extended = self.simple_option(opt::EXTENDED_HEADERS)?;
+        let structured = extended || self.simple_option(opt::STRUCTURED_REPLY)?;
+        let names = self.list_names()?;
+        let mut out = Vec::with_capacity(names.len());
+        for (name, description) in names {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&2u16.to_be_bytes());
+            d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+            d.extend_from_slice(&info::DESCRIPTION.to_be_bytes());
+            self.send_option(opt::INFO, &d)?;
+            let mut n = Negotiated { min_block: 0, pref_block: 0, max_block: 0, ..Negotiated::default() };
+            let mut have_export = false;
+            loop {
+                let (r, data) = self.reply(opt::INFO)?;
+                match r {
+                    rep::INFO => parse_info(&data, &mut n, &mut have_export)?,
+                    rep::ACK => break,
+                    r => return Err(option_error(r, opt::INFO, &data)),
+                }
+            }
+            let mut contexts = Vec::new();
+            if structured {
+                let mut d = Vec::new();
+                d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                d.extend_from_slice(name.as_bytes());
+                d.extend_from_slice(&0u32.to_be_bytes());
+                self.send_option(opt::LIST_META_CONTEXT, &d)?;
+                loop {
+                    let (r, data) = self.reply(opt::LIST_META_CONTEXT)?;
+                    match r {
+                        rep::META_CONTEXT if data.len() >= 4 => contexts.push(String::from_utf8_lossy(&data[4..]).into_owned()),
+                        rep::ACK => break,
+                        r if r & (1 << 31) != 0 => break,
+                        r => return Err(proto_err(format!("Unexpected reply {r:#x} to NBD_OPT_LIST_META_CONTEXT"))),
+                    }
+                    if contexts.len() > 4096 {
+                        return Err(proto_err("Server listed too many meta contexts"));
+                    }
+                }
+            }
+            let description = n.description.clone().unwrap_or(description);
+            out.push(ExportDetails { name, description, info: n, contexts });
+        }
+        self.abort();
+        Ok((extended, out))
+    }
+
+    fn list_names(&mut self) -> BlockResult<Vec<(String, String)>> {
         self.send_option(opt::LIST, &[])?;
         let mut out = Vec::new();
         loop {
@@ -303,12 +375,10 @@ impl<S: Read + Write> Handshake<S> {
                         return Err(proto_err("Server listed too many exports"));
                     }
                 }
-                rep::ACK => break,
+                rep::ACK => return Ok(out),
                 r => return Err(option_error(r, opt::LIST, &data)),
             }
         }
-        let _ = self.send_option(opt::ABORT, &[]);
-        Ok(out)
     }
 
     /// Politely end a handshake that will not enter transmission.

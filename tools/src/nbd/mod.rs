@@ -6,11 +6,13 @@
 //! `--detect-zeroes=off`, `--image-opts`, `--object`, `--fork`, `--pid-file`, `-v`. As qemu-nbd:
 //! without `-t` the server exits when its last client has gone; `-e N` admits N clients at once
 //! (1 by default) and turns the others away; SIGTERM/SIGINT end it cleanly (the image is
-//! flushed and closed). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, `-B`, `-L`, TLS,
+//! flushed and closed). `-L` lists another server's exports as qemu-nbd does (with `-k`, or
+//! `-b`/`-p`, `localhost` by default). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, `-B`, TLS,
 //! `-T`, `-o`, `-P`, `--detect-zeroes=on|unmap`) are refused by name.
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through [`sock`].
 
+pub mod list;
 pub mod server;
 
 use std::cell::Cell;
@@ -45,6 +47,7 @@ Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.\n\
       --object=OBJ          define an object (secret)\n\
       --fork                run in the background once the server is listening\n\
       --pid-file=PATH       write the server's pid there\n\
+  -L, --list                list the exports of the server at -k or -b/-p\n\
   -v, --verbose             accepted\n\
   -h, --help                this help\n\
   -V, --version             version";
@@ -67,6 +70,8 @@ struct Config {
     objects: Vec<String>,
     fork: bool,
     pid_file: Option<String>,
+    list: bool,
+    bind_given: bool,
     file: String,
 }
 
@@ -134,6 +139,8 @@ fn parse(args: &[String]) -> Result<Config, String> {
         objects: Vec::new(),
         fork: false,
         pid_file: None,
+        list: false,
+        bind_given: false,
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -174,7 +181,10 @@ fn parse(args: &[String]) -> Result<Config, String> {
         };
         match name.as_str() {
             "port" => c.port = val.parse().map_err(|_| format!("Invalid port '{val}'"))?,
-            "bind" => c.bind = val,
+            "bind" => {
+                c.bind = val;
+                c.bind_given = true;
+            }
             "socket" => c.socket = Some(val),
             "export-name" => c.name = val,
             "description" => c.description = Some(val),
@@ -206,6 +216,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "nocache" => c.cache = Some("none".into()),
             "image-opts" => c.image_opts = true,
             "fork" => c.fork = true,
+            "list" => c.list = true,
             "verbose" => {}
             "help" => {
                 println!("{USAGE}");
@@ -219,6 +230,8 @@ fn parse(args: &[String]) -> Result<Config, String> {
         }
     }
     match files.len() {
+        0 if c.list => {}
+        _ if c.list => return Err("Too many arguments".into()),
         1 => c.file = files.remove(0),
         0 => return Err("Not enough arguments".into()),
         _ => return Err("Too many arguments".into()),
@@ -248,6 +261,22 @@ pub fn main(args: Vec<String>) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(format!("{e}\nTry 'basalt-nbd --help' for more information.")),
     };
+    if c.list {
+        let server = match &c.socket {
+            Some(path) => basalt_drivers::nbd::target::NbdServer::Unix { path: path.clone() },
+            None => basalt_drivers::nbd::target::NbdServer::Inet {
+                host: if c.bind_given { c.bind.clone() } else { "localhost".into() },
+                port: c.port.to_string(),
+            },
+        };
+        return match list::list(server) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
     let listener = match listen(&c) {
         Ok(l) => l,
         Err(e) => return fail(e),
