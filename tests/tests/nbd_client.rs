@@ -296,3 +296,24 @@ fn reconnect_delay_survives_a_server_restart() {
     let q = run(peer("qemu-io").args(["-f", "raw", "-c", "read -P 5 0 64k", "-c", "read -P 6 64k 64k", path(&img)]));
     assert!(!io_lines(&q).contains("failed"), "{}", io_lines(&q));
 }
+
+/// Basalt's client and server together (extended headers both ways): what Basalt's tools see
+/// through them is what QEMU's tools see through basalt-nbd.
+#[test]
+fn client_against_basalt_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("s.qcow2");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", path(&img), "32M"])), "create");
+    must(&run(peer("qemu-io").args(["-c", "write -P 7 1M 3M", "-c", "write -z 8M 1M", path(&img)])), "fill");
+    let s = d.join("s.sock");
+    let _b = serve(Command::new(tool("basalt-nbd")).args(["-t", "-f", "qcow2", "-x", "e", "-k"]).arg(&s).arg(&img), &s);
+    let u = unix(&s, "e");
+    let o = io("basalt-io", &u, &["write -P 9 20M 1M", "read -P 7 1M 3M", "read -P 9 20M 1M", "read -P 0 8M 1M"]);
+    must(&o, "basalt-io through basalt-nbd");
+    assert!(!io_lines(&o).contains("failed"), "{}", io_lines(&o));
+    for args in [["map", "--output=json"], ["info", "--output=json"]] {
+        let a = [args[0], args[1], "-f", "raw", &u];
+        assert_same_img_outcome(&basalt("basalt-img", &a), &run(peer("qemu-img").args(a)), args[0]);
+    }
+}

@@ -349,6 +349,8 @@ fn list_mode_prints_as_qemu_nbd() {
         must(&bo, "basalt-nbd -L");
         assert_eq!(stdout(&bo), stdout(&qo), "listing of {}", s.display());
         assert!(stdout(&bo).contains("export: '"), "{}", stdout(&bo));
+        // Both servers negotiate extended headers.
+        assert!(stdout(&bo).contains("transaction size: 64-bit"), "{}", stdout(&bo));
     }
     stop(b);
     stop(q);

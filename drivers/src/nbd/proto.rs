@@ -513,13 +513,32 @@ pub fn chunk_header(flags: u16, typ: u16, cookie: u64, len: u32) -> [u8; 20] {
     o
 }
 
-/// An ERROR chunk (header and payload) ending the reply to `cookie`.
-pub fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+/// An extended reply chunk header (32 bytes); `len` bytes of payload follow.
+pub fn ext_chunk_header(flags: u16, typ: u16, cookie: u64, offset: u64, len: u64) -> [u8; 32] {
+    let mut o = [0u8; 32];
+    o[0..4].copy_from_slice(&EXT_REPLY_MAGIC.to_be_bytes());
+    o[4..6].copy_from_slice(&flags.to_be_bytes());
+    o[6..8].copy_from_slice(&typ.to_be_bytes());
+    o[8..16].copy_from_slice(&cookie.to_be_bytes());
+    o[16..24].copy_from_slice(&offset.to_be_bytes());
+    o[24..32].copy_from_slice(&len.to_be_bytes());
+    o
+}
+
+/// The payload of an ERROR chunk: error value, message length, message (at most 4096 bytes).
+pub fn error_payload(error: u32, msg: &str) -> Vec<u8> {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    let mut o = chunk_header(chunk::FLAG_DONE, chunk::ERROR, cookie, 6 + msg.len() as u32).to_vec();
-    o.extend_from_slice(&error.to_be_bytes());
+    let mut o = error.to_be_bytes().to_vec();
     o.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     o.extend_from_slice(msg);
+    o
+}
+
+/// An ERROR chunk (header and payload) ending the reply to `cookie`.
+pub fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+    let p = error_payload(error, msg);
+    let mut o = chunk_header(chunk::FLAG_DONE, chunk::ERROR, cookie, p.len() as u32).to_vec();
+    o.extend(p);
     o
 }
 

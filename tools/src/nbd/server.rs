@@ -3,9 +3,10 @@
 //!
 //! Negotiation: `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO` (export, name,
 //! description and block size information), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled). TLS and
-//! extended headers are answered with the protocol's "unsupported"/"policy" errors, so clients
-//! fall back or stop cleanly.
+//! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled),
+//! `EXTENDED_HEADERS` (32-byte requests with 64-bit lengths, every reply an extended chunk,
+//! 64-bit block status extents). TLS is answered with the protocol's "policy" error, so
+//! clients stop cleanly.
 //!
 //! Transmission: the reader takes one request at a time (a write's payload with it) and starts
 //! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is written whole under the
@@ -99,6 +100,8 @@ pub async fn serve(sock: Rc<Sock>, exp: Rc<Export>) -> ConnResult {
 #[derive(Default, Clone)]
 struct Negotiated {
     structured: bool,
+    /// Extended headers (which imply structured replies).
+    extended: bool,
     contexts: Vec<u32>,
 }
 
@@ -179,6 +182,8 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                } else if neg.extended {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "extended headers already negotiated").await?;
                 } else if neg.structured {
                     reply_err(sock, h.option, rep::ERR_INVALID, "structured replies already negotiated").await?;
                 } else {
@@ -188,7 +193,16 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta_context(sock, exp, h.option, data, &mut neg).await?,
             opt::STARTTLS => reply_err(sock, h.option, rep::ERR_POLICY, "TLS is not configured on this server").await?,
-            opt::EXTENDED_HEADERS => reply_err(sock, h.option, rep::ERR_UNSUP, "extended headers are not supported").await?,
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data").await?;
+                } else if neg.extended {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "extended headers already negotiated").await?;
+                } else {
+                    (neg.extended, neg.structured) = (true, true);
+                    reply(sock, h.option, rep::ACK, &[]).await?;
+                }
+            }
             o => reply_err(sock, o, rep::ERR_UNSUP, &format!("option {o} is not supported")).await?,
         }
     }
@@ -347,16 +361,28 @@ impl Conn {
         self.wlock.unlock();
     }
 
+    /// A chunk header in the negotiated style (structured or extended).
+    fn chunk(&self, flags: u16, typ: u16, req: &Request, len: u64) -> Vec<u8> {
+        if self.neg.extended {
+            proto::ext_chunk_header(flags, typ, req.cookie, req.offset, len).to_vec()
+        } else {
+            proto::chunk_header(flags, typ, req.cookie, len as u32).to_vec()
+        }
+    }
+
     /// Reply to `req` with an error (or success when `error` is 0) and no data.
     async fn status(&self, req: &Request, error: u32, msg: &str) {
         let b = if !self.neg.structured {
-            IoBuf::from_slice(&proto::simple_reply(error, req.cookie))
+            proto::simple_reply(error, req.cookie).to_vec()
         } else if error != 0 {
-            IoBuf::from_slice(&proto::error_chunk(req.cookie, error, msg))
+            let p = proto::error_payload(error, msg);
+            let mut o = self.chunk(chunk::FLAG_DONE, chunk::ERROR, req, p.len() as u64);
+            o.extend(p);
+            o
         } else {
-            IoBuf::from_slice(&proto::chunk_header(chunk::FLAG_DONE, chunk::NONE, req.cookie, 0))
+            self.chunk(chunk::FLAG_DONE, chunk::NONE, req, 0)
         };
-        self.send(vec![b]).await;
+        self.send(vec![IoBuf::from_slice(&b)]).await;
     }
 }
 
@@ -380,12 +406,18 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         if conn.broken.get() {
             break Err("the client stopped reading replies".to_string());
         }
-        let h = match conn.sock.read_exact(IoBuf::new_uninit(Request::SIZE)).await {
+        let size = if conn.neg.extended { Request::EXT_SIZE } else { Request::SIZE };
+        let h = match conn.sock.read_exact(IoBuf::new_uninit(size)).await {
             Ok(Some(h)) => h,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
-        let req = match Request::parse(h[..Request::SIZE].try_into().expect("28 bytes")) {
+        let parsed = if conn.neg.extended {
+            Request::parse_ext(h[..Request::EXT_SIZE].try_into().expect("32 bytes"))
+        } else {
+            Request::parse(h[..Request::SIZE].try_into().expect("28 bytes"))
+        };
+        let req = match parsed {
             Ok(r) => r,
             Err(e) => break Err(e.0),
         };
@@ -440,8 +472,7 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             match (d.res, d.buf) {
                 (Ok(_), Some(data)) => {
                     let head = if c.neg.structured {
-                        let mut h =
-                            proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, req.cookie, 8 + req.len as u32).to_vec();
+                        let mut h = c.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + req.len);
                         h.extend_from_slice(&req.offset.to_be_bytes());
                         h
                     } else {
@@ -496,14 +527,16 @@ async fn block_status(c: &Conn, req: &Request) {
     let max = if one { 1 } else { MAX_EXTENTS };
     let mut chunks = Vec::new();
     for (i, id) in c.neg.contexts.iter().enumerate() {
-        let mut ext: Vec<(u32, u32)> = Vec::new();
+        // Extent lengths: 32 bits with compact headers, 64 with extended ones.
+        let cap = if c.neg.extended { u64::MAX } else { u64::from(u32::MAX) };
+        let mut ext: Vec<(u64, u32)> = Vec::new();
         let (mut off, end) = (req.offset, req.offset + req.len);
         while off < end {
             let st = match c.exp.chain.status(off, end - off).await {
                 Ok(s) => s,
                 Err(e) => return c.status(req, wire(e), &format!("block status failed: {e}")).await,
             };
-            let len = st.len.min(end - off).max(1) as u32;
+            let len = st.len.min(end - off).clamp(1, cap);
             let flags = match *id {
                 CTX_BASE => (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 },
                 _ => {
@@ -516,24 +549,31 @@ async fn block_status(c: &Conn, req: &Request) {
             };
             let n = ext.len();
             match ext.last_mut() {
-                Some(l) if l.1 == flags && u64::from(l.0) + u64::from(len) <= u64::from(u32::MAX) => l.0 += len,
+                Some(l) if l.1 == flags && l.0.checked_add(len).is_some_and(|t| t <= cap) => l.0 += len,
                 _ if n == max => break,
                 _ => ext.push((len, flags)),
             }
-            off += u64::from(len);
+            off += len;
         }
-        let done = i + 1 == c.neg.contexts.len();
-        let mut p = proto::chunk_header(
-            if done { chunk::FLAG_DONE } else { 0 },
-            chunk::BLOCK_STATUS,
-            req.cookie,
-            4 + 8 * ext.len() as u32,
-        )
-        .to_vec();
-        p.extend_from_slice(&id.to_be_bytes());
+        let flags = if i + 1 == c.neg.contexts.len() { chunk::FLAG_DONE } else { 0 };
+        let mut p = if c.neg.extended {
+            let mut p = c.chunk(flags, chunk::BLOCK_STATUS_EXT, req, 8 + 16 * ext.len() as u64);
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(&(ext.len() as u32).to_be_bytes());
+            p
+        } else {
+            let mut p = c.chunk(flags, chunk::BLOCK_STATUS, req, 4 + 8 * ext.len() as u64);
+            p.extend_from_slice(&id.to_be_bytes());
+            p
+        };
         for (l, f) in ext {
-            p.extend_from_slice(&l.to_be_bytes());
-            p.extend_from_slice(&f.to_be_bytes());
+            if c.neg.extended {
+                p.extend_from_slice(&l.to_be_bytes());
+                p.extend_from_slice(&u64::from(f).to_be_bytes());
+            } else {
+                p.extend_from_slice(&(l as u32).to_be_bytes());
+                p.extend_from_slice(&f.to_be_bytes());
+            }
         }
         chunks.push(IoBuf::from_slice(&p));
     }
