@@ -1,0 +1,75 @@
+#!/bin/bash
+# basalt-nbd against qemu-nbd and nbdkit (file plugin), side by side on the same 1 GiB raw
+# image in the page cache, over Unix sockets: nbdcopy out of the export, and fio's nbd engine
+# (4 KiB random read and write at QD32, 1 MiB sequential read at QD8). For each run: the
+# client's throughput, and the server's CPU time per request (user+system from /proc, the
+# figure the servers differ in most). Ratios are qemu-nbd's or nbdkit's over basalt-nbd's.
+#
+#     bench/nbd.sh            # RUNTIME=10 (seconds per fio job), RUNS=1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${RUNTIME:-10}
+RUNS=${RUNS:-1}
+for t in qemu-nbd nbdkit nbdcopy fio; do
+    command -v $t >/dev/null || { echo "bench/nbd.sh: $t is missing" >&2; exit 1; }
+done
+cargo build --release -q -p basalt-tools --bins
+BASALT_NBD=$PWD/target/release/basalt-nbd
+
+work=$(mktemp -d /tmp/basalt-nbd-bench.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+img=$work/img.raw
+head -c 1G /dev/urandom >"$img"
+cat "$img" >/dev/null
+
+start_server() { # name sock -> pid
+    case $1 in
+    basalt-nbd) "$BASALT_NBD" -t -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
+    qemu-nbd) qemu-nbd -t -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
+    nbdkit) nbdkit -f -U "$2" file "$img" >/dev/null 2>&1 & ;;
+    esac
+    local pid=$!
+    for _ in $(seq 200); do [ -S "$2" ] && break; sleep 0.05; done
+    echo $pid
+}
+
+cpu_ticks() { # pid -> utime+stime in clock ticks, threads included
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+hz=$(getconf CLK_TCK)
+printf '| server | case | throughput | server CPU per request |\n| --- | --- | ---: | ---: |\n'
+for run in $(seq "$RUNS"); do
+    for server in basalt-nbd qemu-nbd nbdkit; do
+        sock=$work/$server.sock
+        rm -f "$sock"
+        pid=$(start_server $server "$sock")
+        uri="nbd+unix:///?socket=$sock"
+        # nbdcopy: the whole export to nowhere.
+        c0=$(cpu_ticks "$pid")
+        t0=$(date +%s.%N)
+        nbdcopy "$uri" null:
+        t1=$(date +%s.%N)
+        c1=$(cpu_ticks "$pid")
+        awk -v s=$server -v t0=$t0 -v t1=$t1 -v c=$((c1 - c0)) -v hz=$hz 'BEGIN {
+            mib = 1024 / (t1 - t0); reqs = 1024 * 1024 / 256;
+            printf "| %s | nbdcopy to null: | %.0f MiB/s | %.1f us (per 256 KiB) |\n", s, mib, c / hz * 1e6 / reqs }'
+        for job in "randread 4k 32" "randwrite 4k 32" "read 1M 8"; do
+            set -- $job
+            c0=$(cpu_ticks "$pid")
+            out=$(fio --name=b --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 --size=1G \
+                --runtime="$RUNTIME" --time_based --output-format=json 2>/dev/null)
+            c1=$(cpu_ticks "$pid")
+            echo "$out" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+rw = "write" if "write" in sys.argv[2] else "read"
+ios = j[rw]["total_ios"]; iops = j[rw]["iops"]; bw = j[rw]["bw_bytes"] / 2**20
+cpu = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / max(ios, 1)
+print("| %s | fio %s %s QD%s | %.0f IOPS, %.0f MiB/s | %.1f us |" % (sys.argv[1], sys.argv[2], sys.argv[5], sys.argv[6], iops, bw, cpu))
+' $server $1 $((c1 - c0)) $hz $2 $3
+        done
+        kill $pid
+        wait $pid 2>/dev/null || true
+    done
+done
