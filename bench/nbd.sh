@@ -22,15 +22,15 @@ img=$work/img.raw
 head -c 1G /dev/urandom >"$img"
 cat "$img" >/dev/null
 
-start_server() { # name sock -> pid
+start_server() { # name sock; sets $pid
     case $1 in
     basalt-nbd) "$BASALT_NBD" -t -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
     qemu-nbd) qemu-nbd -t -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
     nbdkit) nbdkit -f -U "$2" file "$img" >/dev/null 2>&1 & ;;
     esac
-    local pid=$!
+    pid=$!
     for _ in $(seq 200); do [ -S "$2" ] && break; sleep 0.05; done
-    echo $pid
+    sleep 0.5 # the socket file can appear before the server listens
 }
 
 cpu_ticks() { # pid -> utime+stime in clock ticks, threads included
@@ -43,7 +43,7 @@ for run in $(seq "$RUNS"); do
     for server in basalt-nbd qemu-nbd nbdkit; do
         sock=$work/$server.sock
         rm -f "$sock"
-        pid=$(start_server $server "$sock")
+        start_server $server "$sock"
         uri="nbd+unix:///?socket=$sock"
         # nbdcopy: the whole export to nowhere.
         c0=$(cpu_ticks "$pid")
@@ -58,7 +58,7 @@ for run in $(seq "$RUNS"); do
             set -- $job
             c0=$(cpu_ticks "$pid")
             out=$(fio --name=b --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 --size=1G \
-                --runtime="$RUNTIME" --time_based --output-format=json 2>/dev/null)
+                --runtime="$RUNTIME" --time_based --output-format=json 2>/dev/null | sed -n '/^{/,$p')
             c1=$(cpu_ticks "$pid")
             echo "$out" | python3 -c '
 import json, sys

@@ -20,6 +20,11 @@ use basalt_reactor::{Runtime, RuntimeConfig};
 /// Pinned buffer pool of each tool reactor.
 const TOOL_POOL: usize = 8 << 20;
 
+/// Pinned buffer pool of a server's reactor (basalt-nbd): room for the payloads of a few
+/// connections' requests in flight, so large reads and writes do not go to the heap (where each
+/// one costs page faults and an unmap).
+pub const SERVER_POOL: usize = 128 << 20;
+
 fn tool_config() -> RuntimeConfig {
     let mut cfg = RuntimeConfig::default();
     // A tool's requests are few and mostly through the page cache: a small pinned pool (filled
@@ -38,7 +43,18 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = i32> + 'static,
 {
-    let rt = match Runtime::new(tool_config()) {
+    run_tool_with_pool(TOOL_POOL, main)
+}
+
+/// [`run_tool`] with a buffer pool of `pool` bytes.
+pub fn run_tool_with_pool<F, Fut>(pool: usize, main: F) -> i32
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = i32> + 'static,
+{
+    let mut cfg = tool_config();
+    cfg.reactor.pool_size = pool;
+    let rt = match Runtime::new(cfg) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("basalt: cannot start the reactor: {e}");

@@ -320,7 +320,7 @@ pub fn main(args: Vec<String>) -> i32 {
     }
     block_stop_signals();
     let lfd = listener.into_raw_fd();
-    crate::run_tool(move || serve_main(c, lfd, ready_pipe))
+    crate::run_tool_with_pool(crate::SERVER_POOL, move || serve_main(c, lfd, ready_pipe))
 }
 
 /// SIGTERM, SIGINT and SIGHUP are taken by a thread with sigwait (blocked here, before any
