@@ -32,6 +32,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// and never reads the replies holds at most this much of the server's memory; one request
 /// of any allowed size always proceeds).
 const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Room before a read's data for its reply header (a page, so the data stays aligned).
+const HEAD_ROOM: usize = 4096;
 /// Extents in one block status reply.
 const MAX_EXTENTS: usize = 1024;
 /// Context ids.
@@ -468,9 +470,13 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             if req.len > u64::from(proto::MAX_PAYLOAD) {
                 return c.status(&req, proto::err::EINVAL, "read too large").await;
             }
-            let d = q.read(req.offset, IoBuf::new_uninit(req.len as usize)).await;
+            // The reply header goes in front of the data in the same buffer (the data stays
+            // page-aligned), so header and data leave in one socket write.
+            let mut buf = IoBuf::new_uninit(HEAD_ROOM + req.len as usize);
+            buf.set_window(HEAD_ROOM, req.len as usize);
+            let d = q.read(req.offset, buf).await;
             match (d.res, d.buf) {
-                (Ok(_), Some(data)) => {
+                (Ok(_), Some(mut data)) => {
                     let head = if c.neg.structured {
                         let mut h = c.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + req.len);
                         h.extend_from_slice(&req.offset.to_be_bytes());
@@ -478,7 +484,13 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
                     } else {
                         proto::simple_reply(0, req.cookie).to_vec()
                     };
-                    c.send(vec![IoBuf::from_slice(&head), data]).await
+                    if data.window_start() == HEAD_ROOM {
+                        data.set_window(HEAD_ROOM - head.len(), head.len() + req.len as usize);
+                        data.as_mut_slice()[..head.len()].copy_from_slice(&head);
+                        c.send(vec![data]).await
+                    } else {
+                        c.send(vec![IoBuf::from_slice(&head), data]).await
+                    }
                 }
                 (Err(e), _) => c.status(&req, wire(e), &format!("read failed: {e}")).await,
                 (Ok(_), None) => c.status(&req, proto::err::EIO, "read lost its buffer").await,
