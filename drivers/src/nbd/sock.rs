@@ -34,7 +34,7 @@ impl Sock {
     }
 
     /// One read or write of `buf`'s window; returns the count (0 = end of stream).
-    async fn once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
+    pub(crate) async fn once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
         let (res, buf) = if self.uring {
             basalt_reactor::uring_rw(UringFd::Raw(self.raw()), write, buf, 0).await
         } else {
@@ -145,5 +145,95 @@ impl Sock {
     /// Write `data` (copied into a buffer).
     pub async fn write_bytes(&self, data: &[u8]) -> std::io::Result<()> {
         self.write_all(IoBuf::from_slice(data)).await.map(|_| ())
+    }
+}
+
+/// A receive buffer over a socket: one read takes whatever has arrived (up to the buffer's
+/// size), and messages are handed out of it, so a burst of small requests costs one read
+/// rather than one each.
+pub struct RecvBuf {
+    buf: Option<IoBuf>,
+    head: usize,
+    tail: usize,
+    size: usize,
+}
+
+impl RecvBuf {
+    /// A buffer of `size` bytes.
+    pub fn new(size: usize) -> RecvBuf {
+        RecvBuf { buf: Some(IoBuf::new_uninit(size)), head: 0, tail: 0, size }
+    }
+
+    /// Bytes buffered and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.tail - self.head
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.buf.as_ref().expect("receive buffer present").as_slice()
+    }
+
+    /// Make `n` bytes (at most the buffer's size) available. `Ok(false)` when the stream ended
+    /// cleanly before the first of them; an error when it ended in the middle.
+    pub async fn fill(&mut self, sock: &Sock, n: usize) -> std::io::Result<bool> {
+        assert!(n <= self.size, "message larger than the receive buffer");
+        if self.buffered() >= n {
+            return Ok(true);
+        }
+        if self.head + n > self.size {
+            let (h, t) = (self.head, self.tail);
+            let b = self.buf.as_mut().expect("receive buffer present");
+            b.as_mut_slice().copy_within(h..t, 0);
+            (self.head, self.tail) = (0, t - h);
+        }
+        while self.buffered() < n {
+            let mut b = self.buf.take().ok_or_else(|| std::io::Error::other("receive buffer lost"))?;
+            b.set_window(self.tail, self.size - self.tail);
+            let (r, mut b) = sock.once(false, b).await;
+            b.set_window(0, self.size);
+            self.buf = Some(b);
+            match r {
+                r if r < 0 && -r == i64::from(libc::EINTR) => continue,
+                r if r < 0 => return Err(io_err(r)),
+                0 if self.buffered() == 0 => return Ok(false),
+                0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+                r => self.tail += r as usize,
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next `n` buffered bytes (after [`RecvBuf::fill`]).
+    pub fn peek(&self, n: usize) -> &[u8] {
+        &self.bytes()[self.head..self.head + n]
+    }
+
+    /// Hand out `n` bytes.
+    pub fn consume(&mut self, n: usize) {
+        assert!(n <= self.buffered());
+        self.head += n;
+        if self.head == self.tail {
+            (self.head, self.tail) = (0, 0);
+        }
+    }
+
+    /// Read exactly `buf`'s window: what is buffered first, the rest straight from the socket.
+    pub async fn read_exact(&mut self, sock: &Sock, mut buf: IoBuf) -> std::io::Result<IoBuf> {
+        let (start, len) = (buf.window_start(), buf.len());
+        let have = self.buffered().min(len);
+        buf.as_mut_slice()[..have].copy_from_slice(&self.bytes()[self.head..self.head + have]);
+        self.consume(have);
+        if have == len {
+            return Ok(buf);
+        }
+        buf.set_window(start + have, len - have);
+        match sock.fill(buf).await {
+            (Ok(true), mut b) => {
+                b.set_window(start, len);
+                Ok(b)
+            }
+            (Ok(false), _) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+            (Err(e), _) => Err(e),
+        }
     }
 }

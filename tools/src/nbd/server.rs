@@ -24,7 +24,7 @@ use basalt_engine::{IoStatus, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
 
 use crate::img::common::Chain;
-use basalt_drivers::nbd::sock::Sock;
+use basalt_drivers::nbd::sock::{RecvBuf, Sock};
 
 /// Requests of one connection running at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -32,6 +32,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// and never reads the replies holds at most this much of the server's memory; one request
 /// of any allowed size always proceeds).
 const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// The receive buffer of a connection.
+const RECV_BUF: usize = 64 << 10;
 /// Room before a read's data for its reply header (a page, so the data stays aligned).
 const HEAD_ROOM: usize = 4096;
 /// Extents in one block status reply.
@@ -403,22 +405,26 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         waiters: RefCell::new(VecDeque::new()),
         broken: Cell::new(false),
     });
+    // Requests are read in bursts: one read takes all the headers (and small payloads) that
+    // have arrived.
+    let mut rx = RecvBuf::new(RECV_BUF);
     let result = loop {
         conn.wait_below(MAX_IN_FLIGHT, 0).await;
         if conn.broken.get() {
             break Err("the client stopped reading replies".to_string());
         }
         let size = if conn.neg.extended { Request::EXT_SIZE } else { Request::SIZE };
-        let h = match conn.sock.read_exact(IoBuf::new_uninit(size)).await {
-            Ok(Some(h)) => h,
-            Ok(None) => break Ok(()),
+        match rx.fill(&conn.sock, size).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
             Err(e) => break Err(e.to_string()),
-        };
+        }
         let parsed = if conn.neg.extended {
-            Request::parse_ext(h[..Request::EXT_SIZE].try_into().expect("32 bytes"))
+            Request::parse_ext(rx.peek(size).try_into().expect("32 bytes"))
         } else {
-            Request::parse(h[..Request::SIZE].try_into().expect("28 bytes"))
+            Request::parse(rx.peek(size).try_into().expect("28 bytes"))
         };
+        rx.consume(size);
         let req = match parsed {
             Ok(r) => r,
             Err(e) => break Err(e.0),
@@ -433,7 +439,7 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
             if req.len > u64::from(proto::MAX_PAYLOAD) {
                 break Err(format!("write of {} bytes is over the {} byte limit", req.len, proto::MAX_PAYLOAD));
             }
-            match conn.sock.read_bytes(req.len as usize).await {
+            match rx.read_exact(&conn.sock, IoBuf::new_uninit(req.len as usize)).await {
                 Ok(b) => payload = Some(b),
                 Err(e) => break Err(e.to_string()),
             }
