@@ -222,6 +222,10 @@ impl Conn {
 
     /// Fail every request with EIO (those whose buffer a task has out, when it is back).
     fn fail_all(&self) {
+        // Dropped while its reactor is torn down: the slots go with the reactor.
+        if basalt_reactor::current_id().is_none() {
+            return;
+        }
         let ids: Vec<usize> = {
             let mut st = self.st.borrow_mut();
             st.sendq.clear();
