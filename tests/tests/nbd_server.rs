@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_tests::{must, peer, run, stdout, tool};
+use basalt_tests::{must, peer, run, stderr, stdout, tool};
 
 /// A running server, killed if the test ends before stopping it.
 struct Server(Option<Child>);
@@ -354,4 +354,71 @@ fn list_mode_prints_as_qemu_nbd() {
     }
     stop(b);
     stop(q);
+}
+
+/// `-B`: qcow2 dirty bitmaps exported as `qemu:dirty-bitmap:NAME`, as qemu-nbd exports them
+/// (listing, nbdinfo's map, qemu-img's and basalt-img's `x-dirty-bitmap` maps); on a writable
+/// export an enabled bitmap records the writes made through it, and keeps them in the image.
+#[test]
+fn dirty_bitmaps_export_as_qemu_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (q_img, b_img) = (d.join("q.qcow2"), d.join("b.qcow2"));
+    let qi = |args: &[&str]| must(&run(peer("qemu-img").args(args)), &args.join(" "));
+    qi(&["create", "-q", "-f", "qcow2", q_img.to_str().unwrap(), "16M"]);
+    qi(&["bitmap", "--add", q_img.to_str().unwrap(), "b0"]);
+    must(&run(peer("qemu-io").args(["-c", "write -P 1 1M 64k", "-c", "write -P 2 5M 300k", q_img.to_str().unwrap()])), "io");
+    qi(&["bitmap", "--add", "-g", "128k", q_img.to_str().unwrap(), "b1"]);
+    qi(&["bitmap", "--disable", q_img.to_str().unwrap(), "b1"]);
+    std::fs::copy(&q_img, &b_img).unwrap();
+    let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
+    let ro = ["-t", "-r", "-f", "qcow2", "-B", "b0", "-B", "b1", "-k"];
+    let q = start(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start(Command::new(tool("basalt-nbd")).args(ro).arg(&b_sock).arg(&b_img), &b_sock);
+    let bitmap_map = |prog: &str, s: &Path, bm: &str| {
+        let opts = format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{bm}", s.display());
+        let mut c = if prog == "qemu-img" { peer("qemu-img") } else { Command::new(tool("basalt-img")) };
+        let o = run(c.args(["map", "--output=json", "--image-opts", &opts]));
+        must(&o, "map with x-dirty-bitmap");
+        stdout(&o)
+    };
+    for bm in ["b0", "b1"] {
+        let ctx = format!("--map=qemu:dirty-bitmap:{bm}");
+        let (qo, bo) = (run(peer("nbdinfo").args([&ctx, &uri(&q_sock)])), run(peer("nbdinfo").args([&ctx, &uri(&b_sock)])));
+        must(&bo, "nbdinfo --map on basalt-nbd");
+        assert_eq!(stdout(&bo), stdout(&qo), "nbdinfo {ctx}");
+        assert_eq!(bitmap_map("qemu-img", &b_sock, bm), bitmap_map("qemu-img", &q_sock, bm), "{bm} through QEMU's client");
+        assert_eq!(bitmap_map("basalt-img", &q_sock, bm), bitmap_map("qemu-img", &q_sock, bm), "{bm} through Basalt's client");
+    }
+    assert!(stdout(&run(peer("nbdinfo").args(["--map=qemu:dirty-bitmap:b0", &uri(&b_sock)]))).contains("dirty"));
+    let (lq, lb) =
+        (run(peer("qemu-nbd").arg("-L").arg("-k").arg(&q_sock)), run(peer("qemu-nbd").arg("-L").arg("-k").arg(&b_sock)));
+    // The contexts are listed alike (qemu-nbd also offers block-status-payload, which basalt-nbd does not yet).
+    let contexts =
+        |o: &std::process::Output| stdout(o).lines().skip_while(|l| !l.contains("meta contexts")).collect::<Vec<_>>().join("\n");
+    assert_eq!(contexts(&lb), contexts(&lq));
+    let missing =
+        run(Command::new(tool("basalt-nbd")).args(["-r", "-f", "qcow2", "-B", "nope", "-k"]).arg(d.join("x.sock")).arg(&b_img));
+    assert_eq!(stderr(&missing), "basalt-nbd: Bitmap 'nope' is not found\n");
+    stop(q);
+    stop(b);
+
+    // Writable, with the enabled b0: a write through the export shows as dirty at once and
+    // stays in the image's bitmap.
+    let rw = ["-t", "-f", "qcow2", "-B", "b0", "-k"];
+    let q = start(peer("qemu-nbd").args(rw).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start(Command::new(tool("basalt-nbd")).args(rw).arg(&b_sock).arg(&b_img), &b_sock);
+    for s in [&q_sock, &b_sock] {
+        must(&run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 3 10M 4k", &uri(s)])), "write through the export");
+    }
+    let map = |s: &Path| stdout(&run(peer("nbdinfo").args(["--map=qemu:dirty-bitmap:b0", &uri(s)])));
+    assert_eq!(map(&b_sock), map(&q_sock), "after a write");
+    assert!(map(&b_sock).contains("10485760"), "{}", map(&b_sock));
+    stop(q);
+    stop(b);
+    let q = start(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start(peer("qemu-nbd").args(ro).arg(&b_sock).arg(&b_img), &b_sock);
+    assert_eq!(map(&b_sock), map(&q_sock), "stored in the image");
+    stop(q);
+    stop(b);
 }

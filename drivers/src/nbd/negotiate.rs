@@ -205,7 +205,8 @@ impl<S: Read + Write> Handshake<S> {
             if n.structured {
                 n.context_id = self.set_meta_context(want.export, want.context)?;
                 if n.context_id.is_none() && want.context_required {
-                    return Err(proto_err(format!("requested x-dirty-bitmap {} not found", want.context)));
+                    // QEMU's driver fails with a bare EINVAL here, which its block layer words so.
+                    return Err(BlockError::errno("Could not open image", libc::EINVAL));
                 }
             }
             if self.go(want.export, &mut n)? {

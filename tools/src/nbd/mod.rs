@@ -7,11 +7,13 @@
 //! without `-t` the server exits when its last client has gone; `-e N` admits N clients at once
 //! (1 by default) and turns the others away; SIGTERM/SIGINT end it cleanly (the image is
 //! flushed and closed). `-L` lists another server's exports as qemu-nbd does (with `-k`, or
-//! `-b`/`-p`, `localhost` by default). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, `-B`, TLS,
+//! `-b`/`-p`, `localhost` by default); `-B NAME` (repeatable) exports a qcow2 dirty bitmap
+//! ([`bitmap`]). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, TLS,
 //! `-T`, `-o`, `-P`, `--detect-zeroes=on|unmap`) are refused by name.
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through [`sock`].
 
+pub mod bitmap;
 pub mod list;
 pub mod server;
 
@@ -38,6 +40,7 @@ Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.\n\
   -t, --persistent          keep serving after the last client has gone\n\
   -e, --shared=NUM          clients allowed at once (default 1, 0 for no limit)\n\
   -A, --allocation-depth    offer the qemu:allocation-depth metadata context\n\
+  -B, --bitmap=NAME         offer the qcow2 dirty bitmap NAME as qemu:dirty-bitmap:NAME\n\
   -n, --nocache             same as --cache=none\n\
       --cache=MODE          none, writeback, writethrough, directsync, unsafe\n\
       --aio=MODE            threads or io_uring\n\
@@ -72,6 +75,7 @@ struct Config {
     pid_file: Option<String>,
     list: bool,
     bind_given: bool,
+    bitmaps: Vec<String>,
     file: String,
 }
 
@@ -141,6 +145,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         pid_file: None,
         list: false,
         bind_given: false,
+        bitmaps: Vec::new(),
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -217,6 +222,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "image-opts" => c.image_opts = true,
             "fork" => c.fork = true,
             "list" => c.list = true,
+            "bitmap" => c.bitmaps.push(val),
             "verbose" => {}
             "help" => {
                 println!("{USAGE}");
@@ -431,6 +437,13 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         Ok(ch) => ch,
         Err(e) => return report(e),
     };
+    let mut bitmaps = Vec::new();
+    for name in &c.bitmaps {
+        match export_bitmap(&node, name).await {
+            Ok(b) => bitmaps.push(b),
+            Err(e) => return report(e),
+        }
+    }
     let exp = Rc::new(server::Export {
         name: c.name.clone(),
         description: c.description.clone(),
@@ -441,6 +454,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         discard: c.discard,
         allocation_depth: c.allocation_depth,
         multi_conn: c.shared > 1,
+        bitmaps,
     });
     if let Some(p) = &c.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
@@ -539,6 +553,23 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         code = 1;
     }
     code
+}
+
+/// Bitmap `name` of the exported image, as qemu-nbd's `-B` finds it.
+async fn export_bitmap(node: &std::sync::Arc<dyn basalt_engine::Node>, name: &str) -> Result<bitmap::ExportBitmap, String> {
+    let not_found = || format!("Bitmap '{name}' is not found");
+    let q = node.as_any().downcast_ref::<basalt_formats::qcow2::Qcow2Node>().ok_or_else(not_found)?;
+    let summary = q.bitmap_list().into_iter().find(|b| b.name == name).ok_or_else(not_found)?;
+    if summary.inconsistent {
+        return Err(format!("Bitmap '{name}' is inconsistent and cannot be used"));
+    }
+    let (granularity_bits, bits) = q.bitmap_bits(name).await.map_err(|e| e.msg)?;
+    Ok(bitmap::ExportBitmap {
+        name: name.to_string(),
+        granularity_bits,
+        bits: std::cell::RefCell::new(bits),
+        enabled: summary.enabled,
+    })
 }
 
 thread_local! {

@@ -26,6 +26,8 @@ use basalt_reactor::IoBuf;
 use crate::img::common::Chain;
 use basalt_drivers::nbd::sock::{RecvBuf, Sock};
 
+use super::bitmap::ExportBitmap;
+
 /// Requests of one connection running at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Read and write payload bytes one connection may hold at once (a client that sends reads
@@ -41,6 +43,8 @@ const MAX_EXTENTS: usize = 1024;
 /// Context ids.
 const CTX_BASE: u32 = 1;
 const CTX_DEPTH: u32 = 2;
+/// The first dirty bitmap's context id; the others follow.
+const CTX_BITMAP: u32 = 3;
 
 /// What is served, as one reactor sees it.
 pub struct Export {
@@ -56,6 +60,8 @@ pub struct Export {
     pub allocation_depth: bool,
     /// Several clients may connect (`-e` > 1): advertise multi-conn.
     pub multi_conn: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (`-B`).
+    pub bitmaps: Vec<ExportBitmap>,
 }
 
 impl Export {
@@ -69,19 +75,35 @@ impl Export {
         if structured {
             f |= tflag::SEND_DF;
         }
-        if self.multi_conn || self.read_only {
+        if self.multi_conn {
             f |= tflag::CAN_MULTI_CONN;
         }
         f
     }
 
-    /// The meta contexts this export offers, with their ids.
-    fn contexts(&self) -> Vec<(u32, &'static str)> {
-        let mut v = vec![(CTX_BASE, "base:allocation")];
+    /// The meta contexts this export offers, with their ids (bitmaps last given first, in
+    /// the order qemu-nbd lists them).
+    fn contexts(&self) -> Vec<(u32, String)> {
+        let mut v = vec![(CTX_BASE, "base:allocation".to_string())];
         if self.allocation_depth {
-            v.push((CTX_DEPTH, "qemu:allocation-depth"));
+            v.push((CTX_DEPTH, "qemu:allocation-depth".to_string()));
+        }
+        for (i, b) in self.bitmaps.iter().enumerate().rev() {
+            v.push((CTX_BITMAP + i as u32, b.context()));
         }
         v
+    }
+
+    /// The bitmap behind context `id`, if it is one.
+    fn bitmap(&self, id: u32) -> Option<&ExportBitmap> {
+        id.checked_sub(CTX_BITMAP).and_then(|i| self.bitmaps.get(i as usize))
+    }
+
+    /// A change to `off..off+len` went through: enabled bitmaps record it.
+    fn changed(&self, off: u64, len: u64) {
+        for b in &self.bitmaps {
+            b.mark(off, len);
+        }
     }
 }
 
@@ -273,7 +295,7 @@ async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: 
             queries.iter().any(|q| q == ctx || (list && q.ends_with(':') && ctx.starts_with(q.as_str())))
         };
         if wanted {
-            chosen.push((*id, *ctx));
+            chosen.push((*id, ctx.clone()));
         }
     }
     for (id, ctx) in &chosen {
@@ -505,11 +527,17 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
         cmd::WRITE => {
             let buf = payload.expect("a write carries its payload");
             let r = q.write(req.offset, buf, WriteFlags { fua }).await.res;
+            if r.is_ok() {
+                exp.changed(req.offset, req.len);
+            }
             finish(c, &req, r.map(|_| ())).await
         }
         cmd::FLUSH => finish(c, &req, q.flush().await.res.map(|_| ())).await,
         cmd::TRIM => {
             let mut r = if exp.discard { q.discard(req.offset, req.len).await.res.map(|_| ()) } else { Ok(()) };
+            if r.is_ok() && exp.discard {
+                exp.changed(req.offset, req.len);
+            }
             if r.is_ok() && fua {
                 r = q.flush().await.res.map(|_| ());
             }
@@ -519,6 +547,9 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             let fast = req.flags & cflag::FAST_ZERO != 0;
             let flags = ZeroFlags { may_unmap: req.flags & cflag::NO_HOLE == 0 && exp.discard, no_fallback: fast, fua };
             let r = q.write_zeroes(req.offset, req.len, flags).await.res.map(|_| ());
+            if r.is_ok() {
+                exp.changed(req.offset, req.len);
+            }
             finish(c, &req, r).await
         }
         cmd::CACHE => c.status(&req, 0, "").await,
@@ -550,6 +581,18 @@ async fn block_status(c: &Conn, req: &Request) {
         let mut ext: Vec<(u64, u32)> = Vec::new();
         let (mut off, end) = (req.offset, req.offset + req.len);
         while off < end {
+            if let Some(bm) = c.exp.bitmap(*id) {
+                let (len, flags) = bm.extent(off, end);
+                let len = len.min(cap);
+                let n = ext.len();
+                match ext.last_mut() {
+                    Some(l) if l.1 == flags && l.0.checked_add(len).is_some_and(|t| t <= cap) => l.0 += len,
+                    _ if n == max => break,
+                    _ => ext.push((len, flags)),
+                }
+                off += len;
+                continue;
+            }
             let st = match c.exp.chain.status(off, end - off).await {
                 Ok(s) => s,
                 Err(e) => return c.status(req, wire(e), &format!("block status failed: {e}")).await,
