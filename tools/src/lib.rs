@@ -6,6 +6,7 @@
 //! and the benchmark loop ([`bench`]) behind `basalt-img bench` and `basalt-bench`.
 
 pub mod bench;
+pub mod daemon;
 pub mod getopt;
 pub mod human;
 pub mod image;

@@ -11,7 +11,8 @@
 //! ([`bitmap`]). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, TLS,
 //! `-T`, `-o`, `-P`, `--detect-zeroes=on|unmap`) are refused by name.
 //!
-//! Connections are served by [`server`] on the tool's reactor, socket I/O through [`sock`].
+//! Connections are served by [`server`] on the tool's reactor, socket I/O through
+//! `basalt_drivers::nbd::sock`.
 
 pub mod bitmap;
 pub mod list;
@@ -331,7 +332,7 @@ pub fn main(args: Vec<String>) -> i32 {
 
 /// SIGTERM, SIGINT and SIGHUP are taken by a thread with sigwait (blocked here, before any
 /// thread starts, so every thread inherits the mask).
-fn block_stop_signals() {
+pub(crate) fn block_stop_signals() {
     // SAFETY: building a signal set and setting this thread's mask; plain libc calls.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -356,9 +357,22 @@ fn wait_stop_signal() {
     }
 }
 
+/// A stop flag fired by SIGTERM, SIGINT or SIGHUP (blocked with [`block_stop_signals`] before
+/// any thread started), for the current reactor.
+pub(crate) fn stop_on_signals() -> Rc<Stop> {
+    let stop = Rc::new(Stop::default());
+    let stop_flag = StopHandle(basalt_reactor::current_handle());
+    std::thread::spawn(move || {
+        wait_stop_signal();
+        stop_flag.fire();
+    });
+    STOP.with(|s| *s.borrow_mut() = Some(stop.clone()));
+    stop
+}
+
 /// A flag a task can wait on.
 #[derive(Default)]
-struct Stop {
+pub(crate) struct Stop {
     set: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
@@ -371,7 +385,7 @@ impl Stop {
         }
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         std::future::poll_fn(|cx| {
             if self.set.get() {
                 Poll::Ready(())
@@ -472,21 +486,42 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             }
         }
     }
-    let stop = Rc::new(Stop::default());
-    {
-        let h = basalt_reactor::current_handle();
-        let stop_flag = StopHandle(h);
-        std::thread::spawn(move || {
-            wait_stop_signal();
-            stop_flag.fire();
-        });
-    }
-    STOP.with(|s| *s.borrow_mut() = Some(stop.clone()));
-    let active = Rc::new(Cell::new(0usize));
-    let (persistent, shared) = (c.persistent, c.shared);
-    let st = stop.clone();
+    let stop = stop_on_signals();
     let served = exp.clone();
     let lraw = listener.as_raw_fd();
+    spawn_accept_loop(lraw, Rc::new(vec![exp]), c.shared, c.persistent, stop.clone(), "basalt-nbd");
+    stop.wait().await;
+    // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
+    // in flight when the reactor stops.
+    // SAFETY: shutdown(2) on the listening descriptor, still open (the accept loop owns it).
+    unsafe { libc::shutdown(lraw, libc::SHUT_RDWR) };
+    let mut code = 0;
+    // Whatever the clients did not flush is made durable (metadata caches included) before
+    // the image is closed, as qemu-nbd's exit does.
+    if let Err(e) = served.queue.flush().await.res {
+        eprintln!("basalt-nbd: flushing the image: {e}");
+        code = 1;
+    }
+    if let Err(e) = node.close().await {
+        eprintln!("basalt-nbd: closing the image: {}", e.msg);
+        code = 1;
+    }
+    code
+}
+
+/// Accept connections on the listening socket `lraw` and serve each (up to `shared` at once,
+/// others turned away) until `stop` fires; without `persistent`, the last client's leaving
+/// fires it. Accept errors are reported with `who` and fire it too.
+pub(crate) fn spawn_accept_loop(
+    lraw: RawFd,
+    exports: server::Exports,
+    shared: usize,
+    persistent: bool,
+    stop: Rc<Stop>,
+    who: &'static str,
+) {
+    let active = Rc::new(Cell::new(0usize));
+    let st = stop;
     basalt_reactor::spawn_local(async move {
         loop {
             // accept(2) waits in the blocking pool; the reactor stays free for the clients.
@@ -511,7 +546,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
                     // The listener was shut down to end this loop.
                     return;
                 }
-                eprintln!("basalt-nbd: accept: {}", std::io::Error::from_raw_os_error((-res) as i32));
+                eprintln!("{who}: accept: {}", std::io::Error::from_raw_os_error((-res) as i32));
                 st.fire();
                 return;
             }
@@ -523,11 +558,11 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
                 continue;
             }
             active.set(active.get() + 1);
-            let (exp, active, st) = (exp.clone(), active.clone(), st.clone());
+            let (exports, active, st) = (exports.clone(), active.clone(), st.clone());
             basalt_reactor::spawn_local(async move {
                 let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
-                if let Err(e) = server::serve(sock, exp).await {
-                    eprintln!("basalt-nbd: client: {e}");
+                if let Err(e) = server::serve(sock, exports).await {
+                    eprintln!("{who}: client: {e}");
                 }
                 active.set(active.get() - 1);
                 if active.get() == 0 && !persistent {
@@ -536,27 +571,13 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             });
         }
     });
-    stop.wait().await;
-    // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
-    // in flight when the reactor stops.
-    // SAFETY: shutdown(2) on the listening descriptor, still open (the accept loop owns it).
-    unsafe { libc::shutdown(lraw, libc::SHUT_RDWR) };
-    let mut code = 0;
-    // Whatever the clients did not flush is made durable (metadata caches included) before
-    // the image is closed, as qemu-nbd's exit does.
-    if let Err(e) = served.queue.flush().await.res {
-        eprintln!("basalt-nbd: flushing the image: {e}");
-        code = 1;
-    }
-    if let Err(e) = node.close().await {
-        eprintln!("basalt-nbd: closing the image: {}", e.msg);
-        code = 1;
-    }
-    code
 }
 
 /// Bitmap `name` of the exported image, as qemu-nbd's `-B` finds it.
-async fn export_bitmap(node: &std::sync::Arc<dyn basalt_engine::Node>, name: &str) -> Result<bitmap::ExportBitmap, String> {
+pub(crate) async fn export_bitmap(
+    node: &std::sync::Arc<dyn basalt_engine::Node>,
+    name: &str,
+) -> Result<bitmap::ExportBitmap, String> {
     let not_found = || format!("Bitmap '{name}' is not found");
     let q = node.as_any().downcast_ref::<basalt_formats::qcow2::Qcow2Node>().ok_or_else(not_found)?;
     let summary = q.bitmap_list().into_iter().find(|b| b.name == name).ok_or_else(not_found)?;

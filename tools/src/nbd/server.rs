@@ -114,10 +114,17 @@ fn ioe(e: std::io::Error) -> String {
     e.to_string()
 }
 
+/// The exports one server offers, looked up by name.
+pub type Exports = Rc<Vec<Rc<Export>>>;
+
+fn find<'a>(exports: &'a [Rc<Export>], name: &str) -> Option<&'a Rc<Export>> {
+    exports.iter().find(|e| e.name == name)
+}
+
 /// Serve one connection to the end.
-pub async fn serve(sock: Rc<Sock>, exp: Rc<Export>) -> ConnResult {
-    match negotiate(&sock, &exp).await? {
-        Some(neg) => transmission(sock, exp, neg).await,
+pub async fn serve(sock: Rc<Sock>, exports: Exports) -> ConnResult {
+    match negotiate(&sock, &exports).await? {
+        Some((neg, exp)) => transmission(sock, exp, neg).await,
         None => Ok(()),
     }
 }
@@ -129,6 +136,8 @@ struct Negotiated {
     /// Extended headers (which imply structured replies).
     extended: bool,
     contexts: Vec<u32>,
+    /// The export the contexts were chosen for (they do not carry over to another).
+    contexts_for: String,
 }
 
 async fn reply(sock: &Sock, option: u32, typ: u32, data: &[u8]) -> ConnResult {
@@ -140,7 +149,7 @@ async fn reply_err(sock: &Sock, option: u32, typ: u32, msg: &str) -> ConnResult 
 }
 
 /// Fixed newstyle negotiation; `None` when the client ended it without entering transmission.
-async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, String> {
+async fn negotiate(sock: &Sock, exports: &[Rc<Export>]) -> Result<Option<(Negotiated, Rc<Export>)>, String> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -170,8 +179,11 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
         match h.option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data);
-                if name != exp.name {
+                let Some(exp) = find(exports, &name) else {
                     return Err(format!("client asked for export '{name}', which does not exist"));
+                };
+                if neg.contexts_for != name {
+                    neg.contexts.clear();
                 }
                 let mut o = Vec::with_capacity(134);
                 o.extend_from_slice(&exp.size.to_be_bytes());
@@ -180,7 +192,7 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
                     o.extend_from_slice(&[0u8; 124]);
                 }
                 sock.write_bytes(&o).await.map_err(ioe)?;
-                return Ok(Some(neg));
+                return Ok(Some((neg, exp.clone())));
             }
             opt::ABORT => {
                 let _ = reply(sock, h.option, rep::ACK, &[]).await;
@@ -191,18 +203,25 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
                     reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
                     continue;
                 }
-                let mut d = Vec::new();
-                d.extend_from_slice(&(exp.name.len() as u32).to_be_bytes());
-                d.extend_from_slice(exp.name.as_bytes());
-                if let Some(desc) = &exp.description {
-                    d.extend_from_slice(desc.as_bytes());
+                for exp in exports {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(exp.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(exp.name.as_bytes());
+                    if let Some(desc) = &exp.description {
+                        d.extend_from_slice(desc.as_bytes());
+                    }
+                    reply(sock, h.option, rep::SERVER, &d).await?;
                 }
-                reply(sock, h.option, rep::SERVER, &d).await?;
                 reply(sock, h.option, rep::ACK, &[]).await?;
             }
             opt::INFO | opt::GO => {
-                if info_or_go(sock, exp, h.option, data, &neg).await? && h.option == opt::GO {
-                    return Ok(Some(neg));
+                if let Some(exp) = info_or_go(sock, exports, h.option, data, &neg).await? {
+                    if h.option == opt::GO {
+                        if neg.contexts_for != exp.name {
+                            neg.contexts.clear();
+                        }
+                        return Ok(Some((neg, exp)));
+                    }
                 }
             }
             opt::STRUCTURED_REPLY => {
@@ -217,7 +236,7 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
                     reply(sock, h.option, rep::ACK, &[]).await?;
                 }
             }
-            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta_context(sock, exp, h.option, data, &mut neg).await?,
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta_context(sock, exports, h.option, data, &mut neg).await?,
             opt::STARTTLS => reply_err(sock, h.option, rep::ERR_POLICY, "TLS is not configured on this server").await?,
             opt::EXTENDED_HEADERS => {
                 if !data.is_empty() {
@@ -234,19 +253,25 @@ async fn negotiate(sock: &Sock, exp: &Export) -> Result<Option<Negotiated>, Stri
     }
 }
 
-/// `NBD_OPT_INFO`/`GO`; returns whether the export was found and acknowledged.
-async fn info_or_go(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &Negotiated) -> Result<bool, String> {
+/// `NBD_OPT_INFO`/`GO`; returns the export when it was found and acknowledged.
+async fn info_or_go(
+    sock: &Sock,
+    exports: &[Rc<Export>],
+    option: u32,
+    data: &[u8],
+    neg: &Negotiated,
+) -> Result<Option<Rc<Export>>, String> {
     let (name, reqs) = match proto::parse_info_request(data) {
         Ok(v) => v,
         Err(e) => {
             reply_err(sock, option, rep::ERR_INVALID, &e.0).await?;
-            return Ok(false);
+            return Ok(None);
         }
     };
-    if name != exp.name {
+    let Some(exp) = find(exports, &name) else {
         reply_err(sock, option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await?;
-        return Ok(false);
-    }
+        return Ok(None);
+    };
     let mut d = Vec::with_capacity(12);
     d.extend_from_slice(&info::EXPORT.to_be_bytes());
     d.extend_from_slice(&exp.size.to_be_bytes());
@@ -271,10 +296,10 @@ async fn info_or_go(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &N
         reply(sock, option, rep::INFO, &d).await?;
     }
     reply(sock, option, rep::ACK, &[]).await?;
-    Ok(true)
+    Ok(Some(exp.clone()))
 }
 
-async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: &mut Negotiated) -> ConnResult {
+async fn meta_context(sock: &Sock, exports: &[Rc<Export>], option: u32, data: &[u8], neg: &mut Negotiated) -> ConnResult {
     if !neg.structured {
         return reply_err(sock, option, rep::ERR_INVALID, "structured replies have not been negotiated").await;
     }
@@ -282,9 +307,9 @@ async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: 
         Ok(v) => v,
         Err(e) => return reply_err(sock, option, rep::ERR_INVALID, &e.0).await,
     };
-    if name != exp.name {
+    let Some(exp) = find(exports, &name) else {
         return reply_err(sock, option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await;
-    }
+    };
     let offered = exp.contexts();
     let list = option == opt::LIST_META_CONTEXT;
     let mut chosen = Vec::new();
@@ -305,6 +330,7 @@ async fn meta_context(sock: &Sock, exp: &Export, option: u32, data: &[u8], neg: 
     }
     if !list {
         neg.contexts = chosen.iter().map(|(id, _)| *id).collect();
+        neg.contexts_for = name;
     }
     reply(sock, option, rep::ACK, &[]).await
 }

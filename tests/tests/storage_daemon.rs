@@ -1,0 +1,144 @@
+//! basalt-storage-daemon against qemu-storage-daemon: the same `--blockdev`, `--nbd-server` and
+//! `--export` arguments on copies of the same images give exports that list the same, read and
+//! write the same through qemu-io, map the same, and leave images that are clean and identical
+//! after SIGTERM.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use basalt_tests::{must, peer, run, stdout, tool};
+
+struct Daemon(Option<Child>);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(cmd: &mut Command, sock: &Path) -> Daemon {
+    let d = Daemon(Some(cmd.stdout(Stdio::null()).spawn().expect("start the daemon")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "daemon did not create {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+fn stop(mut d: Daemon) {
+    let mut c = d.0.take().unwrap();
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    assert!(c.wait().unwrap().success(), "daemon failed on SIGTERM");
+}
+
+fn args(d: &Path, tag: &str) -> Vec<String> {
+    let p = |n: &str| d.join(format!("{tag}-{n}")).display().to_string();
+    vec![
+        "--blockdev".into(),
+        format!("driver=file,node-name=f,filename={}", p("disk.qcow2")),
+        "--blockdev".into(),
+        "driver=qcow2,node-name=q,file=f".into(),
+        "--blockdev".into(),
+        format!("{{\"driver\":\"raw\",\"node-name\":\"r\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", p("base.raw")),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", p("sock")),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=q,name=disk,writable=on,description=the disk".into(),
+        "--export".into(),
+        "type=nbd,id=e1,node-name=r".into(),
+    ]
+}
+
+#[test]
+fn exports_match_qemu_storage_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for tag in ["q", "b"] {
+        let img = d.join(format!("{tag}-disk.qcow2"));
+        must(&run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"])), "create");
+        must(&run(peer("qemu-io").args(["-c", "write -P 0x11 1M 64k", img.to_str().unwrap()])), "fill");
+        std::fs::write(d.join(format!("{tag}-base.raw")), vec![0x5a; 1 << 20]).unwrap();
+    }
+    let (qs, bs) = (d.join("q-sock"), d.join("b-sock"));
+    let q = start(peer("qemu-storage-daemon").args(args(d, "q")), &qs);
+    let pid = d.join("b.pid");
+    let b = start(Command::new(tool("basalt-storage-daemon")).args(args(d, "b")).arg("--pidfile").arg(&pid), &bs);
+    // The pid file is written once every option has been carried out (just after the socket).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pid).map_or(true, |p| !p.ends_with('\n')) {
+        assert!(Instant::now() < deadline, "no pid file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(std::fs::read_to_string(&pid).unwrap().trim(), b.0.as_ref().unwrap().id().to_string(), "pid file");
+    let uri = |s: &Path, e: &str| format!("nbd+unix:///{e}?socket={}", s.display());
+
+    // Both exports, listed alike.
+    let list = |s: &Path| {
+        let o = run(peer("nbdinfo").args(["--list", "--json", &uri(s, "")]));
+        must(&o, "nbdinfo --list");
+        stdout(&o).replace(&s.display().to_string(), "SOCK")
+    };
+    assert_eq!(list(&bs), list(&qs));
+
+    for c in
+        ["read -P 0x11 1M 64k", "write -P 0x22 4M 128k", "write -z 5M 64k", "discard 6M 64k", "read -P 0x22 4M 128k", "flush"]
+    {
+        let qo = run(peer("qemu-io").args(["-f", "raw", "-c", c, &uri(&qs, "disk")]));
+        let bo = run(peer("qemu-io").args(["-f", "raw", "-c", c, &uri(&bs, "disk")]));
+        let strip =
+            |o: &std::process::Output| stdout(o).lines().filter(|l| !l.contains("ops/sec")).collect::<Vec<_>>().join("\n");
+        assert_eq!(strip(&bo), strip(&qo), "{c}");
+        assert!(bo.status.success(), "{c}");
+    }
+    // The read-only export refuses writes as QEMU's does.
+    let w = |s: &Path| run(peer("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &uri(s, "r")]));
+    let (bw, qw) = (w(&bs), w(&qs));
+    assert_eq!(bw.status.code(), qw.status.code());
+    assert!(!bw.status.success());
+    let map = |s: &Path, e: &str| stdout(&run(peer("qemu-img").args(["map", "--output=json", "-f", "raw", &uri(s, e)])));
+    assert_eq!(map(&bs, "disk"), map(&qs, "disk"));
+    assert_eq!(map(&bs, "r"), map(&qs, "r"));
+    stop(q);
+    stop(b);
+    assert!(!bs.exists(), "socket left behind");
+    let (qi, bi) = (d.join("q-disk.qcow2"), d.join("b-disk.qcow2"));
+    must(&run(peer("qemu-img").args(["check", "-f", "qcow2", bi.to_str().unwrap()])), "check");
+    must(
+        &run(peer("qemu-img").args(["compare", "-f", "qcow2", "-F", "qcow2", qi.to_str().unwrap(), bi.to_str().unwrap()])),
+        "compare",
+    );
+}
+
+#[test]
+fn refusals_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    for (a, want) in [
+        (vec!["--export", "type=nbd,id=e,node-name=x"], "NBD server not running"),
+        (vec!["--monitor", "stdio"], "--monitor is not supported yet"),
+        (
+            vec!["--nbd-server", &format!("addr.type=unix,addr.path={}", s.display()), "--export", "type=nbd,id=e,node-name=x"],
+            "Cannot find device='x' nor node-name='x'",
+        ),
+        (
+            vec![
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", s.display()),
+                "--export",
+                "type=vhost-user-blk,id=e,node-name=x",
+            ],
+            "Export type 'vhost-user-blk' is not supported",
+        ),
+        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-creds=t"], "TLS is not supported"),
+    ] {
+        let o = run(Command::new(tool("basalt-storage-daemon")).args(&a));
+        assert!(!o.status.success(), "{a:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}

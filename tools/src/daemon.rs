@@ -1,0 +1,263 @@
+//! basalt-storage-daemon: qemu-storage-daemon's command line for block nodes and NBD exports.
+//!
+//! Options, taken in order as qemu-storage-daemon takes them:
+//! - `--blockdev OPTS`: a node, in keyval (`driver=qcow2,node-name=n,file.driver=file,...`) or
+//!   JSON form; later nodes may name earlier ones (`file=NODE`).
+//! - `--nbd-server addr.type=inet,addr.host=H,addr.port=P` or `addr.type=unix,addr.path=P`,
+//!   `max-connections=N` (0, the default, for no limit).
+//! - `--export type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on|off]
+//!   [,allocation-depth=on|off][,bitmaps.0=NAME...]`: the export's name is the node-name
+//!   unless given; writable exports pass trims to the node (whose `discard` option decides).
+//! - `--object` (secrets), `--pidfile=PATH`.
+//!
+//! It serves until SIGTERM, SIGINT or SIGHUP, then flushes every export and closes every node.
+//! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and `--daemonize`,
+//! TLS and export types other than `nbd` are refused by name until they work.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+
+use basalt_engine::{Graph, OpenFlags, Opts, Queue};
+
+use crate::img::common::Chain;
+use crate::nbd::{self, server};
+
+const USAGE: &str = "Usage: basalt-storage-daemon [options]\n\
+Block nodes and NBD exports, as qemu-storage-daemon.\n\
+  --blockdev [driver=]<driver>[,node-name=<N>][,<options>...]\n\
+                         configure a block node (keyval or JSON)\n\
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]\n\
+  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]\n\
+                         start an NBD server for exports\n\
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n\
+           [,description=<text>][,writable=on|off][,allocation-depth=on|off]\n\
+           [,bitmaps.0=<name>...]\n\
+                         export a block node over NBD\n\
+  --object secret,id=<id>,data=<data>|file=<file>\n\
+                         define a secret\n\
+  --pidfile <path>       write the process ID to a file after startup\n\
+  -h, --help             this help\n\
+  -V, --version          version";
+
+/// What the command line asked for, in order.
+enum Item {
+    Blockdev(String),
+    NbdServer(String),
+    Export(String),
+    Object(String),
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("basalt-storage-daemon: {msg}");
+    1
+}
+
+fn parse(args: &[String]) -> Result<(Vec<Item>, Option<String>), String> {
+    let mut items = Vec::new();
+    let mut pidfile = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        let (name, inline) = match a.strip_prefix("--") {
+            Some(l) => match l.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (l.to_string(), None),
+            },
+            None if a == "-h" => ("help".into(), None),
+            None if a == "-V" => ("version".into(), None),
+            None => return Err(format!("Unexpected argument '{a}'")),
+        };
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => {
+                    let v = args.get(i).cloned().ok_or_else(|| format!("option '--{name}' requires an argument"))?;
+                    i += 1;
+                    Ok(v)
+                }
+            }
+        };
+        match name.as_str() {
+            "blockdev" => items.push(Item::Blockdev(value()?)),
+            "nbd-server" => items.push(Item::NbdServer(value()?)),
+            "export" => items.push(Item::Export(value()?)),
+            "object" => items.push(Item::Object(value()?)),
+            "pidfile" => pidfile = Some(value()?),
+            "chardev" | "monitor" => {
+                return Err(format!("--{name} is not supported yet (the control channel is still to come)"));
+            }
+            "daemonize" => return Err("--daemonize is not supported yet".into()),
+            "trace" => return Err("--trace is not supported".into()),
+            "help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "version" => {
+                println!("basalt-storage-daemon {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => return Err(format!("unrecognized option '--{other}'")),
+        }
+    }
+    Ok((items, pidfile))
+}
+
+/// Keyval or JSON options.
+fn options(s: &str, implied: Option<&str>) -> Result<Opts, String> {
+    if s.trim_start().starts_with('{') {
+        Opts::parse_json(s).map_err(|e| e.msg)
+    } else {
+        Opts::parse_keyval(s, implied).map_err(|e| e.msg)
+    }
+}
+
+fn take_bool(o: &mut Opts, key: &str) -> Result<bool, String> {
+    o.take_bool(key, false).map_err(|e| e.msg)
+}
+
+/// The listening socket of `--nbd-server`, and its connection limit.
+fn nbd_server(def: &str) -> Result<(OwnedFd, usize, Option<String>), String> {
+    let mut o = options(def, None)?;
+    if o.take_str("tls-creds").is_some() || o.take_str("tls-authz").is_some() {
+        return Err("NBD over TLS is not supported by Basalt yet".into());
+    }
+    let max = o.take_u64("max-connections", 0).map_err(|e| e.msg)?;
+    let typ = o.take_str("addr.type").ok_or("Parameter 'addr.type' is missing")?;
+    let (fd, path): (OwnedFd, Option<String>) = match typ.as_str() {
+        "unix" => {
+            let path = o.take_str("addr.path").ok_or("Parameter 'addr.path' is missing")?;
+            let l = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("Failed to bind socket to {path}: {e}"))?;
+            (l.into(), Some(path))
+        }
+        "inet" => {
+            let host = o.take_str("addr.host").ok_or("Parameter 'addr.host' is missing")?;
+            let port = o.take_str("addr.port").ok_or("Parameter 'addr.port' is missing")?;
+            let p: u16 = port.parse().map_err(|_| format!("Port '{port}' is not a number"))?;
+            let l = std::net::TcpListener::bind((host.as_str(), p))
+                .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}"))?;
+            (l.into(), None)
+        }
+        t => return Err(format!("Parameter 'addr.type' does not accept value '{t}'")),
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(format!("Invalid parameter '{k}'"));
+    }
+    Ok((fd, if max == 0 { usize::MAX } else { max as usize }, path))
+}
+
+/// An `--export type=nbd`.
+async fn export(graph: &Graph, def: &str, max_connections: usize) -> Result<server::Export, String> {
+    let mut o = options(def, Some("type"))?;
+    match o.take_str("type").as_deref() {
+        Some("nbd") => {}
+        Some(t) => return Err(format!("Export type '{t}' is not supported")),
+        None => return Err("Parameter 'type' is missing".into()),
+    }
+    let _id = o.take_str("id").ok_or("Parameter 'id' is missing")?;
+    let node_name = o.take_str("node-name").ok_or("Parameter 'node-name' is missing")?;
+    let node = graph.node(&node_name).ok_or_else(|| format!("Cannot find device='{node_name}' nor node-name='{node_name}'"))?;
+    let name = o.take_str("name").unwrap_or_else(|| node_name.clone());
+    let description = o.take_str("description");
+    let writable = take_bool(&mut o, "writable")?;
+    let allocation_depth = take_bool(&mut o, "allocation-depth")?;
+    let _ = take_bool(&mut o, "writethrough")?;
+    let mut bitmaps = Vec::new();
+    let mut n = 0;
+    while let Some(b) = o.take_str(&format!("bitmaps.{n}")) {
+        bitmaps.push(nbd::export_bitmap(&node, &b).await?);
+        n += 1;
+    }
+    if let Some(k) = o.keys().next() {
+        return Err(format!("Invalid parameter '{k}'"));
+    }
+    if writable && node.read_only() {
+        return Err(format!("Block node '{node_name}' is read-only"));
+    }
+    let queue = Queue::new(node.clone()).map_err(|e| e.msg)?;
+    let chain = Chain::new(node.clone())?;
+    Ok(server::Export {
+        name,
+        description,
+        queue,
+        chain,
+        size: node.size(),
+        read_only: !writable,
+        discard: true,
+        allocation_depth,
+        // QEMU's multi-conn=auto: on unless the server takes a single client.
+        multi_conn: max_connections != 1,
+        bitmaps,
+    })
+}
+
+/// The tool's entry point.
+pub fn main(args: Vec<String>) -> i32 {
+    let (items, pidfile) = match parse(&args) {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    nbd::block_stop_signals();
+    crate::run_tool_with_pool(crate::SERVER_POOL, move || run(items, pidfile))
+}
+
+async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
+    let graph = Graph::new(basalt_formats::registry());
+    let mut server: Option<(OwnedFd, usize, Option<String>)> = None;
+    let mut exports = Vec::new();
+    let mut code = 0;
+    for item in &items {
+        let r = match item {
+            Item::Blockdev(def) => match options(def, Some("driver")) {
+                Ok(o) => graph.open(o, OpenFlags::read_write()).await.map(|_| ()).map_err(|e| e.msg),
+                Err(e) => Err(e),
+            },
+            Item::NbdServer(_) if server.is_some() => Err("Only one --nbd-server is allowed".to_string()),
+            Item::NbdServer(def) => nbd_server(def).map(|s| server = Some(s)),
+            Item::Export(_) if server.is_none() => Err("NBD server not running".to_string()),
+            Item::Export(def) => {
+                let max = server.as_ref().map_or(0, |s| s.1);
+                export(&graph, def, max).await.map(|e| exports.push(Rc::new(e)))
+            }
+            Item::Object(def) => graph.add_object(def).map_err(|e| e.msg),
+        };
+        if let Err(e) = r {
+            code = fail(e);
+            break;
+        }
+    }
+    let socket_path = server.as_ref().and_then(|s| s.2.clone());
+    if code == 0 {
+        if let Some(p) = &pidfile {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                code = fail(format!("Cannot write pid file to '{p}': {e}"));
+            }
+        }
+    }
+    if code == 0 {
+        let stop = nbd::stop_on_signals();
+        if let Some((fd, max, _)) = &server {
+            nbd::spawn_accept_loop(fd.as_raw_fd(), Rc::new(exports.clone()), *max, true, stop.clone(), "basalt-storage-daemon");
+        }
+        stop.wait().await;
+        if let Some((fd, _, _)) = &server {
+            // SAFETY: shutdown(2) on the listening descriptor, still open (`server` owns it
+            // until the end); it wakes the accept waiting in the blocking pool.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        for e in &exports {
+            if let Err(err) = e.queue.flush().await.res {
+                code = fail(format!("flushing export '{}': {err}", e.name));
+            }
+        }
+    }
+    drop(exports);
+    if let Err(e) = graph.close().await {
+        code = fail(format!("closing the nodes: {}", e.msg));
+    }
+    if let Some(p) = socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = pidfile.map(std::fs::remove_file);
+    code
+}
