@@ -94,34 +94,14 @@ impl Handshake {
     /// Take a connected socket; reads time out after `timeout` (a server that stops answering
     /// mid-handshake fails the open rather than hanging it).
     pub fn new(fd: OwnedFd, timeout: Duration) -> Handshake {
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
-        // SAFETY: setting SO_RCVTIMEO on a socket we own from a valid timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        set_receive_timeout(&fd, timeout);
         Handshake { s: std::fs::File::from(fd), no_zeroes: false }
     }
 
     /// The socket back, with the timeout cleared for the transmission phase.
     pub fn into_fd(self) -> OwnedFd {
         let fd = OwnedFd::from(self.s);
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
-        // SAFETY: as in `new`.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        set_receive_timeout(&fd, Duration::ZERO);
         fd
     }
 }
@@ -386,6 +366,21 @@ impl<S: Read + Write> Handshake<S> {
     pub fn abort(&mut self) {
         let _ = self.send_option(opt::ABORT, &[]);
     }
+}
+
+/// SO_RCVTIMEO (zero: none).
+fn set_receive_timeout(fd: &OwnedFd, timeout: Duration) {
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: setting SO_RCVTIMEO on a socket we own from a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
 }
 
 fn defaults() -> Negotiated {

@@ -607,33 +607,22 @@ async fn block_status(c: &Conn, req: &Request) {
         let mut ext: Vec<(u64, u32)> = Vec::new();
         let (mut off, end) = (req.offset, req.offset + req.len);
         while off < end {
-            if let Some(bm) = c.exp.bitmap(*id) {
-                let (len, flags) = bm.extent(off, end);
-                let len = len.min(cap);
-                let n = ext.len();
-                match ext.last_mut() {
-                    Some(l) if l.1 == flags && l.0.checked_add(len).is_some_and(|t| t <= cap) => l.0 += len,
-                    _ if n == max => break,
-                    _ => ext.push((len, flags)),
-                }
-                off += len;
-                continue;
-            }
-            let st = match c.exp.chain.status(off, end - off).await {
-                Ok(s) => s,
-                Err(e) => return c.status(req, wire(e), &format!("block status failed: {e}")).await,
-            };
-            let len = st.len.min(end - off).clamp(1, cap);
-            let flags = match *id {
-                CTX_BASE => (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 },
-                _ => {
-                    if st.allocated {
-                        st.depth + 1
-                    } else {
-                        0
-                    }
+            let (len, flags) = match c.exp.bitmap(*id) {
+                Some(bm) => bm.extent(off, end),
+                None => {
+                    let st = match c.exp.chain.status(off, end - off).await {
+                        Ok(s) => s,
+                        Err(e) => return c.status(req, wire(e), &format!("block status failed: {e}")).await,
+                    };
+                    let flags = match *id {
+                        CTX_BASE => (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 },
+                        _ if st.allocated => st.depth + 1,
+                        _ => 0,
+                    };
+                    (st.len.min(end - off), flags)
                 }
             };
+            let len = len.clamp(1, cap);
             let n = ext.len();
             match ext.last_mut() {
                 Some(l) if l.1 == flags && l.0.checked_add(len).is_some_and(|t| t <= cap) => l.0 += len,
