@@ -4,7 +4,8 @@
 pub mod keyslots;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Directory holding the workspace's built binaries (target/<profile>).
 pub fn bin_dir() -> PathBuf {
@@ -137,4 +138,49 @@ pub fn same_bitmaps(a: &Path, b: &Path, what: &str) {
         let first = p.3.iter().zip(&q.3).position(|(c, d)| c != d);
         assert!(first.is_none(), "{what}: bitmap {} differs first at byte {first:?}", p.0);
     }
+}
+
+/// A server under test (basalt-nbd, qemu-nbd, nbdkit, a storage daemon): killed when dropped,
+/// unless [`Listening::stop`] ended it first.
+pub struct Listening(Option<Child>);
+
+impl Listening {
+    /// The server's process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// The process, for tests that wait for it to end by itself.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// End it with SIGTERM, as a user would, and require a clean exit.
+    pub fn stop(mut self) {
+        let mut child = self.0.take().expect("running");
+        // SAFETY: kill(2) with the child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = child.wait().unwrap();
+        assert!(st.success(), "server exited with {st:?} on SIGTERM");
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Start a server (its stdout discarded) and wait, at most 10 s, for it to create `sock`.
+pub fn start_listening(cmd: &mut Command, sock: &Path) -> Listening {
+    let child = Listening(Some(cmd.stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "server did not create {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
 }

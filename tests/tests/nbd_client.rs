@@ -4,40 +4,20 @@
 //! commands leave the same data, `info` and `map` print the same, errors read the same.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use basalt_tests::{assert_same_img_outcome, must, peer, run, stderr, stdout, tool};
+use basalt_tests::{assert_same_img_outcome, must, peer, run, start_listening, stderr, stdout, tool, Listening};
 
-/// A running server, killed when the test ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn serve(cmd: &mut Command, sock: &Path) -> Listening {
+    start_listening(cmd.stderr(Stdio::null()), sock)
 }
 
-fn wait_for(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "NBD server did not create {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn serve(cmd: &mut Command, sock: &Path) -> Server {
-    let s = Server(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the NBD server"));
-    wait_for(sock);
-    s
-}
-
-fn qemu_nbd(sock: &Path, args: &[&str], img: &Path) -> Server {
+fn qemu_nbd(sock: &Path, args: &[&str], img: &Path) -> Listening {
     serve(peer("qemu-nbd").args(["-t", "-k"]).arg(sock).args(args).arg(img), sock)
 }
 
-fn nbdkit(sock: &Path, args: &[&str]) -> Server {
+fn nbdkit(sock: &Path, args: &[&str]) -> Listening {
     serve(peer("nbdkit").args(["-f", "-U"]).arg(sock).args(args), sock)
 }
 

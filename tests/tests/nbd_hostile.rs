@@ -7,20 +7,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use basalt_drivers::nbd::proto::{self, cmd, opt, rep, OptionHeader, Request};
-use basalt_tests::{must, peer, run, stdout, tool};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use basalt_tests::{must, peer, run, start_listening, stdout, tool};
 
 /// A connection in the transmission phase, simple replies.
 struct Client(UnixStream);
@@ -108,20 +99,10 @@ fn hostile_clients_are_dropped_alone() {
     let img = d.join("h.raw");
     must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "64M"])), "create");
     let sock = d.join("h.sock");
-    let server = Server(
-        Command::new(tool("basalt-nbd"))
-            .args(["-t", "-e", "0", "-f", "raw", "-k"])
-            .arg(&sock)
-            .arg(&img)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let server = start_listening(
+        Command::new(tool("basalt-nbd")).args(["-t", "-e", "0", "-f", "raw", "-k"]).arg(&sock).arg(&img).stderr(Stdio::null()),
+        &sock,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let size = 64u64 << 20;
 
     // A well-behaved client, used between the hostile ones.
@@ -180,7 +161,7 @@ fn hostile_clients_are_dropped_alone() {
         stuck.push(c);
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.0.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.id())).unwrap();
     let hwm: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
     assert!(hwm < 512 << 10, "server memory peaked at {hwm} kB with clients that do not read");
     let mut many: Vec<Client> = (0..40).map(|_| Client::new(&sock)).collect();
@@ -194,10 +175,8 @@ fn hostile_clients_are_dropped_alone() {
     drop(stuck);
     drop(many);
     drop(good);
-    // SAFETY: kill(2) with the child's pid; it flushes and exits on SIGTERM.
-    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    let mut server = server;
-    assert!(server.0.wait().unwrap().success(), "server failed");
+    // It flushes and exits cleanly on SIGTERM.
+    server.stop();
 
     let out = qemu_io_reads(
         &img,

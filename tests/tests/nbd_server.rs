@@ -5,43 +5,13 @@
 //! with its client.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_tests::{must, peer, run, stderr, stdout, tool};
-
-/// A running server, killed if the test ends before stopping it.
-struct Server(Option<Child>);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start(server: &mut Command, sock: &Path) -> Server {
-    let child = Server(Some(server.stdout(Stdio::null()).spawn().expect("start the NBD server")));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "NBD server did not create {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
+use basalt_tests::{must, peer, run, start_listening, stderr, stdout, tool};
 
 fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
-}
-
-fn stop(mut server: Server) {
-    let mut child = server.0.take().expect("running");
-    // SAFETY: kill(2) with the child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    assert!(st.success(), "server exited with {st:?} on SIGTERM");
 }
 
 /// qemu-io output without its timing lines.
@@ -58,8 +28,8 @@ fn basalt_nbd_serves_as_qemu_nbd_does() {
     must(&run(peer("qemu-io").args(["-c", "write -P 0x11 1M 64k", "-c", "write -z 3M 64k", q_img.to_str().unwrap()])), "io");
     std::fs::copy(&q_img, &b_img).unwrap();
     let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
-    let q = start(peer("qemu-nbd").args(["-t", "-f", "qcow2", "-k"]).arg(&q_sock).arg(&q_img), &q_sock);
-    let b = start(Command::new(tool("basalt-nbd")).args(["-t", "-f", "qcow2", "-k"]).arg(&b_sock).arg(&b_img), &b_sock);
+    let q = start_listening(peer("qemu-nbd").args(["-t", "-f", "qcow2", "-k"]).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start_listening(Command::new(tool("basalt-nbd")).args(["-t", "-f", "qcow2", "-k"]).arg(&b_sock).arg(&b_img), &b_sock);
 
     let cmds = [
         "read -P 0x11 1M 64k",
@@ -92,8 +62,8 @@ fn basalt_nbd_serves_as_qemu_nbd_does() {
     let info = run(peer("qemu-img").args(["info", "--output=json", &uri(&b_sock)]));
     must(&info, "info over NBD");
     assert!(stdout(&info).contains("\"virtual-size\": 67108864"), "{}", stdout(&info));
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
     // SIGTERM closed the image cleanly: no leaks or errors, the same content as qemu-nbd's.
     must(&run(peer("qemu-img").args(["check", "-f", "qcow2", b_img.to_str().unwrap()])), "check after SIGTERM");
     must(&run(peer("qemu-img").args(["compare", "-f", "qcow2", "-F", "qcow2"]).arg(&q_img).arg(&b_img)), "compare images");
@@ -110,8 +80,11 @@ fn allocation_maps_match_qemu_nbd_on_raw_files() {
         "io",
     );
     let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
-    let q = start(peer("qemu-nbd").args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&q_sock).arg(&img), &q_sock);
-    let b = start(Command::new(tool("basalt-nbd")).args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&b_sock).arg(&img), &b_sock);
+    let q = start_listening(peer("qemu-nbd").args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&q_sock).arg(&img), &q_sock);
+    let b = start_listening(
+        Command::new(tool("basalt-nbd")).args(["-t", "-r", "-A", "-f", "raw", "-k"]).arg(&b_sock).arg(&img),
+        &b_sock,
+    );
     let map = |s: &Path| {
         let o = run(peer("qemu-img").args(["map", "--output=json", "-f", "raw", &uri(s)]));
         must(&o, "map over NBD");
@@ -124,8 +97,8 @@ fn allocation_maps_match_qemu_nbd_on_raw_files() {
     let msg = |o: &std::process::Output, s: &Path| basalt_tests::stderr(o).replace(s.to_str().unwrap(), "SOCK");
     assert_eq!(msg(&bw, &b_sock), msg(&qw, &q_sock), "read-only refusal differs");
     assert_eq!(bw.status.code(), qw.status.code());
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
 }
 
 #[test]
@@ -134,8 +107,8 @@ fn without_persistent_the_server_ends_with_its_client() {
     let img = tmp.path().join("x.raw");
     must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
     let sock = tmp.path().join("x.sock");
-    let mut server = start(Command::new(tool("basalt-nbd")).args(["-f", "raw", "-k"]).arg(&sock).arg(&img), &sock);
-    let b = server.0.as_mut().expect("running");
+    let mut server = start_listening(Command::new(tool("basalt-nbd")).args(["-f", "raw", "-k"]).arg(&sock).arg(&img), &sock);
+    let b = server.child();
     must(&run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 4k", &uri(&sock)])), "io");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -194,7 +167,7 @@ fn nbdinfo_and_nbdcopy_work_with_basalt_nbd() {
     must(&run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"])), "create");
     must(&run(peer("qemu-io").args(["-c", "write -P 1 1M 64k", img.to_str().unwrap()])), "io");
     let sock = d.join("n.sock");
-    let b = start(
+    let b = start_listening(
         Command::new(tool("basalt-nbd")).args(["-t", "-f", "qcow2", "-x", "exp", "-D", "an export", "-k"]).arg(&sock).arg(&img),
         &sock,
     );
@@ -228,7 +201,7 @@ fn nbdinfo_and_nbdcopy_work_with_basalt_nbd() {
     must(&run(peer("nbdcopy").arg(&inp).arg(&u)), "nbdcopy to basalt-nbd");
     must(&run(peer("nbdcopy").arg(&u).arg(&back)), "nbdcopy from basalt-nbd");
     assert_eq!(std::fs::read(&inp).unwrap(), std::fs::read(&back).unwrap(), "nbdcopy round trip");
-    stop(b);
+    b.stop();
     must(&run(peer("qemu-img").args(["check", "-f", "qcow2", img.to_str().unwrap()])), "check");
 }
 
@@ -309,8 +282,8 @@ fn nbdsh_and_fio_against_basalt_nbd() {
     }
     let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
     let args = ["-t", "-f", "raw", "--discard=unmap", "-k"];
-    let q = start(peer("qemu-nbd").args(args).arg(&q_sock).arg(&q_img), &q_sock);
-    let b = start(Command::new(tool("basalt-nbd")).args(args).arg(&b_sock).arg(&b_img), &b_sock);
+    let q = start_listening(peer("qemu-nbd").args(args).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start_listening(Command::new(tool("basalt-nbd")).args(args).arg(&b_sock).arg(&b_img), &b_sock);
     let (qo, bo) = (nbdsh(&uri(&q_sock)), nbdsh(&uri(&b_sock)));
     must(&qo, "nbdsh against qemu-nbd");
     must(&bo, "nbdsh against basalt-nbd");
@@ -322,8 +295,8 @@ fn nbdsh_and_fio_against_basalt_nbd() {
         // The verify phase reads everything back.
         assert!(stdout(&o).contains("read: IOPS="), "{}", stdout(&o));
     }
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
 }
 
 /// `basalt-nbd -L` prints what `qemu-nbd -L` prints, against basalt-nbd (with a description
@@ -335,14 +308,14 @@ fn list_mode_prints_as_qemu_nbd() {
     let img = d.join("l.raw");
     must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"])), "create");
     let (b_sock, q_sock) = (d.join("b.sock"), d.join("q.sock"));
-    let b = start(
+    let b = start_listening(
         Command::new(tool("basalt-nbd"))
             .args(["-t", "-r", "-A", "-x", "disk", "-D", "a test disk", "-f", "raw", "-k"])
             .arg(&b_sock)
             .arg(&img),
         &b_sock,
     );
-    let q = start(peer("qemu-nbd").args(["-t", "-r", "-f", "raw", "-x", "q", "-k"]).arg(&q_sock).arg(&img), &q_sock);
+    let q = start_listening(peer("qemu-nbd").args(["-t", "-r", "-f", "raw", "-x", "q", "-k"]).arg(&q_sock).arg(&img), &q_sock);
     for s in [&b_sock, &q_sock] {
         let bo = run(Command::new(tool("basalt-nbd")).arg("-L").arg("-k").arg(s));
         let qo = run(peer("qemu-nbd").arg("-L").arg("-k").arg(s));
@@ -352,8 +325,8 @@ fn list_mode_prints_as_qemu_nbd() {
         // Both servers negotiate extended headers.
         assert!(stdout(&bo).contains("transaction size: 64-bit"), "{}", stdout(&bo));
     }
-    stop(b);
-    stop(q);
+    b.stop();
+    q.stop();
 }
 
 /// `-B`: qcow2 dirty bitmaps exported as `qemu:dirty-bitmap:NAME`, as qemu-nbd exports them
@@ -373,8 +346,8 @@ fn dirty_bitmaps_export_as_qemu_nbd() {
     std::fs::copy(&q_img, &b_img).unwrap();
     let (q_sock, b_sock) = (d.join("q.sock"), d.join("b.sock"));
     let ro = ["-t", "-r", "-f", "qcow2", "-B", "b0", "-B", "b1", "-k"];
-    let q = start(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
-    let b = start(Command::new(tool("basalt-nbd")).args(ro).arg(&b_sock).arg(&b_img), &b_sock);
+    let q = start_listening(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start_listening(Command::new(tool("basalt-nbd")).args(ro).arg(&b_sock).arg(&b_img), &b_sock);
     let bitmap_map = |prog: &str, s: &Path, bm: &str| {
         let opts = format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{bm}", s.display());
         let mut c = if prog == "qemu-img" { peer("qemu-img") } else { Command::new(tool("basalt-img")) };
@@ -400,25 +373,25 @@ fn dirty_bitmaps_export_as_qemu_nbd() {
     let missing =
         run(Command::new(tool("basalt-nbd")).args(["-r", "-f", "qcow2", "-B", "nope", "-k"]).arg(d.join("x.sock")).arg(&b_img));
     assert_eq!(stderr(&missing), "basalt-nbd: Bitmap 'nope' is not found\n");
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
 
     // Writable, with the enabled b0: a write through the export shows as dirty at once and
     // stays in the image's bitmap.
     let rw = ["-t", "-f", "qcow2", "-B", "b0", "-k"];
-    let q = start(peer("qemu-nbd").args(rw).arg(&q_sock).arg(&q_img), &q_sock);
-    let b = start(Command::new(tool("basalt-nbd")).args(rw).arg(&b_sock).arg(&b_img), &b_sock);
+    let q = start_listening(peer("qemu-nbd").args(rw).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start_listening(Command::new(tool("basalt-nbd")).args(rw).arg(&b_sock).arg(&b_img), &b_sock);
     for s in [&q_sock, &b_sock] {
         must(&run(peer("qemu-io").args(["-f", "raw", "-c", "write -P 3 10M 4k", &uri(s)])), "write through the export");
     }
     let map = |s: &Path| stdout(&run(peer("nbdinfo").args(["--map=qemu:dirty-bitmap:b0", &uri(s)])));
     assert_eq!(map(&b_sock), map(&q_sock), "after a write");
     assert!(map(&b_sock).contains("10485760"), "{}", map(&b_sock));
-    stop(q);
-    stop(b);
-    let q = start(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
-    let b = start(peer("qemu-nbd").args(ro).arg(&b_sock).arg(&b_img), &b_sock);
+    q.stop();
+    b.stop();
+    let q = start_listening(peer("qemu-nbd").args(ro).arg(&q_sock).arg(&q_img), &q_sock);
+    let b = start_listening(peer("qemu-nbd").args(ro).arg(&b_sock).arg(&b_img), &b_sock);
     assert_eq!(map(&b_sock), map(&q_sock), "stored in the image");
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
 }

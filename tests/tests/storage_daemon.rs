@@ -4,38 +4,10 @@
 //! after SIGTERM.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_tests::{must, peer, run, stdout, tool};
-
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start(cmd: &mut Command, sock: &Path) -> Daemon {
-    let d = Daemon(Some(cmd.stdout(Stdio::null()).spawn().expect("start the daemon")));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "daemon did not create {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    d
-}
-
-fn stop(mut d: Daemon) {
-    let mut c = d.0.take().unwrap();
-    // SAFETY: kill(2) with the child's pid.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    assert!(c.wait().unwrap().success(), "daemon failed on SIGTERM");
-}
+use basalt_tests::{must, peer, run, start_listening, stdout, tool};
 
 fn args(d: &Path, tag: &str) -> Vec<String> {
     let p = |n: &str| d.join(format!("{tag}-{n}")).display().to_string();
@@ -66,16 +38,16 @@ fn exports_match_qemu_storage_daemon() {
         std::fs::write(d.join(format!("{tag}-base.raw")), vec![0x5a; 1 << 20]).unwrap();
     }
     let (qs, bs) = (d.join("q-sock"), d.join("b-sock"));
-    let q = start(peer("qemu-storage-daemon").args(args(d, "q")), &qs);
+    let q = start_listening(peer("qemu-storage-daemon").args(args(d, "q")), &qs);
     let pid = d.join("b.pid");
-    let b = start(Command::new(tool("basalt-storage-daemon")).args(args(d, "b")).arg("--pidfile").arg(&pid), &bs);
+    let b = start_listening(Command::new(tool("basalt-storage-daemon")).args(args(d, "b")).arg("--pidfile").arg(&pid), &bs);
     // The pid file is written once every option has been carried out (just after the socket).
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&pid).map_or(true, |p| !p.ends_with('\n')) {
         assert!(Instant::now() < deadline, "no pid file");
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(std::fs::read_to_string(&pid).unwrap().trim(), b.0.as_ref().unwrap().id().to_string(), "pid file");
+    assert_eq!(std::fs::read_to_string(&pid).unwrap().trim(), b.id().to_string(), "pid file");
     let uri = |s: &Path, e: &str| format!("nbd+unix:///{e}?socket={}", s.display());
 
     // Both exports, listed alike.
@@ -104,8 +76,8 @@ fn exports_match_qemu_storage_daemon() {
     let map = |s: &Path, e: &str| stdout(&run(peer("qemu-img").args(["map", "--output=json", "-f", "raw", &uri(s, e)])));
     assert_eq!(map(&bs, "disk"), map(&qs, "disk"));
     assert_eq!(map(&bs, "r"), map(&qs, "r"));
-    stop(q);
-    stop(b);
+    q.stop();
+    b.stop();
     assert!(!bs.exists(), "socket left behind");
     let (qi, bi) = (d.join("q-disk.qcow2"), d.join("b-disk.qcow2"));
     must(&run(peer("qemu-img").args(["check", "-f", "qcow2", bi.to_str().unwrap()])), "check");
