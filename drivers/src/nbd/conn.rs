@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use basalt_engine::{IoFuture, IoStatus, SlotKind};
 use basalt_reactor::{slot_alloc, slot_complete, slot_put_buf, slot_take_buf, IoBuf, SlotFuture, SlotId};
 
-use super::negotiate::{Handshake, Negotiated, Want};
+use super::negotiate::{Handshake, Negotiated};
 use super::proto::{self, chunk, cmd, ChunkHeader, ReplyStart, Request};
 use super::sock::Sock;
 use super::target::NbdTarget;
@@ -50,20 +50,9 @@ impl Dial {
     /// Connect and negotiate, each read of the handshake waiting at most `timeout`; the
     /// export must look as it did when the node opened.
     pub(crate) fn dial(&self, timeout: Duration) -> Result<OwnedFd, String> {
-        let fd = self.target.connect().map_err(|e| {
-            format!(
-                "Failed to connect to '{}': {}",
-                self.target.server_name(),
-                basalt_engine::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-            )
-        })?;
+        let fd = self.target.connect().map_err(|e| e.msg)?;
         let mut h = Handshake::new(fd, timeout);
-        let want = Want {
-            export: self.target.export.as_deref().unwrap_or(""),
-            context: &self.context,
-            context_required: self.target.context.is_some(),
-        };
-        let n = h.negotiate(&want).map_err(|e| e.to_string())?;
+        let n = h.negotiate(&self.target.want(&self.context)).map_err(|e| e.to_string())?;
         if n != self.neg {
             h.abort();
             return Err(format!(

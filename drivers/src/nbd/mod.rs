@@ -35,7 +35,7 @@ use basalt_engine::{
 use basalt_reactor::{IoBuf, ReactorHandle};
 
 use conn::{Conn, Dial};
-use negotiate::{Handshake, Negotiated, Want};
+use negotiate::{Handshake, Negotiated};
 use proto::{cflag, cmd, tflag, Request};
 use target::NbdTarget;
 
@@ -80,10 +80,6 @@ struct NbdNode {
     extra_failed: std::sync::atomic::AtomicBool,
 }
 
-fn open_error(t: &NbdTarget, e: std::io::Error) -> BlockError {
-    BlockError::io(format!("Failed to connect to '{}'", t.server_name()), &e)
-}
-
 /// Connect (retrying for `open-timeout`) and negotiate.
 fn connect(t: &NbdTarget, context: &str) -> BlockResult<(std::os::fd::OwnedFd, Negotiated)> {
     let until = Instant::now() + t.open_timeout;
@@ -91,12 +87,11 @@ fn connect(t: &NbdTarget, context: &str) -> BlockResult<(std::os::fd::OwnedFd, N
         match t.connect() {
             Ok(fd) => break fd,
             Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => return Err(open_error(t, e)),
+            Err(e) => return Err(e),
         }
     };
     let mut h = Handshake::new(fd, OPEN_HANDSHAKE_TIMEOUT);
-    let want = Want { export: t.export.as_deref().unwrap_or(""), context, context_required: t.context.is_some() };
-    let n = h.negotiate(&want)?;
+    let n = h.negotiate(&t.want(context))?;
     Ok((h.into_fd(), n))
 }
 

@@ -172,6 +172,14 @@ impl<S: Read + Write> Handshake<S> {
         Ok(Ok(fixed))
     }
 
+    /// The greeting before listing, which needs a fixed newstyle server.
+    fn listing_greeting(&mut self) -> BlockResult<()> {
+        match self.greeting("")? {
+            Ok(true) => Ok(()),
+            Err(_) | Ok(false) => Err(proto_err("Server does not support export lists")),
+        }
+    }
+
     /// Negotiate an export for the transmission phase.
     pub fn negotiate(&mut self, want: &Want) -> BlockResult<Negotiated> {
         let fixed = match self.greeting(want.export)? {
@@ -275,10 +283,7 @@ impl<S: Read + Write> Handshake<S> {
 
     /// `NBD_OPT_LIST`: the exports' names and descriptions. Ends the handshake with `ABORT`.
     pub fn list(&mut self) -> BlockResult<Vec<(String, String)>> {
-        match self.greeting("")? {
-            Err(_) | Ok(false) => return Err(proto_err("Server does not support export lists")),
-            Ok(true) => {}
-        }
+        self.listing_greeting()?;
         let out = self.list_names()?;
         self.abort();
         Ok(out)
@@ -288,10 +293,7 @@ impl<S: Read + Write> Handshake<S> {
     /// (`LIST`, then `INFO` and `LIST_META_CONTEXT` for each); ends with `ABORT`. Returns
     /// whether extended headers were negotiated, and the exports.
     pub fn list_details(&mut self) -> BlockResult<(bool, Vec<ExportDetails>)> {
-        match self.greeting("")? {
-            Err(_) | Ok(false) => return Err(proto_err("Server does not support export lists")),
-            Ok(true) => {}
-        }
+        self.listing_greeting()?;
         let extended = self.simple_option(opt::EXTENDED_HEADERS)?;
         let structured = extended || self.simple_option(opt::STRUCTURED_REPLY)?;
         let names = self.list_names()?;

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use basalt_engine::{BlockError, BlockResult, ErrorKind, Opts};
 
+use super::negotiate::Want;
 use super::proto::MAX_NAME;
 
 /// NBD's registered port.
@@ -219,17 +220,24 @@ impl NbdTarget {
         }
     }
 
-    /// Connect a blocking stream socket to the server (TCP with Nagle off).
-    pub fn connect(&self) -> std::io::Result<OwnedFd> {
-        match &self.server {
-            NbdServer::Unix { path } => Ok(std::os::unix::net::UnixStream::connect(path)?.into()),
-            NbdServer::Inet { host, port } => {
-                let port: u16 = port.parse().map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-                let s = std::net::TcpStream::connect((host.as_str(), port))?;
-                s.set_nodelay(true)?;
-                Ok(s.into())
-            }
-        }
+    /// Connect a blocking stream socket to the server (TCP with Nagle off); the error is
+    /// worded as QEMU's ("Failed to connect to 'HOST:PORT': Connection refused").
+    pub fn connect(&self) -> BlockResult<OwnedFd> {
+        let r = match &self.server {
+            NbdServer::Unix { path } => std::os::unix::net::UnixStream::connect(path).map(OwnedFd::from),
+            NbdServer::Inet { host, port } => port
+                .parse::<u16>()
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+                .and_then(|port| std::net::TcpStream::connect((host.as_str(), port)))
+                .and_then(|s| s.set_nodelay(true).map(|_| s.into())),
+        };
+        r.map_err(|e| BlockError::io(format!("Failed to connect to '{}'", self.server_name()), &e))
+    }
+
+    /// What to ask the server for: this export, with `context` for block status (required
+    /// when it was named with `x-dirty-bitmap`).
+    pub fn want<'a>(&'a self, context: &'a str) -> Want<'a> {
+        Want { export: self.export.as_deref().unwrap_or(""), context, context_required: self.context.is_some() }
     }
 }
 

@@ -25,9 +25,7 @@ const FLAG_NAMES: [&str; 12] = [
 pub fn list(server: NbdServer) -> Result<String, String> {
     let t =
         NbdTarget { server, export: None, context: None, reconnect_delay: Default::default(), open_timeout: Default::default() };
-    let fd = t.connect().map_err(|e| {
-        format!("Failed to connect to '{}': {}", t.server_name(), basalt_engine::strerror(e.raw_os_error().unwrap_or(libc::EIO)))
-    })?;
+    let fd = t.connect().map_err(|e| e.msg)?;
     let (extended, exports) = Handshake::new(fd, std::time::Duration::from_secs(30)).list_details().map_err(|e| e.msg)?;
     let mut o = format!("exports available: {}\n", exports.len());
     for e in exports {
