@@ -3,9 +3,10 @@
 //!
 //! A request takes a reactor completion slot (its cookie is the slot's index), parks its buffer
 //! there and goes on the send queue. The writer task sends queued requests, gathering the
-//! headers of requests without payload into one socket write. The reader task reads replies:
-//! simple replies, or structured/extended chunks (`OFFSET_DATA` is read straight into the
-//! request's buffer, `OFFSET_HOLE` zero-fills its part, `BLOCK_STATUS` gives the first extent,
+//! headers of requests without payload into one socket write. The reader task reads replies
+//! in bursts through a receive buffer (one read for every header and small chunk that has
+//! arrived): simple replies, or structured/extended chunks (`OFFSET_DATA` goes into the
+//! request's buffer, what was not buffered yet read straight into it, `OFFSET_HOLE` zero-fills its part, `BLOCK_STATUS` gives the first extent,
 //! `ERROR` the request's error), checking each against the request it answers: a chunk
 //! outside the request, a read reply that does not cover the request exactly, an unknown
 //! cookie or an oversized payload is a protocol error that ends the connection. Steady-state
@@ -29,7 +30,7 @@ use basalt_reactor::{slot_alloc, slot_complete, slot_put_buf, slot_take_buf, IoB
 
 use super::negotiate::{Handshake, Negotiated};
 use super::proto::{self, chunk, cmd, ChunkHeader, ReplyStart, Request};
-use super::sock::Sock;
+use super::sock::{RecvBuf, Sock};
 use super::target::NbdTarget;
 
 /// Largest non-data chunk payload accepted (block status with REQ_ONE, error messages).
@@ -394,15 +395,14 @@ impl Conn {
 
     /// Read replies on connection `gen` until it ends.
     async fn reader(self: Rc<Self>, sock: Rc<Sock>, gen: u64) {
-        let mut scratch = IoBuf::new_uninit(MAX_CHUNK);
+        // Replies are read in bursts: one read takes every header and small chunk that has
+        // arrived; read data goes straight into the requests' buffers.
+        let mut rx = RecvBuf::new(MAX_CHUNK + ChunkHeader::EXT_SIZE);
         loop {
-            match self.read_reply(&sock, scratch).await {
-                Ok(b) => scratch = b,
-                // Why it ended does not matter to the requests: they are sent again or fail.
-                Err(_) => {
-                    self.lost(gen);
-                    return;
-                }
+            // Why it ended does not matter to the requests: they are sent again or fail.
+            if self.read_reply(&sock, &mut rx).await.is_err() {
+                self.lost(gen);
+                return;
             }
         }
     }
@@ -415,17 +415,17 @@ impl Conn {
         }
     }
 
-    async fn read_into(sock: &Sock, mut scratch: IoBuf, n: usize) -> Result<IoBuf, String> {
-        scratch.reset(n);
-        match sock.read_exact(scratch).await {
-            Ok(Some(b)) => Ok(b),
-            Ok(None) => Err("server closed the connection".into()),
+    /// Have `n` bytes of the reply stream buffered.
+    async fn need(sock: &Sock, rx: &mut RecvBuf, n: usize) -> Result<(), String> {
+        match rx.fill(sock, n).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("server closed the connection".into()),
             Err(e) => Err(e.to_string()),
         }
     }
 
     /// Read `len` bytes into the window `at..` of request `id`'s buffer.
-    async fn read_payload(&self, sock: &Sock, id: u32, at: usize, len: usize) -> Result<(), String> {
+    async fn read_payload(&self, sock: &Sock, rx: &mut RecvBuf, id: u32, at: usize, len: usize) -> Result<(), String> {
         let Some(mut buf) = self.hold(id) else { return Err("request lost its buffer".into()) };
         let (start, whole) = (buf.window_start(), buf.len());
         if at + len > whole {
@@ -433,131 +433,126 @@ impl Conn {
             return Err("reply data past the request's buffer".into());
         }
         buf.set_window(start + at, len);
-        let (r, mut b) = sock.fill(buf).await;
+        let (r, mut b) = rx.read_into(sock, buf).await;
         b.set_window(start, whole);
         self.release(id, b);
-        match r {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("server closed the connection".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        r.map_err(|e| e.to_string())
     }
 
     /// Read one reply (a simple reply or one chunk) and act on it.
-    async fn read_reply(&self, sock: &Sock, scratch: IoBuf) -> Result<IoBuf, String> {
+    async fn read_reply(&self, sock: &Sock, rx: &mut RecvBuf) -> Result<(), String> {
         let ext = self.dial.neg.extended;
-        let first = if ext { ChunkHeader::EXT_SIZE } else { ReplyStart::SIZE };
-        let mut scratch = scratch;
-        scratch.reset(first);
-        let scratch = match sock.read_exact(scratch).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Err("server closed the connection".into()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let start = ReplyStart::parse(scratch.as_slice()[..16].try_into().expect("16 bytes")).map_err(|e| e.0)?;
-        let hdr = match start {
+        Self::need(sock, rx, if ext { ChunkHeader::EXT_SIZE } else { ReplyStart::SIZE }).await?;
+        let start = ReplyStart::parse(rx.peek(ReplyStart::SIZE).try_into().expect("16 bytes")).map_err(|e| e.0)?;
+        let size = match start {
             ReplyStart::Simple { error, cookie } => {
                 if ext {
                     return Err("simple reply on a connection with extended headers".into());
                 }
-                return self.simple_reply(sock, scratch, error, cookie).await;
+                rx.consume(ReplyStart::SIZE);
+                return self.simple_reply(sock, rx, error, cookie).await;
             }
             ReplyStart::Extended if !ext => return Err("extended reply without extended headers".into()),
             ReplyStart::Structured if ext || !self.dial.neg.structured => return Err("unexpected structured reply".into()),
-            ReplyStart::Extended => ChunkHeader::parse(&scratch.as_slice()[..32]).map_err(|e| e.0)?,
-            ReplyStart::Structured => {
-                let mut head = [0u8; 20];
-                head[..16].copy_from_slice(&scratch.as_slice()[..16]);
-                let s = Self::read_into(sock, scratch, 4).await?;
-                head[16..].copy_from_slice(s.as_slice());
-                let h = ChunkHeader::parse(&head).map_err(|e| e.0)?;
-                return self.chunk(sock, s, h).await;
-            }
+            ReplyStart::Extended => ChunkHeader::EXT_SIZE,
+            ReplyStart::Structured => ChunkHeader::SIZE,
         };
-        self.chunk(sock, scratch, hdr).await
+        Self::need(sock, rx, size).await?;
+        let h = ChunkHeader::parse(rx.peek(size)).map_err(|e| e.0)?;
+        rx.consume(size);
+        self.chunk(sock, rx, h).await
     }
 
-    async fn simple_reply(&self, sock: &Sock, scratch: IoBuf, error: u32, cookie: u64) -> Result<IoBuf, String> {
+    async fn simple_reply(&self, sock: &Sock, rx: &mut RecvBuf, error: u32, cookie: u64) -> Result<(), String> {
         let req = self.pending_req(cookie)?;
         if error == 0 && req.typ == cmd::READ {
             if self.dial.neg.structured {
                 return Err("simple reply to a read on a connection with structured replies".into());
             }
-            self.read_payload(sock, cookie as u32, 0, req.len as usize).await?;
+            self.read_payload(sock, rx, cookie as u32, 0, req.len as usize).await?;
         }
         self.finish(cookie, if error == 0 { None } else { Some(proto::wire_to_errno(error)) });
-        Ok(scratch)
+        Ok(())
     }
 
-    async fn chunk(&self, sock: &Sock, scratch: IoBuf, h: ChunkHeader) -> Result<IoBuf, String> {
+    async fn chunk(&self, sock: &Sock, rx: &mut RecvBuf, h: ChunkHeader) -> Result<(), String> {
         let req = self.pending_req(h.cookie)?;
         let id = h.cookie as u32;
-        let mut scratch = scratch;
         let end = req.offset + req.len;
         match h.typ {
             chunk::OFFSET_DATA => {
                 if req.typ != cmd::READ || h.len < 8 || h.len - 8 > req.len {
                     return Err(format!("data chunk of {} bytes for a {} byte request of type {}", h.len, req.len, req.typ));
                 }
-                scratch = Self::read_into(sock, scratch, 8).await?;
-                let (off, _) = proto::parse_offset_chunk(chunk::OFFSET_DATA, scratch.as_slice()).map_err(|e| e.0)?;
+                Self::need(sock, rx, 8).await?;
+                let (off, _) = proto::parse_offset_chunk(chunk::OFFSET_DATA, rx.peek(8)).map_err(|e| e.0)?;
+                rx.consume(8);
                 let n = h.len - 8;
                 if off < req.offset || off.checked_add(n).is_none_or(|e| e > end) {
                     return Err(format!("data chunk at {off}+{n} outside the request at {}+{}", req.offset, req.len));
                 }
-                self.read_payload(sock, id, (off - req.offset) as usize, n as usize).await?;
+                self.read_payload(sock, rx, id, (off - req.offset) as usize, n as usize).await?;
                 self.cover(h.cookie, n);
             }
             typ => {
                 if h.len > MAX_CHUNK as u64 {
                     return Err(format!("chunk of type {typ} with a {} byte payload", h.len));
                 }
-                scratch = Self::read_into(sock, scratch, h.len as usize).await?;
-                let p = scratch.as_slice();
-                match typ {
-                    chunk::NONE if h.len == 0 => {}
-                    chunk::OFFSET_HOLE if req.typ == cmd::READ => {
-                        let (off, n) = proto::parse_offset_chunk(typ, p).map_err(|e| e.0)?;
-                        let n = u64::from(n);
-                        if off < req.offset || off.checked_add(n).is_none_or(|e| e > end) || n == 0 {
-                            return Err(format!("hole chunk at {off}+{n} outside the request at {}+{}", req.offset, req.len));
-                        }
-                        let Some(mut buf) = self.hold(id) else { return Err("request lost its buffer".into()) };
-                        let at = (off - req.offset) as usize;
-                        if at + n as usize <= buf.len() {
-                            buf.as_mut_slice()[at..at + n as usize].fill(0);
-                        }
-                        self.release(id, buf);
-                        self.cover(h.cookie, n);
-                    }
-                    chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT if req.typ == cmd::BLOCK_STATUS => {
-                        if (typ == chunk::BLOCK_STATUS_EXT) != self.dial.neg.extended {
-                            return Err(format!("block status chunk of type {typ} does not match the header style"));
-                        }
-                        let (ctx, len, flags) = proto::parse_block_status(typ, p).map_err(|e| e.0)?;
-                        if Some(ctx) != self.dial.neg.context_id {
-                            return Err(format!("block status for context {ctx}, which was not negotiated"));
-                        }
-                        let st = self.st.borrow();
-                        if let Some(Some(pd)) = st.pending.get(h.cookie as usize) {
-                            if let Some(out) = &pd.status {
-                                out.set(Some((len, flags)));
-                            }
-                        }
-                    }
-                    chunk::ERROR | chunk::ERROR_OFFSET => {
-                        let (e, _msg) = proto::parse_error_chunk(typ, p).map_err(|e| e.0)?;
-                        self.set_err(h.cookie, proto::wire_to_errno(e));
-                    }
-                    t if t & (1 << 15) != 0 => self.set_err(h.cookie, libc::EINVAL),
-                    t => return Err(format!("unexpected chunk type {t} for a request of type {}", req.typ)),
-                }
+                let len = h.len as usize;
+                Self::need(sock, rx, len).await?;
+                let r = self.small_chunk(&req, id, h, rx.peek(len));
+                rx.consume(len);
+                r?;
             }
         }
         if h.flags & chunk::FLAG_DONE != 0 {
             self.done(h.cookie);
         }
-        Ok(scratch)
+        Ok(())
+    }
+
+    /// A chunk other than data, its payload `p` whole.
+    fn small_chunk(&self, req: &Request, id: u32, h: ChunkHeader, p: &[u8]) -> Result<(), String> {
+        let end = req.offset + req.len;
+        match h.typ {
+            chunk::NONE if h.len == 0 => {}
+            chunk::OFFSET_HOLE if req.typ == cmd::READ => {
+                let (off, n) = proto::parse_offset_chunk(h.typ, p).map_err(|e| e.0)?;
+                let n = u64::from(n);
+                if off < req.offset || off.checked_add(n).is_none_or(|e| e > end) || n == 0 {
+                    return Err(format!("hole chunk at {off}+{n} outside the request at {}+{}", req.offset, req.len));
+                }
+                let Some(mut buf) = self.hold(id) else { return Err("request lost its buffer".into()) };
+                let at = (off - req.offset) as usize;
+                if at + n as usize <= buf.len() {
+                    buf.as_mut_slice()[at..at + n as usize].fill(0);
+                }
+                self.release(id, buf);
+                self.cover(h.cookie, n);
+            }
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT if req.typ == cmd::BLOCK_STATUS => {
+                if (h.typ == chunk::BLOCK_STATUS_EXT) != self.dial.neg.extended {
+                    return Err(format!("block status chunk of type {} does not match the header style", h.typ));
+                }
+                let (ctx, len, flags) = proto::parse_block_status(h.typ, p).map_err(|e| e.0)?;
+                if Some(ctx) != self.dial.neg.context_id {
+                    return Err(format!("block status for context {ctx}, which was not negotiated"));
+                }
+                let st = self.st.borrow();
+                if let Some(Some(pd)) = st.pending.get(h.cookie as usize) {
+                    if let Some(out) = &pd.status {
+                        out.set(Some((len, flags)));
+                    }
+                }
+            }
+            chunk::ERROR | chunk::ERROR_OFFSET => {
+                let (e, _msg) = proto::parse_error_chunk(h.typ, p).map_err(|e| e.0)?;
+                self.set_err(h.cookie, proto::wire_to_errno(e));
+            }
+            t if t & (1 << 15) != 0 => self.set_err(h.cookie, libc::EINVAL),
+            t => return Err(format!("unexpected chunk type {t} for a request of type {}", req.typ)),
+        }
+        Ok(())
     }
 
     fn cover(&self, cookie: u64, n: u64) {

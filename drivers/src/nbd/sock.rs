@@ -217,23 +217,24 @@ impl RecvBuf {
         }
     }
 
-    /// Read exactly `buf`'s window: what is buffered first, the rest straight from the socket.
-    pub async fn read_exact(&mut self, sock: &Sock, mut buf: IoBuf) -> std::io::Result<IoBuf> {
+    /// Fill `buf`'s window: what is buffered first, the rest straight from the socket (no
+    /// copy for large payloads). The buffer comes back whatever happens.
+    pub async fn read_into(&mut self, sock: &Sock, mut buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
         let (start, len) = (buf.window_start(), buf.len());
         let have = self.buffered().min(len);
         buf.as_mut_slice()[..have].copy_from_slice(&self.bytes()[self.head..self.head + have]);
         self.consume(have);
         if have == len {
-            return Ok(buf);
+            return (Ok(()), buf);
         }
         buf.set_window(start + have, len - have);
-        match sock.fill(buf).await {
-            (Ok(true), mut b) => {
-                b.set_window(start, len);
-                Ok(b)
-            }
-            (Ok(false), _) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
-            (Err(e), _) => Err(e),
-        }
+        let (r, mut buf) = sock.fill(buf).await;
+        buf.set_window(start, len);
+        let r = match r {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+            Err(e) => Err(e),
+        };
+        (r, buf)
     }
 }

@@ -487,9 +487,9 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
             if req.len > u64::from(proto::MAX_PAYLOAD) {
                 break Err(format!("write of {} bytes is over the {} byte limit", req.len, proto::MAX_PAYLOAD));
             }
-            match rx.read_exact(&conn.sock, IoBuf::new_uninit(req.len as usize)).await {
-                Ok(b) => payload = Some(b),
-                Err(e) => break Err(e.to_string()),
+            match rx.read_into(&conn.sock, IoBuf::new_uninit(req.len as usize)).await {
+                (Ok(()), b) => payload = Some(b),
+                (Err(e), _) => break Err(e.to_string()),
             }
         }
         conn.in_flight.set(conn.in_flight.get() + 1);
