@@ -211,7 +211,7 @@ impl Graph {
         &self.secrets
     }
 
-    /// Add a user-creatable object from its `--object` definition (only `secret` exists).
+    /// Add a user-creatable object from its `--object` definition (`secret`, `tls-creds-*`).
     pub fn add_object(&self, def: &str) -> BlockResult<()> {
         self.secrets.add_object(def)
     }

@@ -18,6 +18,7 @@ mod options;
 pub mod probe;
 mod queue;
 pub mod secret;
+mod tls_creds;
 mod zero;
 
 #[doc(hidden)]
@@ -35,4 +36,5 @@ pub use node::{
 pub use options::{json_filename, json_filename_of, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
 pub use secret::Secrets;
+pub use tls_creds::{TlsCreds, TlsCredsKind, TlsEndpoint};
 pub use zero::buffer_is_zero;

@@ -1,9 +1,10 @@
-//! QEMU `secret` objects: passwords and keys given on a command line as
-//! `--object secret,id=ID,data=STRING[,format=raw|base64]` or `file=PATH`, looked up by id by the
-//! drivers that need one (LUKS's `key-secret`, qcow2's `encrypt.key-secret`).
+//! QEMU's user-creatable objects that drivers look up by id: `secret` objects (passwords and
+//! keys given on a command line as `--object secret,id=ID,data=STRING[,format=raw|base64]` or
+//! `file=PATH`, for LUKS's `key-secret` and qcow2's `encrypt.key-secret`) and TLS credentials
+//! (`tls-creds-x509`, `tls-creds-psk`: [`crate::TlsCreds`], for NBD's `tls-creds`).
 //!
 //! [`Secrets`] is a cheap handle (`Clone` shares it) that is `Send + Sync`; a [`crate::Graph`]
-//! carries one, so a driver finds a secret at open or create time through
+//! carries one, so a driver finds an object at open or create time through
 //! [`crate::Graph::secrets`]. Guarantees: definitions are checked as QEMU checks them, with
 //! QEMU's messages (unknown or missing parameters, `data` and `file` both or neither given,
 //! invalid base64, an id that is not an identifier, a duplicate id); secret bytes are wiped from
@@ -18,6 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{BlockError, BlockResult, ErrorKind};
 use crate::options::Opts;
+use crate::tls_creds::TlsCreds;
 
 /// Largest secret file read (QEMU reads whole files; a passphrase or key is tiny).
 const MAX_SECRET_FILE: u64 = 1 << 20;
@@ -25,10 +27,11 @@ const MAX_SECRET_FILE: u64 = 1 << 20;
 /// Secret bytes, wiped when dropped.
 type SecretBytes = Arc<Zeroizing<Vec<u8>>>;
 
-/// A registry of secrets by id, shared by every clone of the handle.
+/// A registry of secrets and TLS credentials by id, shared by every clone of the handle.
 #[derive(Clone, Default)]
 pub struct Secrets {
     map: Arc<Mutex<HashMap<String, SecretBytes>>>,
+    tls: Arc<Mutex<HashMap<String, TlsCreds>>>,
 }
 
 impl fmt::Debug for Secrets {
@@ -52,21 +55,55 @@ impl Secrets {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add an object from its command-line definition (`secret,id=ID,data=...`, the first key
-    /// may also be written `qom-type=secret`). Objects of other types are refused.
+    /// Add an object from its command-line definition (`secret,id=ID,data=...` or
+    /// `tls-creds-x509,id=ID,...`; the first key may also be written `qom-type=TYPE`). Objects
+    /// of other types are refused.
     pub fn add_object(&self, def: &str) -> BlockResult<()> {
-        let (id, data) = parse_object(def)?;
-        self.add(&id, data)
+        let mut o = Opts::parse_keyval(def, Some("qom-type"))?;
+        let ty = o.take_str("qom-type").ok_or_else(|| BlockError::option("Parameter 'qom-type' is missing"))?;
+        if !matches!(ty.as_str(), "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon") {
+            return Err(BlockError::option(format!("Parameter 'qom-type' does not accept value '{ty}'")));
+        }
+        let id = o.take_str("id").ok_or_else(|| BlockError::option("Parameter 'id' is missing"))?;
+        if !is_identifier(&id) {
+            return Err(BlockError::option(
+                "Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+            ));
+        }
+        if ty == "secret" {
+            let data = parse_secret(&id, o)?;
+            return self.add(&id, data);
+        }
+        let creds = TlsCreds::parse(&ty, id.clone(), &mut o)?;
+        self.check_new_id(&id)?;
+        self.tls.lock().unwrap_or_else(|p| p.into_inner()).insert(id, creds);
+        Ok(())
+    }
+
+    fn check_new_id(&self, id: &str) -> BlockResult<()> {
+        if self.lock().contains_key(id) || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return Err(BlockError::option(format!("attempt to add duplicate property '{id}' to object (type 'container')")));
+        }
+        Ok(())
     }
 
     /// Add the secret `id` holding `data`.
     pub fn add(&self, id: &str, data: Vec<u8>) -> BlockResult<()> {
-        let mut map = self.lock();
-        if map.contains_key(id) {
-            return Err(BlockError::option(format!("attempt to add duplicate property '{id}' to object (type 'container')")));
-        }
-        map.insert(id.to_string(), Arc::new(Zeroizing::new(data)));
+        self.check_new_id(id)?;
+        self.lock().insert(id.to_string(), Arc::new(Zeroizing::new(data)));
         Ok(())
+    }
+
+    /// The TLS credentials `id` (QEMU's wording when there are none, or when `id` is
+    /// another kind of object).
+    pub fn tls_creds(&self, id: &str) -> BlockResult<TlsCreds> {
+        if let Some(c) = self.tls.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(c.clone());
+        }
+        if self.contains(id) {
+            return Err(BlockError::option(format!("Object with id '{id}' is not TLS credentials")));
+        }
+        Err(BlockError::new(ErrorKind::NotFound, format!("No TLS credentials with id '{id}'")))
     }
 
     /// The bytes of the secret `id`.
@@ -93,19 +130,8 @@ impl Secrets {
     }
 }
 
-/// Parse a `secret` object definition into its id and bytes.
-fn parse_object(def: &str) -> BlockResult<(String, Vec<u8>)> {
-    let mut o = Opts::parse_keyval(def, Some("qom-type"))?;
-    let ty = o.take_str("qom-type").ok_or_else(|| BlockError::option("Parameter 'qom-type' is missing"))?;
-    if ty != "secret" {
-        return Err(BlockError::option(format!("Parameter 'qom-type' does not accept value '{ty}'")));
-    }
-    let id = o.take_str("id").ok_or_else(|| BlockError::option("Parameter 'id' is missing"))?;
-    if !is_identifier(&id) {
-        return Err(BlockError::option(
-            "Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
-        ));
-    }
+/// The bytes of a `secret` object's definition (after its type and id).
+fn parse_secret(id: &str, mut o: Opts) -> BlockResult<Vec<u8>> {
     let data = o.take_str("data");
     let file = o.take_str("file");
     let base64 = match o.take_str("format").as_deref() {
@@ -130,8 +156,11 @@ fn parse_object(def: &str) -> BlockResult<(String, Vec<u8>)> {
         (Some(d), None) => d.into_bytes(),
         (None, Some(path)) => read_secret_file(&path)?,
     });
-    let bytes = if base64 { base64_decode(&raw)? } else { raw.to_vec() };
-    Ok((id, bytes))
+    if base64 {
+        base64_decode(&raw)
+    } else {
+        Ok(raw.to_vec())
+    }
 }
 
 fn read_secret_file(path: &str) -> BlockResult<Vec<u8>> {
@@ -217,6 +246,27 @@ mod tests {
     }
 
     #[test]
+    fn tls_credentials() {
+        use crate::{TlsCredsKind, TlsEndpoint};
+        let s = Secrets::new();
+        s.add_object("tls-creds-x509,id=x,dir=/etc/pki,endpoint=server,verify-peer=off").unwrap();
+        s.add_object("qom-type=tls-creds-psk,id=p,dir=/k,username=alice").unwrap();
+        s.add_object("secret,id=sec,data=a").unwrap();
+        let x = s.tls_creds("x").unwrap();
+        assert_eq!((x.kind, x.endpoint, x.verify_peer), (TlsCredsKind::X509, TlsEndpoint::Server, false));
+        assert_eq!(x.dir, std::path::Path::new("/etc/pki"));
+        let p = s.tls_creds("p").unwrap();
+        assert_eq!(
+            (p.kind, p.endpoint, p.verify_peer, p.username.as_str()),
+            (TlsCredsKind::Psk, TlsEndpoint::Client, true, "alice")
+        );
+        assert_eq!(s.tls_creds("nope").unwrap_err().msg, "No TLS credentials with id 'nope'");
+        assert_eq!(s.tls_creds("sec").unwrap_err().msg, "Object with id 'sec' is not TLS credentials");
+        assert!(s.add_object("secret,id=x,data=b").unwrap_err().msg.contains("duplicate"));
+        assert_eq!(x.check_endpoint(TlsEndpoint::Client).unwrap_err().msg, "Expecting TLS credentials with a client endpoint");
+    }
+
+    #[test]
     fn errors_read_as_qemu() {
         let s = Secrets::new();
         let e = |def: &str| s.add_object(def).unwrap_err().msg;
@@ -228,6 +278,11 @@ mod tests {
         assert_eq!(e("secret,id=s,data=a,foo=1"), "Parameter 'foo' is unexpected");
         assert_eq!(e("id=s,data=a"), "Parameter 'qom-type' is missing");
         assert_eq!(e("iothread,id=s"), "Parameter 'qom-type' does not accept value 'iothread'");
+        assert_eq!(e("tls-creds-x509,id=t"), "Missing 'dir' property value");
+        assert_eq!(e("tls-creds-x509,id=t,dir=/d,endpoint=middle"), "Parameter 'endpoint' does not accept value 'middle'");
+        assert_eq!(e("tls-creds-x509,id=t,dir=/d,username=u"), "Parameter 'username' is unexpected");
+        assert!(e("tls-creds-x509,id=t,dir=/d,priority=NORMAL").contains("'priority'"));
+        assert!(e("tls-creds-anon,id=t").contains("not supported"));
         assert!(e("secret,id=1s,data=a").starts_with("Parameter 'id' expects an identifier"));
         assert!(e("secret,id=s,file=/nonexistent/x").starts_with("Unable to read /nonexistent/x: "));
         assert!(e("secret,id=s,data=a,keyid=k").contains("not supported"));

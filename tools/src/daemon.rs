@@ -4,15 +4,16 @@
 //! - `--blockdev OPTS`: a node, in keyval (`driver=qcow2,node-name=n,file.driver=file,...`) or
 //!   JSON form; later nodes may name earlier ones (`file=NODE`).
 //! - `--nbd-server addr.type=inet,addr.host=H,addr.port=P` or `addr.type=unix,addr.path=P`,
-//!   `max-connections=N` (0, the default, for no limit).
+//!   `max-connections=N` (0, the default, for no limit), `tls-creds=ID` (a `tls-creds-x509`
+//!   object defined before it: clients must start TLS).
 //! - `--export type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on|off]
 //!   [,allocation-depth=on|off][,bitmaps.0=NAME...]`: the export's name is the node-name
 //!   unless given; writable exports pass trims to the node (whose `discard` option decides).
-//! - `--object` (secrets), `--pidfile=PATH`.
+//! - `--object` (secrets, TLS credentials), `--pidfile=PATH`.
 //!
 //! It serves until SIGTERM, SIGINT or SIGHUP, then flushes every export and closes every node.
 //! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and `--daemonize`,
-//! TLS and export types other than `nbd` are refused by name until they work.
+//! `tls-authz` and export types other than `nbd` are refused by name until they work.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -21,13 +22,15 @@ use basalt_engine::{Graph, OpenFlags, Opts, Queue};
 
 use crate::img::common::Chain;
 use crate::nbd::{self, server};
+use basalt_drivers::nbd::tls::ServerTls;
 
 const USAGE: &str = "Usage: basalt-storage-daemon [options]\n\
 Block nodes and NBD exports, as qemu-storage-daemon.\n\
   --blockdev [driver=]<driver>[,node-name=<N>][,<options>...]\n\
                          configure a block node (keyval or JSON)\n\
-  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]\n\
-  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]\n\
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,tls-creds=<id>]\n\
+               [,max-connections=<n>]\n\
+  --nbd-server addr.type=unix,addr.path=<path>[,tls-creds=<id>][,max-connections=<n>]\n\
                          start an NBD server for exports\n\
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n\
            [,description=<text>][,writable=on|off][,allocation-depth=on|off]\n\
@@ -35,6 +38,8 @@ Block nodes and NBD exports, as qemu-storage-daemon.\n\
                          export a block node over NBD\n\
   --object secret,id=<id>,data=<data>|file=<file>\n\
                          define a secret\n\
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]\n\
+                         define TLS credentials\n\
   --pidfile <path>       write the process ID to a file after startup\n\
   -h, --help             this help\n\
   -V, --version          version";
@@ -116,12 +121,26 @@ fn take_bool(o: &mut Opts, key: &str) -> Result<bool, String> {
     o.take_bool(key, false).map_err(|e| e.msg)
 }
 
-/// The listening socket of `--nbd-server`, and its connection limit.
-fn nbd_server(def: &str) -> Result<(OwnedFd, usize, Option<String>), String> {
+/// What `--nbd-server` set up.
+struct NbdServer {
+    fd: OwnedFd,
+    /// The connection limit.
+    max: usize,
+    /// The Unix socket's path, removed at exit.
+    path: Option<String>,
+    tls: Option<ServerTls>,
+}
+
+/// The listening socket of `--nbd-server`, its connection limit and TLS.
+fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
     let mut o = options(def, None)?;
-    if o.take_str("tls-creds").is_some() || o.take_str("tls-authz").is_some() {
-        return Err("NBD over TLS is not supported by Basalt yet".into());
+    if o.take_str("tls-authz").is_some() {
+        return Err("tls-authz is not supported: authorization objects are not implemented".into());
     }
+    let tls = match o.take_str("tls-creds") {
+        Some(id) => Some(graph.secrets().tls_creds(&id).and_then(|c| ServerTls::new(&c)).map_err(|e| e.msg)?),
+        None => None,
+    };
     let max = o.take_u64("max-connections", 0).map_err(|e| e.msg)?;
     let typ = o.take_str("addr.type").ok_or("Parameter 'addr.type' is missing")?;
     let (fd, path): (OwnedFd, Option<String>) = match typ.as_str() {
@@ -143,7 +162,7 @@ fn nbd_server(def: &str) -> Result<(OwnedFd, usize, Option<String>), String> {
     if let Some(k) = o.keys().next() {
         return Err(format!("Invalid parameter '{k}'"));
     }
-    Ok((fd, if max == 0 { usize::MAX } else { max as usize }, path))
+    Ok(NbdServer { fd, max: if max == 0 { usize::MAX } else { max as usize }, path, tls })
 }
 
 /// An `--export type=nbd`.
@@ -203,7 +222,7 @@ pub fn main(args: Vec<String>) -> i32 {
 
 async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
     let graph = Graph::new(basalt_formats::registry());
-    let mut server: Option<(OwnedFd, usize, Option<String>)> = None;
+    let mut server: Option<NbdServer> = None;
     let mut exports = Vec::new();
     let mut code = 0;
     for item in &items {
@@ -213,10 +232,10 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
                 Err(e) => Err(e),
             },
             Item::NbdServer(_) if server.is_some() => Err("Only one --nbd-server is allowed".to_string()),
-            Item::NbdServer(def) => nbd_server(def).map(|s| server = Some(s)),
+            Item::NbdServer(def) => nbd_server(&graph, def).map(|s| server = Some(s)),
             Item::Export(_) if server.is_none() => Err("NBD server not running".to_string()),
             Item::Export(def) => {
-                let max = server.as_ref().map_or(0, |s| s.1);
+                let max = server.as_ref().map_or(0, |s| s.max);
                 export(&graph, def, max).await.map(|e| exports.push(Rc::new(e)))
             }
             Item::Object(def) => graph.add_object(def).map_err(|e| e.msg),
@@ -226,7 +245,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
             break;
         }
     }
-    let socket_path = server.as_ref().and_then(|s| s.2.clone());
+    let socket_path = server.as_ref().and_then(|s| s.path.clone());
     if code == 0 {
         if let Some(p) = &pidfile {
             if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
@@ -236,14 +255,15 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
     }
     if code == 0 {
         let stop = nbd::stop_on_signals();
-        if let Some((fd, max, _)) = &server {
-            nbd::spawn_accept_loop(fd.as_raw_fd(), Rc::new(exports.clone()), *max, true, stop.clone(), "basalt-storage-daemon");
+        if let Some(s) = &server {
+            let offer = Rc::new(server::Offer { exports: exports.clone(), tls: s.tls.clone() });
+            nbd::spawn_accept_loop(s.fd.as_raw_fd(), offer, s.max, true, stop.clone(), "basalt-storage-daemon");
         }
         stop.wait().await;
-        if let Some((fd, _, _)) = &server {
+        if let Some(s) = &server {
             // SAFETY: shutdown(2) on the listening descriptor, still open (`server` owns it
             // until the end); it wakes the accept waiting in the blocking pool.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(s.fd.as_raw_fd(), libc::SHUT_RDWR) };
         }
         for e in &exports {
             if let Err(err) = e.queue.flush().await.res {

@@ -19,7 +19,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -32,6 +32,7 @@ use super::negotiate::{Handshake, Negotiated};
 use super::proto::{self, chunk, cmd, ChunkHeader, ReplyStart, Request};
 use super::sock::{RecvBuf, Sock};
 use super::target::NbdTarget;
+use super::tls::{ClientTls, Session};
 
 /// Largest non-data chunk payload accepted (block status with REQ_ONE, error messages).
 const MAX_CHUNK: usize = 64 << 10;
@@ -45,15 +46,19 @@ pub(crate) struct Dial {
     pub(crate) target: Arc<NbdTarget>,
     pub(crate) context: String,
     pub(crate) neg: Negotiated,
+    pub(crate) tls: Option<ClientTls>,
 }
+
+/// A negotiated socket and its TLS session, if TLS is on.
+pub(crate) type Link = (OwnedFd, Option<Session>);
 
 impl Dial {
     /// Connect and negotiate, each read of the handshake waiting at most `timeout`; the
     /// export must look as it did when the node opened.
-    pub(crate) fn dial(&self, timeout: Duration) -> Result<OwnedFd, String> {
+    pub(crate) fn dial(&self, timeout: Duration) -> Result<Link, String> {
         let fd = self.target.connect().map_err(|e| e.msg)?;
         let mut h = Handshake::new(fd, timeout);
-        let n = h.negotiate(&self.target.want(&self.context)).map_err(|e| e.to_string())?;
+        let n = h.negotiate(&self.target.want(&self.context, self.tls.as_ref())).map_err(|e| e.to_string())?;
         if n != self.neg {
             h.abort();
             return Err(format!(
@@ -61,7 +66,7 @@ impl Dial {
                 n.size, n.tflags, self.neg.size, self.neg.tflags
             ));
         }
-        Ok(h.into_fd())
+        Ok(h.into_parts())
     }
 }
 
@@ -111,9 +116,9 @@ fn shutdown(sock: &Sock) {
 
 impl Conn {
     /// Start the transmission phase on a negotiated socket.
-    pub(crate) fn start(fd: OwnedFd, dial: Arc<Dial>) -> Rc<Conn> {
+    pub(crate) fn start(link: Link, dial: Arc<Dial>) -> Rc<Conn> {
         let c = Rc::new(Conn { dial, st: RefCell::new(State::default()), closing: Cell::new(false) });
-        c.install(fd);
+        c.install(link);
         basalt_reactor::spawn_local(c.clone().writer());
         c
     }
@@ -123,8 +128,11 @@ impl Conn {
         &self.dial.neg
     }
 
-    fn install(self: &Rc<Self>, fd: OwnedFd) {
-        let sock = Rc::new(Sock::new(fd));
+    fn install(self: &Rc<Self>, (fd, session): Link) {
+        let sock = Rc::new(match session {
+            Some(s) => Sock::new_tls(fd, s),
+            None => Sock::new(fd),
+        });
         let gen = {
             let mut st = self.st.borrow_mut();
             st.gen += 1;
@@ -202,9 +210,8 @@ impl Conn {
             let mut h = [0u8; 32];
             let n =
                 Request { flags: 0, typ: cmd::DISC, cookie: 0, offset: 0, len: 0 }.encode_into(self.dial.neg.extended, &mut h);
-            // SAFETY: a non-blocking send of a local buffer on the socket `sock` keeps open; a
-            // disconnect request that does not fit is simply not sent.
-            unsafe { libc::send(sock.as_raw_fd(), h.as_ptr().cast(), n, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            // A disconnect request that does not fit is simply not sent.
+            sock.send_now(&h[..n]);
             shutdown(&sock);
         }
         self.fail_all();
@@ -290,21 +297,25 @@ impl Conn {
                 return;
             }
             let dial = self.dial.clone();
+            let got: Arc<std::sync::Mutex<Option<Link>>> = Arc::default();
+            let out = got.clone();
             let (res, _) = basalt_reactor::blocking(
                 move || match dial.dial(HANDSHAKE_TIMEOUT) {
-                    Ok(fd) => i64::from(fd.into_raw_fd()),
+                    Ok(link) => {
+                        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
+                        0
+                    }
                     Err(_) => -i64::from(libc::ECONNREFUSED),
                 },
                 None,
             )
             .await;
-            if res >= 0 {
-                // SAFETY: the job handed over a descriptor it opened and no longer owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(res as i32) };
+            let link = got.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let (0, Some(link)) = (res, link) {
                 if self.closing.get() {
                     return;
                 }
-                self.install(fd);
+                self.install(link);
                 return;
             }
             let lost_at = self.st.borrow().lost_at.unwrap_or_else(Instant::now);

@@ -50,9 +50,9 @@ impl Write for Script<'_> {
 
 /// A client's handshake against a server that says `data`: negotiate, and list exports.
 pub fn client_handshake(data: &[u8]) {
-    let want = Want { export: "disk", context: "base:allocation", context_required: false };
+    let want = Want { export: "disk", context: "base:allocation", context_required: false, tls: None };
     let _ = Handshake::over(Script(data)).negotiate(&want);
-    let _ = Handshake::over(Script(data)).list();
+    let _ = Handshake::over(Script(data)).list(None);
 }
 
 /// A client's view of replies: reply starts, chunk headers of both sizes, chunk payloads of
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn the_seed_handshake_negotiates() {
         let t = server_transcript();
-        let want = Want { export: "disk", context: "base:allocation", context_required: true };
+        let want = Want { export: "disk", context: "base:allocation", context_required: true, tls: None };
         let n = Handshake::over(Script(&t)).negotiate(&want).unwrap();
         assert!(n.extended && n.structured);
         assert_eq!((n.size, n.context_id, n.min_block, n.max_block), (1 << 30, Some(1), 512, 1 << 25));

@@ -21,6 +21,7 @@ pub mod negotiate;
 pub mod proto;
 pub mod sock;
 pub mod target;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak as RcWeak};
@@ -34,7 +35,7 @@ use basalt_engine::{
 };
 use basalt_reactor::{IoBuf, ReactorHandle};
 
-use conn::{Conn, Dial};
+use conn::{Conn, Dial, Link};
 use negotiate::{Handshake, Negotiated};
 use proto::{cflag, cmd, tflag, Request};
 use target::NbdTarget;
@@ -73,7 +74,7 @@ struct NbdNode {
     read_only: bool,
     discard: bool,
     /// The connection opened with the node, for the first queue.
-    first: Mutex<Option<std::os::fd::OwnedFd>>,
+    first: Mutex<Option<Link>>,
     /// The reactor that owns the first connection.
     owner: Arc<Mutex<Option<ReactorHandle>>>,
     /// An extra connection failed: forward from now on.
@@ -81,7 +82,7 @@ struct NbdNode {
 }
 
 /// Connect (retrying for `open-timeout`) and negotiate.
-fn connect(t: &NbdTarget, context: &str) -> BlockResult<(std::os::fd::OwnedFd, Negotiated)> {
+fn connect(t: &NbdTarget, context: &str, tls: Option<&tls::ClientTls>) -> BlockResult<(Link, Negotiated)> {
     let until = Instant::now() + t.open_timeout;
     let fd = loop {
         match t.connect() {
@@ -91,8 +92,8 @@ fn connect(t: &NbdTarget, context: &str) -> BlockResult<(std::os::fd::OwnedFd, N
         }
     };
     let mut h = Handshake::new(fd, OPEN_HANDSHAKE_TIMEOUT);
-    let n = h.negotiate(&t.want(context))?;
-    Ok((h.into_fd(), n))
+    let n = h.negotiate(&t.want(context, tls))?;
+    Ok((h.into_parts(), n))
 }
 
 fn open_nbd(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<dyn Node>> {
@@ -115,7 +116,8 @@ fn open_nbd(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<
         return Err(BlockError::option("force-share=on can only be used with read-only images"));
     }
     let context = target.context.clone().unwrap_or_else(|| "base:allocation".into());
-    let (fd, neg) = connect(&target, &context)?;
+    let tls = target.client_tls(graph.secrets())?;
+    let (link, neg) = connect(&target, &context, tls.as_ref())?;
     if neg.has(tflag::READ_ONLY) && !read_only {
         if !auto_ro {
             // QEMU's driver fails with a bare EACCES here, which its block layer words so.
@@ -123,14 +125,14 @@ fn open_nbd(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Arc<
         }
         read_only = true;
     }
-    let dial = Arc::new(Dial { target: Arc::new(target), context, neg });
+    let dial = Arc::new(Dial { target: Arc::new(target), context, neg, tls });
     Ok(Arc::new(NbdNode {
         name,
         uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
         dial,
         read_only,
         discard: discard == "unmap" || discard == "on",
-        first: Mutex::new(Some(fd)),
+        first: Mutex::new(Some(link)),
         owner: Arc::new(Mutex::new(None)),
         extra_failed: false.into(),
     }))
@@ -158,9 +160,9 @@ impl NbdNode {
 
     /// A connection on this reactor: the one made at open (this reactor becomes the owner)
     /// or an extra one.
-    fn new_conn(&self, fd: std::os::fd::OwnedFd, owner: bool) -> Rc<ConnHandle> {
+    fn new_conn(&self, link: Link, owner: bool) -> Rc<ConnHandle> {
         let owner = owner.then(|| self.owner.clone());
-        let h = Rc::new(ConnHandle { conn: Conn::start(fd, self.dial.clone()), discard: self.discard, owner });
+        let h = Rc::new(ConnHandle { conn: Conn::start(link, self.dial.clone()), discard: self.discard, owner });
         CONNS.with(|c| c.borrow_mut().push((self.uid, Rc::downgrade(&h))));
         h
     }
@@ -199,17 +201,17 @@ impl Node for NbdNode {
         let mut owner = self.owner.lock().unwrap_or_else(|e| e.into_inner());
         let Some(o) = owner.clone() else {
             let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let fd = match first {
-                Some(fd) => fd,
+            let link = match first {
+                Some(link) => link,
                 None => self.dial.dial(OPEN_HANDSHAKE_TIMEOUT).map_err(|e| BlockError::new(ErrorKind::Io, e))?,
             };
             *owner = Some(basalt_reactor::current_handle());
-            return Ok(Rc::new(NbdQueue::Local(self.new_conn(fd, true))));
+            return Ok(Rc::new(NbdQueue::Local(self.new_conn(link, true))));
         };
         drop(owner);
         if self.neg().has(tflag::CAN_MULTI_CONN) && !self.extra_failed.load(Ordering::Relaxed) {
             match self.dial.dial(EXTRA_CONN_TIMEOUT) {
-                Ok(fd) => return Ok(Rc::new(NbdQueue::Local(self.new_conn(fd, false)))),
+                Ok(link) => return Ok(Rc::new(NbdQueue::Local(self.new_conn(link, false)))),
                 Err(_) => self.extra_failed.store(true, Ordering::Relaxed),
             }
         }

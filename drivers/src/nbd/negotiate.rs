@@ -1,5 +1,7 @@
 //! The client side of the NBD handshake, on a blocking socket (it runs when a node opens or
 //! a connection is re-established, off the data path): oldstyle, or fixed newstyle with
+//! `NBD_OPT_STARTTLS` first when TLS credentials are given (everything after it runs over the
+//! TLS session, which the transmission phase takes over), then
 //! `NBD_OPT_EXTENDED_HEADERS` (falling back to `STRUCTURED_REPLY`), `SET_META_CONTEXT` for the
 //! block status context, and `GO` with block size information (falling back to
 //! `EXPORT_NAME` where the server has no `GO`). Also `NBD_OPT_LIST` and `INFO` for listing.
@@ -16,6 +18,7 @@ use std::time::Duration;
 use basalt_engine::{BlockError, BlockResult, ErrorKind};
 
 use super::proto::{self, info, opt, rep, Fields, OptionHeader, OptionReplyHeader};
+use super::tls::{ClientTls, Session, TlsStream};
 
 /// What the handshake settled.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,6 +65,44 @@ pub struct Want<'a> {
     pub context: &'a str,
     /// Whether not finding `context` is an error (it was asked for by name).
     pub context_required: bool,
+    /// Start TLS with these credentials before anything else.
+    pub tls: Option<&'a ClientTls>,
+}
+
+/// The handshake's stream: plain, or TLS after `STARTTLS`.
+enum Stream<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+    /// Only while switching.
+    Gone,
+}
+
+impl<S: Read + Write> Read for Stream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+            Stream::Gone => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
+    }
+}
+
+impl<S: Read + Write> Write for Stream<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+            Stream::Gone => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+            Stream::Gone => Ok(()),
+        }
+    }
 }
 
 fn proto_err(msg: impl Into<String>) -> BlockError {
@@ -78,7 +119,7 @@ fn io_err(what: &str, e: std::io::Error) -> BlockError {
 /// The handshake over a blocking stream: a socket with a receive timeout, or any reader and
 /// writer (the fuzz target drives it from bytes).
 pub struct Handshake<S: Read + Write = std::fs::File> {
-    s: S,
+    s: Stream<S>,
     /// The server leaves out the 124 zero bytes after `EXPORT_NAME`.
     no_zeroes: bool,
 }
@@ -86,7 +127,7 @@ pub struct Handshake<S: Read + Write = std::fs::File> {
 impl<S: Read + Write> Handshake<S> {
     /// Negotiate over any stream.
     pub fn over(s: S) -> Handshake<S> {
-        Handshake { s, no_zeroes: false }
+        Handshake { s: Stream::Plain(s), no_zeroes: false }
     }
 }
 
@@ -95,14 +136,20 @@ impl Handshake {
     /// mid-handshake fails the open rather than hanging it).
     pub fn new(fd: OwnedFd, timeout: Duration) -> Handshake {
         set_receive_timeout(&fd, timeout);
-        Handshake { s: std::fs::File::from(fd), no_zeroes: false }
+        Handshake { s: Stream::Plain(std::fs::File::from(fd)), no_zeroes: false }
     }
 
-    /// The socket back, with the timeout cleared for the transmission phase.
-    pub fn into_fd(self) -> OwnedFd {
-        let fd = OwnedFd::from(self.s);
+    /// The socket back, with the timeout cleared for the transmission phase, and its TLS
+    /// session when TLS was started.
+    pub fn into_parts(self) -> (OwnedFd, Option<Session>) {
+        let (file, session) = match self.s {
+            Stream::Plain(f) => (f, None),
+            Stream::Tls(t) => (t.inner, Some(t.session)),
+            Stream::Gone => unreachable!("the stream is only gone while switching"),
+        };
+        let fd = OwnedFd::from(file);
         set_receive_timeout(&fd, Duration::ZERO);
-        fd
+        (fd, session)
     }
 }
 
@@ -172,9 +219,41 @@ impl<S: Read + Write> Handshake<S> {
         Ok(Ok(fixed))
     }
 
+    /// `NBD_OPT_STARTTLS` and the TLS handshake; the rest of the negotiation runs over TLS.
+    fn start_tls(&mut self, tls: &ClientTls) -> BlockResult<()> {
+        self.send_option(opt::STARTTLS, &[])?;
+        let (r, data) = self.reply(opt::STARTTLS)?;
+        if r != rep::ACK {
+            self.abort();
+            if r & (1 << 31) != 0 {
+                return Err(option_error(r, opt::STARTTLS, &data));
+            }
+            return Err(proto_err(format!("Server rejected request to start TLS {r:x}")));
+        }
+        let Stream::Plain(inner) = std::mem::replace(&mut self.s, Stream::Gone) else {
+            return Err(proto_err("TLS is already on"));
+        };
+        let mut t = TlsStream { session: Session::new(tls.session()?), inner };
+        let res = t.session.handshake_blocking(&mut t.inner);
+        self.s = Stream::Tls(Box::new(t));
+        res.map_err(|e| BlockError::new(ErrorKind::Io, format!("TLS handshake failed: {e}")))
+    }
+
+    /// The greeting, then TLS when asked for (it needs a fixed newstyle server).
+    fn greeting_tls(&mut self, export: &str, tls: Option<&ClientTls>) -> BlockResult<Result<bool, Negotiated>> {
+        let g = self.greeting(export)?;
+        if let Some(tls) = tls {
+            if !matches!(g, Ok(true)) {
+                return Err(proto_err("Server does not support STARTTLS"));
+            }
+            self.start_tls(tls)?;
+        }
+        Ok(g)
+    }
+
     /// The greeting before listing, which needs a fixed newstyle server.
-    fn listing_greeting(&mut self) -> BlockResult<()> {
-        match self.greeting("")? {
+    fn listing_greeting(&mut self, tls: Option<&ClientTls>) -> BlockResult<()> {
+        match self.greeting_tls("", tls)? {
             Ok(true) => Ok(()),
             Err(_) | Ok(false) => Err(proto_err("Server does not support export lists")),
         }
@@ -182,7 +261,7 @@ impl<S: Read + Write> Handshake<S> {
 
     /// Negotiate an export for the transmission phase.
     pub fn negotiate(&mut self, want: &Want) -> BlockResult<Negotiated> {
-        let fixed = match self.greeting(want.export)? {
+        let fixed = match self.greeting_tls(want.export, want.tls)? {
             Err(old) => return Ok(old),
             Ok(fixed) => fixed,
         };
@@ -282,8 +361,8 @@ impl<S: Read + Write> Handshake<S> {
     }
 
     /// `NBD_OPT_LIST`: the exports' names and descriptions. Ends the handshake with `ABORT`.
-    pub fn list(&mut self) -> BlockResult<Vec<(String, String)>> {
-        self.listing_greeting()?;
+    pub fn list(&mut self, tls: Option<&ClientTls>) -> BlockResult<Vec<(String, String)>> {
+        self.listing_greeting(tls)?;
         let out = self.list_names()?;
         self.abort();
         Ok(out)
@@ -292,8 +371,8 @@ impl<S: Read + Write> Handshake<S> {
     /// What `qemu-nbd -L` shows: every export with its information and meta contexts
     /// (`LIST`, then `INFO` and `LIST_META_CONTEXT` for each); ends with `ABORT`. Returns
     /// whether extended headers were negotiated, and the exports.
-    pub fn list_details(&mut self) -> BlockResult<(bool, Vec<ExportDetails>)> {
-        self.listing_greeting()?;
+    pub fn list_details(&mut self, tls: Option<&ClientTls>) -> BlockResult<(bool, Vec<ExportDetails>)> {
+        self.listing_greeting(tls)?;
         let extended = self.simple_option(opt::EXTENDED_HEADERS)?;
         let structured = extended || self.simple_option(opt::STRUCTURED_REPLY)?;
         let names = self.list_names()?;
@@ -432,25 +511,44 @@ fn parse_info(data: &[u8], n: &mut Negotiated, have_export: &mut bool) -> BlockR
     Ok(())
 }
 
-/// QEMU's wording for an option's error reply, with the server's message appended.
+/// An option's name as QEMU prints it.
+fn opt_name(option: u32) -> &'static str {
+    match option {
+        opt::EXPORT_NAME => "export name",
+        opt::ABORT => "abort",
+        opt::LIST => "list",
+        opt::STARTTLS => "starttls",
+        opt::INFO => "info",
+        opt::GO => "go",
+        opt::STRUCTURED_REPLY => "structured reply",
+        opt::LIST_META_CONTEXT => "list meta context",
+        opt::SET_META_CONTEXT => "set meta context",
+        opt::EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// QEMU's wording for an option's error reply, with its hint and the server's message after.
 fn option_error(r: u32, option: u32, data: &[u8]) -> BlockError {
-    let what = match r {
-        rep::ERR_UNSUP => format!("Unsupported option {option}"),
-        rep::ERR_POLICY => format!("Denied by server for option {option}"),
-        rep::ERR_INVALID => format!("Invalid parameters for option {option}"),
-        rep::ERR_PLATFORM => format!("Server lacks support for option {option}"),
-        rep::ERR_TLS_REQD => format!("TLS negotiation required before option {option}"),
+    let name = opt_name(option);
+    let mut what = match r {
+        rep::ERR_UNSUP => format!("Unsupported option {option} ({name})"),
+        rep::ERR_POLICY => format!("Denied by server for option {option} ({name})"),
+        rep::ERR_INVALID => format!("Invalid parameters for option {option} ({name})"),
+        rep::ERR_PLATFORM => format!("Server lacks support for option {option} ({name})"),
+        rep::ERR_TLS_REQD => {
+            format!("TLS negotiation required before option {option} ({name})\nDid you forget a valid tls-creds?")
+        }
         rep::ERR_UNKNOWN => "Requested export not available".to_string(),
         rep::ERR_SHUTDOWN => "Server shutting down before option was sent".to_string(),
         rep::ERR_BLOCK_SIZE_REQD => "Server requires INFO/GO with block size support".to_string(),
-        rep::ERR_TOO_BIG => format!("Option {option} was too large for the server"),
-        _ => format!("Unknown error code {r:#x} from server for option {option}"),
+        rep::ERR_TOO_BIG => format!("Option {option} ({name}) was too large for the server"),
+        _ => format!("Unknown error code {r:#x} from server for option {option} ({name})"),
     };
     let msg = String::from_utf8_lossy(data);
     let kind = if r == rep::ERR_UNKNOWN { ErrorKind::NotFound } else { ErrorKind::Io };
-    if msg.is_empty() {
-        BlockError::new(kind, what)
-    } else {
-        BlockError::new(kind, format!("{what}\nserver reported: {msg}"))
+    if !msg.is_empty() {
+        what += &format!("\nserver reported: {msg}");
     }
+    BlockError::new(kind, what)
 }

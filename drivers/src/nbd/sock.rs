@@ -2,15 +2,40 @@
 //! (plain reads and writes on the descriptor), or through its blocking thread pool when the
 //! reactor has no ring. Short reads and writes are continued; end of stream mid-message is an
 //! error. Buffers are owned [`IoBuf`]s, parked in the reactor's slot until the operation ends.
+//!
+//! After `NBD_OPT_STARTTLS` a socket carries a TLS [`Session`]: every read and write then goes
+//! through it (plaintext in the caller's buffers, ciphertext in the socket's own), with the
+//! same interface. One task reads and one writes at a time, as without TLS; a record the
+//! reading side makes rustls queue (a key update's answer) goes out with the next write.
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use basalt_reactor::{IoBuf, UringFd};
+
+use super::tls::{ServerTls, Session, SEAL_STEP};
+
+/// Ciphertext read from the socket at once.
+const TLS_RX: usize = 64 << 10;
+/// Ciphertext written to the socket at once.
+const TLS_TX: usize = SEAL_STEP + (16 << 10);
+
+/// A TLS session and its ciphertext buffers (each out while an operation uses it).
+struct TlsState {
+    session: Session,
+    rx: Option<IoBuf>,
+    tx: Option<IoBuf>,
+}
 
 /// A connected stream socket.
 pub struct Sock {
     fd: OwnedFd,
     uring: bool,
+    tls: RefCell<Option<TlsState>>,
+}
+
+fn tls_errno(e: &std::io::Error) -> i64 {
+    -i64::from(e.raw_os_error().unwrap_or(libc::EPROTO))
 }
 
 fn io_err(res: i64) -> std::io::Error {
@@ -26,15 +51,185 @@ impl AsRawFd for Sock {
 impl Sock {
     /// Wrap a connected socket (blocking mode).
     pub fn new(fd: OwnedFd) -> Sock {
-        Sock { fd, uring: basalt_reactor::uring_features().is_some() }
+        Sock { fd, uring: basalt_reactor::uring_features().is_some(), tls: RefCell::new(None) }
+    }
+
+    /// Wrap a socket whose TLS handshake is done (`session` may hold data already received).
+    pub fn new_tls(fd: OwnedFd, session: Session) -> Sock {
+        let s = Sock::new(fd);
+        *s.tls.borrow_mut() = Some(TlsState { session, rx: None, tx: None });
+        s
+    }
+
+    /// Whether TLS is on.
+    pub fn is_tls(&self) -> bool {
+        self.tls.borrow().is_some()
     }
 
     fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 
-    /// One read or write of `buf`'s window; returns the count (0 = end of stream).
+    fn with_tls<R>(&self, f: impl FnOnce(&mut TlsState) -> R) -> R {
+        f(self.tls.borrow_mut().as_mut().expect("a TLS session"))
+    }
+
+    /// The server's side of `NBD_OPT_STARTTLS` (after its ACK): the TLS handshake, after which
+    /// everything goes through the session. An error names what failed; the connection is
+    /// then to be dropped.
+    pub async fn start_tls_server(&self, tls: &ServerTls) -> std::io::Result<()> {
+        let session = Session::new(tls.session()?);
+        *self.tls.borrow_mut() = Some(TlsState { session, rx: None, tx: None });
+        loop {
+            self.flush_tls().await?;
+            if !self.with_tls(|t| t.session.handshaking()) {
+                return Ok(());
+            }
+            if let Err(e) = self.read_tls().await {
+                // Tell the peer why (an alert), as far as the socket takes it.
+                let _ = self.flush_tls().await;
+                return Err(e);
+            }
+        }
+    }
+
+    /// Send the ciphertext the session has queued.
+    async fn flush_tls(&self) -> std::io::Result<()> {
+        let mut out = self.with_tls(|t| t.tx.take()).unwrap_or_else(|| IoBuf::new_uninit(TLS_TX));
+        let res = loop {
+            out.reset(TLS_TX);
+            let n = match self.with_tls(|t| t.session.take_output(out.as_mut_slice())) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            out.reset(n);
+            let (r, b) = self.raw_send(out).await;
+            out = b;
+            if let Err(e) = r {
+                break Err(e);
+            }
+        };
+        self.with_tls(|t| t.tx = Some(out));
+        res
+    }
+
+    /// Read what ciphertext has arrived into the session (an end of stream is passed on).
+    async fn read_tls(&self) -> std::io::Result<()> {
+        let mut rx = self.with_tls(|t| t.rx.take()).unwrap_or_else(|| IoBuf::new_uninit(TLS_RX));
+        rx.reset(TLS_RX);
+        let (r, mut rx) = loop {
+            let (r, b) = self.raw_once(false, rx).await;
+            if r == -i64::from(libc::EINTR) {
+                rx = b;
+                continue;
+            }
+            break (r, b);
+        };
+        let res = if r < 0 {
+            Err(io_err(r))
+        } else {
+            rx.reset(r as usize);
+            self.with_tls(|t| t.session.feed(rx.as_slice()))
+        };
+        self.with_tls(|t| t.rx = Some(rx));
+        res
+    }
+
+    /// Write all of `buf` without waiting, if the socket takes it (a goodbye on close: what
+    /// does not fit is not sent). Under TLS the session's `close_notify` follows.
+    pub fn send_now(&self, data: &[u8]) {
+        let mut cipher;
+        let bytes = if self.is_tls() {
+            cipher = vec![0u8; data.len() + 1024];
+            let n = self.with_tls(|t| {
+                t.session.seal(data)?;
+                t.session.close();
+                t.session.take_output(&mut cipher)
+            });
+            let Ok(n) = n else { return };
+            cipher.truncate(n);
+            &cipher[..]
+        } else {
+            data
+        };
+        // SAFETY: a non-blocking send of a local buffer on the socket `self` keeps open.
+        unsafe { libc::send(self.raw(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    }
+
+    /// One read or write of `buf`'s window (through TLS when it is on); returns the count (0
+    /// = end of stream).
     pub(crate) async fn once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
+        if !self.is_tls() {
+            return self.raw_once(write, buf).await;
+        }
+        if write {
+            self.tls_write(buf).await
+        } else {
+            self.tls_read(buf).await
+        }
+    }
+
+    /// Encrypt and send all of `buf`'s window.
+    async fn tls_write(&self, buf: IoBuf) -> (i64, IoBuf) {
+        let data = buf.as_slice();
+        let mut done = 0;
+        while done < data.len() {
+            let step = (data.len() - done).min(SEAL_STEP);
+            if let Err(e) = self.with_tls(|t| t.session.seal(&data[done..done + step])) {
+                return (tls_errno(&e), buf);
+            }
+            if let Err(e) = self.flush_tls().await {
+                return (tls_errno(&e), buf);
+            }
+            done += step;
+        }
+        (done as i64, buf)
+    }
+
+    /// Plaintext into `buf`'s window: what the session has, else after reading more.
+    async fn tls_read(&self, mut buf: IoBuf) -> (i64, IoBuf) {
+        loop {
+            match self.with_tls(|t| t.session.open(buf.as_mut_slice())) {
+                Ok(Some(n)) => return (n as i64, buf),
+                Ok(None) => {}
+                Err(e) => return (tls_errno(&e), buf),
+            }
+            if let Err(e) = self.read_tls().await {
+                return (tls_errno(&e), buf);
+            }
+        }
+    }
+
+    /// Send all of `buf`'s window on the socket itself (ciphertext).
+    async fn raw_send(&self, mut buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
+        let (start, len) = (buf.window_start(), buf.len());
+        let mut done = 0;
+        let mut res = Ok(());
+        while done < len {
+            buf.set_window(start + done, len - done);
+            let (r, b) = self.raw_once(true, buf).await;
+            buf = b;
+            match r {
+                r if r == -i64::from(libc::EINTR) => continue,
+                r if r < 0 => {
+                    res = Err(io_err(r));
+                    break;
+                }
+                0 => {
+                    res = Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data"));
+                    break;
+                }
+                n => done += n as usize,
+            }
+        }
+        buf.set_window(start, len);
+        (res, buf)
+    }
+
+    /// One read or write of `buf`'s window on the socket itself; returns the count (0 = end
+    /// of stream).
+    async fn raw_once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
         let (res, buf) = if self.uring {
             basalt_reactor::uring_rw(UringFd::Raw(self.raw()), write, buf, 0).await
         } else {

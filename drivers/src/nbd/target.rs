@@ -10,8 +10,10 @@
 //! Options: `server.type=inet|unix`, `server.host`, `server.port`, `server.path`,
 //! `server.numeric`, the legacy flat `host`/`port`/`path`, `export`, `x-dirty-bitmap` (a meta
 //! context queried in place of `base:allocation`), `reconnect-delay` and `open-timeout` (in
-//! seconds). TLS (`tls-creds`, `nbds://`) and socket types other than inet and unix are
-//! refused by name. Export names are percent-decoded; they and the socket path are capped at
+//! seconds), `tls-creds` (the id of a `tls-creds-x509` object: STARTTLS before anything else)
+//! and `tls-hostname` (the name the server's certificate must carry; by default the TCP host;
+//! a Unix socket needs one, as in QEMU). `nbds://` URIs (which QEMU does not take either: TLS needs a
+//! credentials object) and socket types other than inet and unix are refused by name. Export names are percent-decoded; they and the socket path are capped at
 //! the protocol's 4096 bytes.
 
 use std::os::fd::OwnedFd;
@@ -21,6 +23,7 @@ use basalt_engine::{BlockError, BlockResult, ErrorKind, Opts};
 
 use super::negotiate::Want;
 use super::proto::MAX_NAME;
+use super::tls::ClientTls;
 
 /// NBD's registered port.
 pub const DEFAULT_PORT: &str = "10809";
@@ -46,6 +49,10 @@ pub struct NbdTarget {
     pub reconnect_delay: Duration,
     /// How long opening retries a connection that fails.
     pub open_timeout: Duration,
+    /// The id of the TLS credentials object, when TLS is wanted.
+    pub tls_creds: Option<String>,
+    /// The name the server's certificate is checked against, in place of the host.
+    pub tls_hostname: Option<String>,
 }
 
 fn bad_uri() -> BlockError {
@@ -53,7 +60,10 @@ fn bad_uri() -> BlockError {
 }
 
 fn tls_refused() -> BlockError {
-    BlockError::new(ErrorKind::Unsupported, "NBD over TLS is not supported by Basalt yet")
+    BlockError::new(
+        ErrorKind::Unsupported,
+        "nbds:// URIs are not supported: give a tls-creds-x509 object with --object and tls-creds=ID",
+    )
 }
 
 fn decode(s: &str) -> BlockResult<String> {
@@ -143,9 +153,8 @@ fn seconds(opts: &mut Opts, key: &str) -> BlockResult<Duration> {
 impl NbdTarget {
     /// Take the node's options (after its filename, if any, was turned into options).
     pub fn from_opts(opts: &mut Opts) -> BlockResult<NbdTarget> {
-        if opts.take_str("tls-creds").is_some() || opts.take_str("tls-hostname").is_some() {
-            return Err(tls_refused());
-        }
+        let tls_creds = opts.take_str("tls-creds");
+        let tls_hostname = opts.take_str("tls-hostname");
         // The legacy flat options, as QEMU still takes them.
         let (lhost, lport, lpath) = (opts.take_str("host"), opts.take_str("port"), opts.take_str("path"));
         let typ = opts.take_str("server.type");
@@ -199,7 +208,7 @@ impl NbdTarget {
         }
         let reconnect_delay = seconds(opts, "reconnect-delay")?;
         let open_timeout = seconds(opts, "open-timeout")?;
-        Ok(NbdTarget { server, export, context, reconnect_delay, open_timeout })
+        Ok(NbdTarget { server, export, context, reconnect_delay, open_timeout, tls_creds, tls_hostname })
     }
 
     /// The filename QEMU reports for the node.
@@ -210,6 +219,24 @@ impl NbdTarget {
             (NbdServer::Inet { host, port }, Some(e)) => format!("nbd://{host}:{port}/{e}"),
             (NbdServer::Inet { host, port }, None) => format!("nbd://{host}:{port}"),
         }
+    }
+
+    /// TLS credentials for this target, when it asks for TLS (`secrets` holds the objects);
+    /// the server's certificate must name `tls-hostname`, else the TCP host.
+    pub fn client_tls(&self, secrets: &basalt_engine::Secrets) -> BlockResult<Option<ClientTls>> {
+        let Some(id) = &self.tls_creds else {
+            if self.tls_hostname.is_some() {
+                return Err(BlockError::option("tls-hostname is only valid with tls-creds"));
+            }
+            return Ok(None);
+        };
+        let creds = secrets.tls_creds(id)?;
+        let host = match (&self.tls_hostname, &self.server) {
+            (Some(h), _) => Some(h.as_str()),
+            (None, NbdServer::Inet { host, .. }) => Some(host.as_str()),
+            (None, NbdServer::Unix { .. }) => None,
+        };
+        ClientTls::new(&creds, host).map(Some)
     }
 
     /// How the server is named in connection errors.
@@ -236,8 +263,8 @@ impl NbdTarget {
 
     /// What to ask the server for: this export, with `context` for block status (required
     /// when it was named with `x-dirty-bitmap`).
-    pub fn want<'a>(&'a self, context: &'a str) -> Want<'a> {
-        Want { export: self.export.as_deref().unwrap_or(""), context, context_required: self.context.is_some() }
+    pub fn want<'a>(&'a self, context: &'a str, tls: Option<&'a ClientTls>) -> Want<'a> {
+        Want { export: self.export.as_deref().unwrap_or(""), context, context_required: self.context.is_some(), tls }
     }
 }
 
@@ -273,7 +300,7 @@ mod tests {
         for bad in ["nbd+unix:///e", "nbd+unix://h/e?socket=/s", "nbd://h/e?socket=/s", "nbd:///e", "nbdx://h", "nbd://h:x:y"] {
             assert!(target(bad).is_err(), "{bad}");
         }
-        assert!(target("nbds://h/e").unwrap_err().to_string().contains("TLS"));
+        assert!(target("nbds://h/e").unwrap_err().to_string().contains("tls-creds"));
         assert!(target("nbd://h:99999").is_err());
     }
 
@@ -290,6 +317,14 @@ mod tests {
         let mut o = Opts::parse_keyval("server.type=inet,server.host=h", None).unwrap();
         assert!(NbdTarget::from_opts(&mut o).unwrap_err().to_string().contains("server.port"));
         let mut o = Opts::parse_keyval("server.type=unix,server.path=/s,tls-creds=t", None).unwrap();
-        assert!(NbdTarget::from_opts(&mut o).is_err());
+        let t = NbdTarget::from_opts(&mut o).unwrap();
+        assert_eq!(t.tls_creds.as_deref(), Some("t"));
+        let secrets = basalt_engine::Secrets::new();
+        assert_eq!(t.client_tls(&secrets).unwrap_err().msg, "No TLS credentials with id 't'");
+        secrets.add_object("tls-creds-x509,id=t,dir=/nonexistent,endpoint=server").unwrap();
+        assert_eq!(t.client_tls(&secrets).unwrap_err().msg, "Expecting TLS credentials with a client endpoint");
+        let mut o = Opts::parse_keyval("host=h,tls-hostname=x", None).unwrap();
+        let t = NbdTarget::from_opts(&mut o).unwrap();
+        assert!(t.client_tls(&secrets).unwrap_err().msg.contains("only valid with tls-creds"));
     }
 }

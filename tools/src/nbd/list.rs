@@ -4,6 +4,7 @@
 use basalt_drivers::nbd::negotiate::Handshake;
 use basalt_drivers::nbd::proto::tflag;
 use basalt_drivers::nbd::target::{NbdServer, NbdTarget};
+use basalt_drivers::nbd::tls::ClientTls;
 
 /// Transmission flag names from bit 1 on, as qemu-nbd prints them.
 const FLAG_NAMES: [&str; 12] = [
@@ -21,12 +22,19 @@ const FLAG_NAMES: [&str; 12] = [
     "block-status-payload",
 ];
 
-/// List the exports at `server`; the text to print, or the error.
-pub fn list(server: NbdServer) -> Result<String, String> {
-    let t =
-        NbdTarget { server, export: None, context: None, reconnect_delay: Default::default(), open_timeout: Default::default() };
+/// List the exports at `server` (over TLS with `tls`); the text to print, or the error.
+pub fn list(server: NbdServer, tls: Option<&ClientTls>) -> Result<String, String> {
+    let t = NbdTarget {
+        server,
+        export: None,
+        context: None,
+        reconnect_delay: Default::default(),
+        open_timeout: Default::default(),
+        tls_creds: None,
+        tls_hostname: None,
+    };
     let fd = t.connect().map_err(|e| e.msg)?;
-    let (extended, exports) = Handshake::new(fd, std::time::Duration::from_secs(30)).list_details().map_err(|e| e.msg)?;
+    let (extended, exports) = Handshake::new(fd, std::time::Duration::from_secs(30)).list_details(tls).map_err(|e| e.msg)?;
     let mut o = format!("exports available: {}\n", exports.len());
     for e in exports {
         o += &format!(" export: '{}'\n", e.name);

@@ -8,8 +8,11 @@
 //! (1 by default) and turns the others away; SIGTERM/SIGINT end it cleanly (the image is
 //! flushed and closed). `-L` lists another server's exports as qemu-nbd does (with `-k`, or
 //! `-b`/`-p`, `localhost` by default); `-B NAME` (repeatable) exports a qcow2 dirty bitmap
-//! ([`bitmap`]). Options not implemented yet (`-c`, `-d`, `-s`, `-l`, TLS,
-//! `-T`, `-o`, `-P`, `--detect-zeroes=on|unmap`) are refused by name.
+//! ([`bitmap`]). `--tls-creds=ID` (a `tls-creds-x509` object given with `--object`) makes
+//! clients start TLS before anything else; with `-L` it makes the listing go over TLS
+//! (checking the server's certificate against `--tls-hostname`, else the host). Options not
+//! implemented yet (`-c`, `-d`, `-s`, `-l`, `--tls-authz`, `-T`, `-o`, `-P`,
+//! `--detect-zeroes=on|unmap`) are refused by name.
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through
 //! `basalt_drivers::nbd::sock`.
@@ -24,6 +27,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
+use basalt_drivers::nbd::tls::{ClientTls, ServerTls};
 use basalt_engine::{Perm, Queue};
 
 use crate::image::{self, ImageSpec};
@@ -48,7 +52,9 @@ Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.\n\
       --discard=MODE        ignore or unmap\n\
       --detect-zeroes=off   (on and unmap are not supported yet)\n\
       --image-opts          FILE is a set of image options\n\
-      --object=OBJ          define an object (secret)\n\
+      --object=OBJ          define an object (secret, tls-creds-x509)\n\
+      --tls-creds=ID        require TLS, with the credentials object ID\n\
+      --tls-hostname=NAME   with --list: the name the server's certificate must carry\n\
       --fork                run in the background once the server is listening\n\
       --pid-file=PATH       write the server's pid there\n\
   -L, --list                list the exports of the server at -k or -b/-p\n\
@@ -77,6 +83,8 @@ struct Config {
     list: bool,
     bind_given: bool,
     bitmaps: Vec<String>,
+    tls_creds: Option<String>,
+    tls_hostname: Option<String>,
     file: String,
 }
 
@@ -147,6 +155,8 @@ fn parse(args: &[String]) -> Result<Config, String> {
         list: false,
         bind_given: false,
         bitmaps: Vec::new(),
+        tls_creds: None,
+        tls_hostname: None,
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -224,6 +234,8 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "fork" => c.fork = true,
             "list" => c.list = true,
             "bitmap" => c.bitmaps.push(val),
+            "tls-creds" => c.tls_creds = Some(val),
+            "tls-hostname" => c.tls_hostname = Some(val),
             "verbose" => {}
             "help" => {
                 println!("{USAGE}");
@@ -246,6 +258,12 @@ fn parse(args: &[String]) -> Result<Config, String> {
     if c.socket.is_some() && c.port != 10809 {
         return Err("--socket and --port are incompatible".into());
     }
+    if c.tls_hostname.is_some() && c.tls_creds.is_none() {
+        return Err("--tls-hostname is not permitted without --tls-creds".into());
+    }
+    if c.tls_hostname.is_some() && !c.list {
+        return Err("--tls-hostname is only permitted with --list".into());
+    }
     Ok(c)
 }
 
@@ -262,6 +280,22 @@ fn listen(c: &Config) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(l.into_raw_fd()) })
 }
 
+/// The client credentials for `-L` with `--tls-creds`.
+fn list_tls(c: &Config, server: &basalt_drivers::nbd::target::NbdServer) -> Result<Option<ClientTls>, String> {
+    let Some(id) = &c.tls_creds else { return Ok(None) };
+    let secrets = basalt_engine::Secrets::new();
+    for def in &c.objects {
+        secrets.add_object(def).map_err(|e| e.msg)?;
+    }
+    let creds = secrets.tls_creds(id).map_err(|e| e.msg)?;
+    let host = match (&c.tls_hostname, server) {
+        (Some(h), _) => Some(h.as_str()),
+        (None, basalt_drivers::nbd::target::NbdServer::Inet { host, .. }) => Some(host.as_str()),
+        (None, _) => None,
+    };
+    ClientTls::new(&creds, host).map(Some).map_err(|e| e.msg)
+}
+
 /// The tool's entry point: parse, listen, optionally daemonize, then serve on a reactor.
 pub fn main(args: Vec<String>) -> i32 {
     let c = match parse(&args) {
@@ -276,7 +310,11 @@ pub fn main(args: Vec<String>) -> i32 {
                 port: c.port.to_string(),
             },
         };
-        return match list::list(server) {
+        let tls = match list_tls(&c, &server) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        return match list::list(server, tls.as_ref()) {
             Ok(text) => {
                 print!("{text}");
                 0
@@ -426,6 +464,13 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             return report(e.msg);
         }
     }
+    let tls = match &c.tls_creds {
+        Some(id) => match graph.secrets().tls_creds(id).and_then(|creds| ServerTls::new(&creds)) {
+            Ok(t) => Some(t),
+            Err(e) => return report(e.msg),
+        },
+        None => None,
+    };
     let mut spec = ImageSpec::new(&c.file);
     spec.fmt = c.fmt.clone();
     spec.image_opts = c.image_opts;
@@ -489,7 +534,8 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let stop = stop_on_signals();
     let served = exp.clone();
     let lraw = listener.as_raw_fd();
-    spawn_accept_loop(lraw, Rc::new(vec![exp]), c.shared, c.persistent, stop.clone(), "basalt-nbd");
+    let offer = Rc::new(server::Offer { exports: vec![exp], tls });
+    spawn_accept_loop(lraw, offer, c.shared, c.persistent, stop.clone(), "basalt-nbd");
     stop.wait().await;
     // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
     // in flight when the reactor stops.
@@ -514,7 +560,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
 /// fires it. Accept errors are reported with `who` and fire it too.
 pub(crate) fn spawn_accept_loop(
     lraw: RawFd,
-    exports: server::Exports,
+    offer: Rc<server::Offer>,
     shared: usize,
     persistent: bool,
     stop: Rc<Stop>,
@@ -558,10 +604,10 @@ pub(crate) fn spawn_accept_loop(
                 continue;
             }
             active.set(active.get() + 1);
-            let (exports, active, st) = (exports.clone(), active.clone(), st.clone());
+            let (offer, active, st) = (offer.clone(), active.clone(), st.clone());
             basalt_reactor::spawn_local(async move {
                 let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
-                if let Err(e) = server::serve(sock, exports).await {
+                if let Err(e) = server::serve(sock, offer).await {
                     eprintln!("{who}: client: {e}");
                 }
                 active.set(active.get() - 1);

@@ -5,8 +5,10 @@
 //! description and block size information), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
 //! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled),
 //! `EXTENDED_HEADERS` (32-byte requests with 64-bit lengths, every reply an extended chunk,
-//! 64-bit block status extents). TLS is answered with the protocol's "policy" error, so
-//! clients stop cleanly.
+//! 64-bit block status extents). `STARTTLS` when the listener has TLS credentials, as
+//! qemu-nbd: until TLS is on, every option but `STARTTLS` and `ABORT` gets `ERR_TLS_REQD`
+//! (`EXPORT_NAME`, which has no error reply, drops the connection), and a failed handshake
+//! drops it too. Without credentials `STARTTLS` gets the protocol's "policy" error.
 //!
 //! Transmission: the reader takes one request at a time (a write's payload with it) and starts
 //! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is written whole under the
@@ -25,6 +27,7 @@ use basalt_reactor::IoBuf;
 
 use crate::img::common::Chain;
 use basalt_drivers::nbd::sock::{RecvBuf, Sock};
+use basalt_drivers::nbd::tls::ServerTls;
 
 use super::bitmap::ExportBitmap;
 
@@ -114,16 +117,19 @@ fn ioe(e: std::io::Error) -> String {
     e.to_string()
 }
 
-/// The exports one server offers, looked up by name.
-pub type Exports = Rc<Vec<Rc<Export>>>;
+/// What one listener offers: its exports, looked up by name, and TLS when it requires it.
+pub struct Offer {
+    pub exports: Vec<Rc<Export>>,
+    pub tls: Option<ServerTls>,
+}
 
 fn find<'a>(exports: &'a [Rc<Export>], name: &str) -> Option<&'a Rc<Export>> {
     exports.iter().find(|e| e.name == name)
 }
 
 /// Serve one connection to the end.
-pub async fn serve(sock: Rc<Sock>, exports: Exports) -> ConnResult {
-    match negotiate(&sock, &exports).await? {
+pub async fn serve(sock: Rc<Sock>, offer: Rc<Offer>) -> ConnResult {
+    match negotiate(&sock, &offer).await? {
         Some((neg, exp)) => transmission(sock, exp, neg).await,
         None => Ok(()),
     }
@@ -149,7 +155,8 @@ async fn reply_err(sock: &Sock, option: u32, typ: u32, msg: &str) -> ConnResult 
 }
 
 /// Fixed newstyle negotiation; `None` when the client ended it without entering transmission.
-async fn negotiate(sock: &Sock, exports: &[Rc<Export>]) -> Result<Option<(Negotiated, Rc<Export>)>, String> {
+async fn negotiate(sock: &Sock, offer: &Offer) -> Result<Option<(Negotiated, Rc<Export>)>, String> {
+    let exports = &offer.exports[..];
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -176,6 +183,14 @@ async fn negotiate(sock: &Sock, exports: &[Rc<Export>]) -> Result<Option<(Negoti
         }
         let data = sock.read_bytes(h.len as usize).await.map_err(ioe)?;
         let data = data.as_slice();
+        if offer.tls.is_some() && !sock.is_tls() && !matches!(h.option, opt::STARTTLS | opt::ABORT) {
+            let msg = format!("Option {:#x} not permitted before TLS", h.option);
+            if h.option == opt::EXPORT_NAME {
+                return Err(msg);
+            }
+            reply_err(sock, h.option, rep::ERR_TLS_REQD, &msg).await?;
+            continue;
+        }
         match h.option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data);
@@ -237,7 +252,17 @@ async fn negotiate(sock: &Sock, exports: &[Rc<Export>]) -> Result<Option<(Negoti
                 }
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta_context(sock, exports, h.option, data, &mut neg).await?,
-            opt::STARTTLS => reply_err(sock, h.option, rep::ERR_POLICY, "TLS is not configured on this server").await?,
+            opt::STARTTLS => match &offer.tls {
+                None => reply_err(sock, h.option, rep::ERR_POLICY, "TLS not configured").await?,
+                Some(_) if sock.is_tls() => reply_err(sock, h.option, rep::ERR_INVALID, "TLS already enabled").await?,
+                Some(_) if !data.is_empty() => {
+                    reply_err(sock, h.option, rep::ERR_INVALID, "OPT_STARTTLS should not have length").await?
+                }
+                Some(tls) => {
+                    reply(sock, h.option, rep::ACK, &[]).await?;
+                    sock.start_tls_server(tls).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+                }
+            },
             opt::EXTENDED_HEADERS => {
                 if !data.is_empty() {
                     reply_err(sock, h.option, rep::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data").await?;
