@@ -233,7 +233,7 @@ impl<S: Read + Write> Handshake<S> {
         let Stream::Plain(inner) = std::mem::replace(&mut self.s, Stream::Gone) else {
             return Err(proto_err("TLS is already on"));
         };
-        let mut t = TlsStream { session: Session::new(tls.session()?), inner };
+        let mut t = TlsStream { session: tls.session()?, inner };
         let res = t.session.handshake_blocking(&mut t.inner);
         self.s = Stream::Tls(Box::new(t));
         res.map_err(|e| BlockError::new(ErrorKind::Io, format!("TLS handshake failed: {e}")))

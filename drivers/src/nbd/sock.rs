@@ -78,7 +78,7 @@ impl Sock {
     /// everything goes through the session. An error names what failed; the connection is
     /// then to be dropped.
     pub async fn start_tls_server(&self, tls: &ServerTls) -> std::io::Result<()> {
-        let session = Session::new(tls.session()?);
+        let session = tls.session()?;
         *self.tls.borrow_mut() = Some(TlsState { session, rx: None, tx: None });
         loop {
             self.flush_tls().await?;

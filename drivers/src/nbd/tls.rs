@@ -1,6 +1,7 @@
-//! TLS for NBD (`NBD_OPT_STARTTLS`), with rustls: client and server configurations built from
-//! QEMU's `tls-creds-x509` objects, and [`Session`], the record layer a [`super::sock::Sock`]
-//! runs its bytes through once the handshake is done.
+//! TLS for NBD (`NBD_OPT_STARTTLS`): client and server set-ups built from QEMU's
+//! `tls-creds-x509` objects (rustls) and `tls-creds-psk` objects (OpenSSL, see below), and
+//! [`Session`], the record layer a [`super::sock::Sock`] runs its bytes through, the same for
+//! both.
 //!
 //! Credentials are read as QEMU reads them, from the object's `dir`: `ca-cert.pem` (required),
 //! `ca-crl.pem` (optional), `server-cert.pem` + `server-key.pem` (server, required),
@@ -12,14 +13,19 @@
 //! not checked (the handshake's signatures still are). Only the ring provider is built in, so
 //! no C toolchain beyond what `ring` needs is required.
 //!
-//! `tls-creds-psk` cannot be served by rustls, which has no external pre-shared keys; it is
-//! refused by name.
+//! Pre-shared keys: rustls has no external PSKs, so `tls-creds-psk` runs on the system's
+//! OpenSSL (libssl), through its PSK callbacks (TLS 1.3 external PSK, or the TLS 1.2 PSK
+//! suites), over memory buffers so the socket I/O stays ours. The keys come from `keys.psk`
+//! in the object's `dir`, one `username:hexkey` per line as QEMU (and GnuTLS's psktool)
+//! write it: a client sends its `username` (default `qemu`) with that user's key, a server
+//! takes any user the file lists.
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
 use basalt_engine::{BlockError, BlockResult, ErrorKind, TlsCreds, TlsCredsKind, TlsEndpoint};
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVerifyMode, SslVersion};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -27,6 +33,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use zeroize::Zeroizing;
 
 /// Plaintext encrypted per step of a large write (bounds the ciphertext held at once).
 pub(crate) const SEAL_STEP: usize = 256 << 10;
@@ -91,38 +98,100 @@ fn load_roots(dir: &Path) -> BlockResult<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
-fn x509_only(creds: &TlsCreds) -> BlockResult<()> {
-    if creds.kind == TlsCredsKind::Psk {
-        return Err(BlockError::new(
-            ErrorKind::Unsupported,
-            format!(
-                "TLS credentials '{}': tls-creds-psk is not supported (rustls has no pre-shared keys); use tls-creds-x509",
-                creds.id
-            ),
-        ));
+/// The users and keys of a `keys.psk` file.
+fn load_psk(dir: &Path) -> BlockResult<Vec<(String, Zeroizing<Vec<u8>>)>> {
+    let path = cred_file(dir, "keys.psk", true)?.expect("required file");
+    let text = Zeroizing::new(
+        std::fs::read_to_string(&path).map_err(|e| creds_err(format!("Unable to read PSK file {}: {e}", path.display())))?,
+    );
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (user, hex) =
+            line.split_once(':').ok_or_else(|| creds_err(format!("Malformed line in PSK file {}", path.display())))?;
+        let key = decode_hex(hex.trim())
+            .ok_or_else(|| creds_err(format!("Unable to decode PSK key of user {user} in {}", path.display())))?;
+        out.push((user.to_string(), key));
     }
-    Ok(())
+    Ok(out)
+}
+
+fn decode_hex(s: &str) -> Option<Zeroizing<Vec<u8>>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(s.len() / 2));
+    for pair in s.as_bytes().chunks(2) {
+        out.push(u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?);
+    }
+    Some(out)
+}
+
+fn ossl_err(e: openssl::error::ErrorStack) -> BlockError {
+    creds_err(format!("TLS set-up: {e}"))
+}
+
+/// An OpenSSL context for PSK: no certificates, PSK suites for TLS 1.2 next to TLS 1.3.
+fn psk_context(client: bool) -> BlockResult<SslContextBuilder> {
+    let method = if client { SslMethod::tls_client() } else { SslMethod::tls_server() };
+    let mut b = SslContextBuilder::new(method).map_err(ossl_err)?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(ossl_err)?;
+    b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!aNULL:!eNULL:!NULL:!3DES:!RC4:!MD5").map_err(ossl_err)?;
+    b.set_verify(SslVerifyMode::NONE);
+    Ok(b)
+}
+
+/// Copy `key` into OpenSSL's PSK buffer; its length.
+fn put_key(key: &[u8], out: &mut [u8]) -> Result<usize, openssl::error::ErrorStack> {
+    if key.len() > out.len() {
+        return Ok(0);
+    }
+    out[..key.len()].copy_from_slice(key);
+    Ok(key.len())
+}
+
+#[derive(Clone)]
+enum ClientKind {
+    X509 { config: Arc<rustls::ClientConfig>, name: ServerName<'static> },
+    Psk(SslContext),
 }
 
 /// What a client needs to start TLS on a connection.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    kind: ClientKind,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("name", &self.name).finish()
+        match &self.kind {
+            ClientKind::X509 { name, .. } => f.debug_struct("ClientTls").field("name", name).finish(),
+            ClientKind::Psk(_) => f.write_str("ClientTls(psk)"),
+        }
     }
 }
 
 impl ClientTls {
     /// Client credentials; `hostname` is the name the server's certificate must carry
-    /// (required unless `verify-peer=off`).
+    /// (required for x509 unless `verify-peer=off`).
     pub fn new(creds: &TlsCreds, hostname: Option<&str>) -> BlockResult<ClientTls> {
-        x509_only(creds)?;
         creds.check_endpoint(TlsEndpoint::Client)?;
+        if creds.kind == TlsCredsKind::Psk {
+            let keys = load_psk(&creds.dir)?;
+            let key = keys.into_iter().find(|(u, _)| *u == creds.username).map(|(_, k)| k).ok_or_else(|| {
+                creds_err(format!("Username {} not found in PSK file {}", creds.username, creds.dir.join("keys.psk").display()))
+            })?;
+            let mut b = psk_context(true)?;
+            let user = creds.username.clone().into_bytes();
+            b.set_psk_client_callback(move |_, _hint, identity, psk| {
+                if user.len() >= identity.len() {
+                    return Ok(0);
+                }
+                identity[..user.len()].copy_from_slice(&user);
+                identity[user.len()] = 0;
+                put_key(&key, psk)
+            });
+            return Ok(ClientTls { kind: ClientKind::Psk(b.build()) });
+        }
         if creds.verify_peer && hostname.is_none() {
             return Err(creds_err("No hostname for certificate validation".into()));
         }
@@ -153,12 +222,17 @@ impl ClientTls {
             _ => builder.with_no_client_auth(),
         };
         config.enable_sni = hostname.is_some_and(|h| h.parse::<std::net::IpAddr>().is_err());
-        Ok(ClientTls { config: Arc::new(config), name })
+        Ok(ClientTls { kind: ClientKind::X509 { config: Arc::new(config), name } })
     }
 
-    /// A new client session (the handshake starts with its first flight).
-    pub fn session(&self) -> BlockResult<rustls::ClientConnection> {
-        rustls::ClientConnection::new(self.config.clone(), self.name.clone()).map_err(|e| tls_err("TLS set-up", e))
+    /// A new client session (its first flight is queued).
+    pub fn session(&self) -> BlockResult<Session> {
+        match &self.kind {
+            ClientKind::X509 { config, name } => rustls::ClientConnection::new(config.clone(), name.clone())
+                .map(Session::rustls)
+                .map_err(|e| tls_err("TLS set-up", e)),
+            ClientKind::Psk(ctx) => Session::openssl(ctx, true).map_err(|e| creds_err(format!("TLS set-up: {e}"))),
+        }
     }
 }
 
@@ -211,16 +285,28 @@ impl ServerCertVerifier for Verifier {
 
 /// What a server needs to offer TLS.
 #[derive(Clone)]
-pub struct ServerTls {
-    config: Arc<rustls::ServerConfig>,
+pub enum ServerTls {
+    X509(Arc<rustls::ServerConfig>),
+    Psk(SslContext),
 }
 
 impl ServerTls {
     /// Server credentials.
     pub fn new(creds: &TlsCreds) -> BlockResult<ServerTls> {
-        x509_only(creds)?;
         creds.check_endpoint(TlsEndpoint::Server)?;
         let dir = creds.dir.as_path();
+        if creds.kind == TlsCredsKind::Psk {
+            let keys = load_psk(dir)?;
+            let mut b = psk_context(false)?;
+            b.set_psk_server_callback(move |_, identity, psk| {
+                let Some(id) = identity else { return Ok(0) };
+                match keys.iter().find(|(u, _)| u.as_bytes() == id) {
+                    Some((_, key)) => put_key(key, psk),
+                    None => Ok(0),
+                }
+            });
+            return Ok(ServerTls::Psk(b.build()));
+        }
         let provider = provider();
         let roots = load_roots(dir)?;
         let cert = cred_file(dir, "server-cert.pem", true)?.expect("required file");
@@ -242,53 +328,166 @@ impl ServerTls {
             .map_err(|e| tls_err(&format!("Unable to use server certificate {}", cert.display()), e))?;
         // No resumption: every NBD connection is a full handshake, as with QEMU.
         config.send_tls13_tickets = 0;
-        Ok(ServerTls { config: Arc::new(config) })
+        Ok(ServerTls::X509(Arc::new(config)))
     }
 
     /// A new server session.
-    pub fn session(&self) -> std::io::Result<rustls::ServerConnection> {
-        rustls::ServerConnection::new(self.config.clone()).map_err(std::io::Error::other)
+    pub fn session(&self) -> std::io::Result<Session> {
+        match self {
+            ServerTls::X509(config) => {
+                rustls::ServerConnection::new(config.clone()).map(Session::rustls).map_err(std::io::Error::other)
+            }
+            ServerTls::Psk(ctx) => Session::openssl(ctx, false),
+        }
     }
 }
 
 /// An established (or establishing) TLS session over a socket: ciphertext in, plaintext out
-/// and the other way, with no I/O of its own. Ciphertext read but not yet taken in (rustls
-/// takes at most a record's plaintext at a time) waits in `rx`.
-pub struct Session {
-    conn: rustls::Connection,
-    rx: Vec<u8>,
-    rx_head: usize,
+/// and the other way, with no I/O of its own.
+pub struct Session(Engine);
+
+enum Engine {
+    /// Ciphertext read but not yet taken in (rustls takes at most a record's plaintext at a
+    /// time) waits in `rx` from `rx_head`.
+    Rustls {
+        conn: rustls::Connection,
+        rx: Vec<u8>,
+        rx_head: usize,
+    },
+    OpenSsl {
+        stream: Box<SslStream<Pipe>>,
+        done: bool,
+    },
+}
+
+/// OpenSSL's side of the socket: ciphertext fed in, and ciphertext to send.
+#[derive(Default)]
+struct Pipe {
+    input: Vec<u8>,
+    head: usize,
+    eof: bool,
+    output: Vec<u8>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let have = &self.input[self.head..];
+        if have.is_empty() {
+            return if self.eof { Ok(0) } else { Err(std::io::ErrorKind::WouldBlock.into()) };
+        }
+        let n = have.len().min(buf.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        self.head += n;
+        if self.head == self.input.len() {
+            self.input.clear();
+            self.head = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ossl_io(e: openssl::ssl::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
+
+fn would_block(e: &openssl::ssl::Error) -> bool {
+    e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE
 }
 
 impl Session {
-    /// Wrap a connection (its output is not limited: the caller drains it after each step).
-    pub fn new(conn: impl Into<rustls::Connection>) -> Session {
+    /// A rustls connection (its output is not limited: the caller drains it after each step).
+    fn rustls(conn: impl Into<rustls::Connection>) -> Session {
         let mut conn = conn.into();
         conn.set_buffer_limit(None);
-        Session { conn, rx: Vec::new(), rx_head: 0 }
+        Session(Engine::Rustls { conn, rx: Vec::new(), rx_head: 0 })
+    }
+
+    /// An OpenSSL session on `ctx`; a client's first flight is queued.
+    fn openssl(ctx: &SslContext, client: bool) -> std::io::Result<Session> {
+        let mut ssl = Ssl::new(ctx).map_err(std::io::Error::other)?;
+        if client {
+            ssl.set_connect_state();
+        } else {
+            ssl.set_accept_state();
+        }
+        let stream = SslStream::new(ssl, Pipe::default()).map_err(std::io::Error::other)?;
+        let mut s = Session(Engine::OpenSsl { stream: Box::new(stream), done: false });
+        s.step()?;
+        Ok(s)
+    }
+
+    /// Move an OpenSSL handshake on as far as the input allows.
+    fn step(&mut self) -> std::io::Result<()> {
+        if let Engine::OpenSsl { stream, done } = &mut self.0 {
+            if !*done {
+                match stream.do_handshake() {
+                    Ok(()) => *done = true,
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(ossl_io(e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The handshake is still going.
     pub fn handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        match &self.0 {
+            Engine::Rustls { conn, .. } => conn.is_handshaking(),
+            Engine::OpenSsl { done, .. } => !done,
+        }
     }
 
     /// Ciphertext waiting to be sent.
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        match &self.0 {
+            Engine::Rustls { conn, .. } => conn.wants_write(),
+            Engine::OpenSsl { stream, .. } => !stream.get_ref().output.is_empty(),
+        }
     }
 
     /// Encrypt `plain` (queued until [`Session::take_output`]).
-    pub fn seal(&mut self, plain: &[u8]) -> std::io::Result<()> {
-        self.conn.writer().write_all(plain)
+    pub fn seal(&mut self, mut plain: &[u8]) -> std::io::Result<()> {
+        match &mut self.0 {
+            Engine::Rustls { conn, .. } => conn.writer().write_all(plain),
+            Engine::OpenSsl { stream, .. } => {
+                while !plain.is_empty() {
+                    let n = stream.ssl_write(plain).map_err(ossl_io)?;
+                    plain = &plain[n..];
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Move queued ciphertext into `out`, up to its free room; returns the count.
     pub fn take_output(&mut self, mut out: &mut [u8]) -> std::io::Result<usize> {
         let room = out.len();
-        while self.conn.wants_write() && !out.is_empty() {
-            if self.conn.write_tls(&mut out)? == 0 {
-                break;
+        match &mut self.0 {
+            Engine::Rustls { conn, .. } => {
+                while conn.wants_write() && !out.is_empty() {
+                    if conn.write_tls(&mut out)? == 0 {
+                        break;
+                    }
+                }
+            }
+            Engine::OpenSsl { stream, .. } => {
+                let pending = &mut stream.get_mut().output;
+                let n = pending.len().min(out.len());
+                out[..n].copy_from_slice(&pending[..n]);
+                pending.drain(..n);
+                return Ok(n);
             }
         }
         Ok(room - out.len())
@@ -296,40 +495,59 @@ impl Session {
 
     /// Queue a `close_notify` alert.
     pub fn close(&mut self) {
-        self.conn.send_close_notify();
+        match &mut self.0 {
+            Engine::Rustls { conn, .. } => conn.send_close_notify(),
+            Engine::OpenSsl { stream, .. } => {
+                let _ = stream.shutdown();
+            }
+        }
     }
 
     /// Take in ciphertext read from the socket (an empty slice: the socket reached its end).
     pub fn feed(&mut self, cipher: &[u8]) -> std::io::Result<()> {
-        if cipher.is_empty() {
-            match self.conn.read_tls(&mut &[][..]) {
-                Err(e) if e.kind() != std::io::ErrorKind::Other => return Err(e),
-                _ => return self.process(),
+        match &mut self.0 {
+            Engine::OpenSsl { stream, .. } => {
+                let pipe = stream.get_mut();
+                if cipher.is_empty() {
+                    pipe.eof = true;
+                } else {
+                    pipe.input.extend_from_slice(cipher);
+                }
+                return self.step();
+            }
+            Engine::Rustls { conn, rx, rx_head } => {
+                if cipher.is_empty() {
+                    match conn.read_tls(&mut &[][..]) {
+                        Err(e) if e.kind() != std::io::ErrorKind::Other => return Err(e),
+                        _ => return process(conn),
+                    }
+                }
+                if *rx_head == rx.len() {
+                    rx.clear();
+                    *rx_head = 0;
+                } else if *rx_head >= 64 << 10 {
+                    rx.drain(..*rx_head);
+                    *rx_head = 0;
+                }
+                rx.extend_from_slice(cipher);
             }
         }
-        if self.rx_head == self.rx.len() {
-            self.rx.clear();
-            self.rx_head = 0;
-        } else if self.rx_head >= 64 << 10 {
-            self.rx.drain(..self.rx_head);
-            self.rx_head = 0;
-        }
-        self.rx.extend_from_slice(cipher);
         self.pump()
     }
 
     /// Hand buffered ciphertext to rustls until it has plaintext or needs more.
     fn pump(&mut self) -> std::io::Result<()> {
-        while self.rx_head < self.rx.len() {
-            let mut rest = &self.rx[self.rx_head..];
-            let n = match self.conn.read_tls(&mut rest) {
+        let Engine::Rustls { conn, rx, rx_head } = &mut self.0 else { return Ok(()) };
+        while *rx_head < rx.len() {
+            let mut rest = &rx[*rx_head..];
+            let n = match conn.read_tls(&mut rest) {
                 Ok(n) => n,
                 // Backpressure: plaintext must be read first.
                 Err(e) if e.kind() == std::io::ErrorKind::Other => return Ok(()),
                 Err(e) => return Err(e),
             };
-            self.rx_head += n;
-            self.process()?;
+            *rx_head += n;
+            process(conn)?;
             if n == 0 {
                 break;
             }
@@ -337,18 +555,25 @@ impl Session {
         Ok(())
     }
 
-    fn process(&mut self) -> std::io::Result<()> {
-        match self.conn.process_new_packets() {
-            Ok(_) => Ok(()),
-            Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("TLS: {e}"))),
-        }
-    }
-
     /// Plaintext into `buf`: `Some(n)`, `Some(0)` at the end of the stream, `None` when more
     /// ciphertext is needed.
     pub fn open(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if let Engine::OpenSsl { stream, done } = &mut self.0 {
+            if !*done {
+                return Ok(None);
+            }
+            return match stream.ssl_read(buf) {
+                Ok(n) => Ok(Some(n)),
+                Err(e) if would_block(&e) => Ok(None),
+                // close_notify, or the socket's end without it (a message cut short is caught
+                // by the caller).
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN || e.code() == ErrorCode::SYSCALL => Ok(Some(0)),
+                Err(e) => Err(ossl_io(e)),
+            };
+        }
         loop {
-            match self.conn.reader().read(buf) {
+            let Engine::Rustls { conn, rx, rx_head } = &mut self.0 else { unreachable!("rustls session") };
+            match conn.reader().read(buf) {
                 Ok(n) => return Ok(Some(n)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 // The peer closed the socket without close_notify: the end all the same (a
@@ -356,12 +581,13 @@ impl Session {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
                 Err(e) => return Err(e),
             }
-            if self.rx_head == self.rx.len() {
+            if *rx_head == rx.len() {
                 return Ok(None);
             }
-            let before = self.rx_head;
+            let before = *rx_head;
             self.pump()?;
-            if self.rx_head == before {
+            let Engine::Rustls { rx_head, .. } = &self.0 else { unreachable!("rustls session") };
+            if *rx_head == before {
                 return Ok(None);
             }
         }
@@ -370,9 +596,9 @@ impl Session {
     /// Run the handshake over a blocking stream (the client's negotiation).
     pub fn handshake_blocking<S: Read + Write>(&mut self, s: &mut S) -> std::io::Result<()> {
         let mut buf = vec![0u8; 16 << 10];
-        while self.conn.is_handshaking() || self.conn.wants_write() {
+        while self.handshaking() || self.wants_write() {
             self.flush_blocking(s)?;
-            if !self.conn.is_handshaking() {
+            if !self.handshaking() {
                 break;
             }
             let n = s.read(&mut buf)?;
@@ -396,6 +622,13 @@ impl Session {
             }
             s.write_all(&out[..n])?;
         }
+    }
+}
+
+fn process(conn: &mut rustls::Connection) -> std::io::Result<()> {
+    match conn.process_new_packets() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("TLS: {e}"))),
     }
 }
 
