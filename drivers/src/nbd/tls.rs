@@ -350,7 +350,7 @@ enum Engine {
     /// Ciphertext read but not yet taken in (rustls takes at most a record's plaintext at a
     /// time) waits in `rx` from `rx_head`.
     Rustls {
-        conn: rustls::Connection,
+        conn: Box<rustls::Connection>,
         rx: Vec<u8>,
         rx_head: usize,
     },
@@ -410,7 +410,7 @@ impl Session {
     fn rustls(conn: impl Into<rustls::Connection>) -> Session {
         let mut conn = conn.into();
         conn.set_buffer_limit(None);
-        Session(Engine::Rustls { conn, rx: Vec::new(), rx_head: 0 })
+        Session(Engine::Rustls { conn: Box::new(conn), rx: Vec::new(), rx_head: 0 })
     }
 
     /// An OpenSSL session on `ctx`; a client's first flight is queued.
