@@ -1,10 +1,12 @@
 //! NBD: the wire protocol ([`proto`], shared with Basalt's server in basalt-tools), the socket
-//! layer ([`sock`]) and the `nbd` protocol driver, a client of any NBD server.
+//! layer ([`sock`]), TLS ([`tls`]: x509 with rustls, pre-shared keys with OpenSSL, both sides)
+//! and the `nbd` protocol driver, a client of any NBD server.
 //!
 //! The driver: [`target`] turns QEMU's filenames and options into where to connect,
 //! [`negotiate`] does the handshake when the node opens (the export's size, flags, block size
 //! constraints and block status context are then fixed for the node's life), [`conn`] runs one
-//! connection's transmission phase on a reactor. The node's limits are the export's minimum
+//! connection's transmission phase on a reactor. With `tls-creds`, every connection (the
+//! first, extra ones, reconnections) starts TLS before anything else. The node's limits are the export's minimum
 //! block size (alignment) and maximum block size (largest transfer); the engine pads and splits
 //! to them. Writes with FUA on a server without FUA are followed by a flush; trim and write
 //! zeroes are split to what a request can carry.
