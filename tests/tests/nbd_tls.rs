@@ -8,7 +8,9 @@
 //! message; a client with no certificate, an unknown CA or the wrong host name fails its
 //! handshake and the server goes on serving others.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -189,6 +191,23 @@ fn basalt_nbd_serves_tls_clients() {
     let other = pki(d, "b");
     let o = io("qemu-io", &other.client, &unix_opts(&bs, ""), &["read 0 4k"]);
     assert!(!o.status.success(), "a server from an unknown CA was accepted");
+    // Raw clients: an option before TLS gets ERR_TLS_REQD; garbage after STARTTLS, or a
+    // disconnect mid-handshake, ends that connection only.
+    for junk in [&b"\x16\x03\x01\xff\xffnot a client hello"[..], &[]] {
+        let mut c = raw_client(&bs);
+        c.write_all(&option(3)).unwrap();
+        assert_eq!(reply_type(&mut c), (1 << 31) + 5, "LIST before TLS");
+        c.write_all(&option(5)).unwrap();
+        assert_eq!(reply_type(&mut c), 1, "STARTTLS acknowledged");
+        c.write_all(junk).unwrap();
+        if junk.is_empty() {
+            drop(c);
+            continue;
+        }
+        // The server answers with an alert at most, and closes (a hang times out: an error).
+        let mut rest = Vec::new();
+        assert!(c.read_to_end(&mut rest).is_ok(), "the server kept a connection sending garbage");
+    }
     // And the server is still serving.
     must(&io("qemu-io", &p.client, &unix_opts(&bs, ""), &["read -P 0x7e 0 1M"]), "read after refused clients");
 
@@ -206,6 +225,33 @@ fn basalt_nbd_serves_tls_clients() {
     q.stop();
     b.stop();
     must(&run(peer("qemu-img").args(["check", "-q", path(&bi)])), "check");
+}
+
+/// A raw client past the greeting (fixed newstyle, no zeroes); reads time out after 10 s.
+fn raw_client(sock: &Path) -> UnixStream {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    c
+}
+
+fn option(o: u32) -> Vec<u8> {
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&o.to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    m
+}
+
+/// An option reply's type (its data read and dropped).
+fn reply_type(c: &mut UnixStream) -> u32 {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut data = vec![0u8; len as usize];
+    c.read_exact(&mut data).unwrap();
+    u32::from_be_bytes(h[12..16].try_into().unwrap())
 }
 
 /// A TCP port nothing listens on (bound and released).
