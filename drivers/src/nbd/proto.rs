@@ -89,6 +89,8 @@ pub mod tflag {
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
     pub const SEND_CACHE: u16 = 1 << 10;
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// Block status requests may carry a payload choosing the contexts (extended headers).
+    pub const BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Command types.
@@ -110,6 +112,8 @@ pub mod cflag {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// Extended headers: the length field is the payload's (block status with a filter).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types and flags.

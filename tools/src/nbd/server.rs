@@ -5,7 +5,8 @@
 //! description and block size information), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
 //! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled),
 //! `EXTENDED_HEADERS` (32-byte requests with 64-bit lengths, every reply an extended chunk,
-//! 64-bit block status extents). `STARTTLS` when the listener has TLS credentials, as
+//! 64-bit block status extents, and block status requests whose payload picks some of the
+//! negotiated contexts: `NBD_FLAG_BLOCK_STAT_PAYLOAD`). `STARTTLS` when the listener has TLS credentials, as
 //! qemu-nbd: until TLS is on, every option but `STARTTLS` and `ABORT` gets `ERR_TLS_REQD`
 //! (`EXPORT_NAME`, which has no error reply, drops the connection), and a failed handshake
 //! drops it too. Without credentials `STARTTLS` gets the protocol's "policy" error.
@@ -43,6 +44,8 @@ const RECV_BUF: usize = 64 << 10;
 const HEAD_ROOM: usize = 4096;
 /// Extents in one block status reply.
 const MAX_EXTENTS: usize = 1024;
+/// The largest block status payload taken (an effect length and context ids).
+const MAX_STATUS_PAYLOAD: u64 = 64 << 10;
 /// Context ids.
 const CTX_BASE: u32 = 1;
 const CTX_DEPTH: u32 = 2;
@@ -68,8 +71,12 @@ pub struct Export {
 }
 
 impl Export {
-    fn tflags(&self, structured: bool) -> u16 {
+    fn tflags(&self, neg: &Negotiated) -> u16 {
+        let structured = neg.structured;
         let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_FUA | tflag::SEND_CACHE;
+        if neg.extended {
+            f |= tflag::BLOCK_STAT_PAYLOAD;
+        }
         if self.read_only {
             f |= tflag::READ_ONLY;
         } else {
@@ -202,7 +209,7 @@ async fn negotiate(sock: &Sock, offer: &Offer) -> Result<Option<(Negotiated, Rc<
                 }
                 let mut o = Vec::with_capacity(134);
                 o.extend_from_slice(&exp.size.to_be_bytes());
-                o.extend_from_slice(&exp.tflags(neg.structured).to_be_bytes());
+                o.extend_from_slice(&exp.tflags(&neg).to_be_bytes());
                 if !no_zeroes {
                     o.extend_from_slice(&[0u8; 124]);
                 }
@@ -300,7 +307,7 @@ async fn info_or_go(
     let mut d = Vec::with_capacity(12);
     d.extend_from_slice(&info::EXPORT.to_be_bytes());
     d.extend_from_slice(&exp.size.to_be_bytes());
-    d.extend_from_slice(&exp.tflags(neg.structured).to_be_bytes());
+    d.extend_from_slice(&exp.tflags(&neg).to_be_bytes());
     reply(sock, option, rep::INFO, &d).await?;
     if reqs.contains(&info::NAME) {
         let mut d = info::NAME.to_be_bytes().to_vec();
@@ -508,6 +515,26 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         let cost = if matches!(req.typ, cmd::READ | cmd::WRITE) { req.len.min(u64::from(proto::MAX_PAYLOAD)) } else { 0 };
         conn.wait_below(MAX_IN_FLIGHT, cost).await;
         let mut payload = None;
+        let mut req = req;
+        let mut filter = None;
+        if req.typ != cmd::WRITE && req.flags & cflag::PAYLOAD_LEN != 0 && conn.neg.extended {
+            // A payload on another command: read it (keeping the stream in step), then judge it.
+            if req.len > MAX_STATUS_PAYLOAD {
+                break Err(format!("payload of {} bytes on command {}", req.len, req.typ));
+            }
+            let body = match rx.read_into(&conn.sock, IoBuf::new_uninit(req.len as usize)).await {
+                (Ok(()), b) => b,
+                (Err(e), _) => break Err(e.to_string()),
+            };
+            filter = Some(if req.typ == cmd::BLOCK_STATUS {
+                status_filter(body.as_slice(), &conn.neg.contexts).map(|(effect, ids)| {
+                    req.len = effect;
+                    ids
+                })
+            } else {
+                Err(format!("command {} takes no payload", req.typ))
+            });
+        }
         if req.typ == cmd::WRITE {
             if req.len > u64::from(proto::MAX_PAYLOAD) {
                 break Err(format!("write of {} bytes is over the {} byte limit", req.len, proto::MAX_PAYLOAD));
@@ -521,7 +548,11 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         conn.bytes.set(conn.bytes.get() + cost);
         let c = conn.clone();
         basalt_reactor::spawn_local(async move {
-            handle(&c, req, payload).await;
+            match filter {
+                Some(Err(e)) => c.status(&req, proto::err::EINVAL, &e).await,
+                Some(Ok(ids)) => block_status(&c, &req, &ids).await,
+                None => handle(&c, req, payload).await,
+            }
             c.done_one(cost);
         });
     };
@@ -604,7 +635,7 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             finish(c, &req, r).await
         }
         cmd::CACHE => c.status(&req, 0, "").await,
-        cmd::BLOCK_STATUS => block_status(c, &req).await,
+        cmd::BLOCK_STATUS => block_status(c, &req, &c.neg.contexts).await,
         t => c.status(&req, proto::err::EINVAL, &format!("unknown command {t}")).await,
     }
 }
@@ -616,17 +647,40 @@ async fn finish(c: &Conn, req: &Request, r: Result<(), IoStatus>) {
     }
 }
 
-async fn block_status(c: &Conn, req: &Request) {
+/// A block status payload (`NBD_CMD_FLAG_PAYLOAD_LEN`): the effect length and the contexts
+/// wanted, each one negotiated (repeats are answered once).
+fn status_filter(body: &[u8], negotiated: &[u32]) -> Result<(u64, Vec<u32>), String> {
+    if body.len() < 12 || !(body.len() - 8).is_multiple_of(4) {
+        return Err(format!("block status payload of {} bytes", body.len()));
+    }
+    let effect = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+    let mut ids = Vec::new();
+    for id in body[8..].chunks(4).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes"))) {
+        if !negotiated.contains(&id) {
+            return Err(format!("metadata context {id} was not negotiated"));
+        }
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok((effect, ids))
+}
+
+/// Block status for the contexts `ids` (all negotiated ones, or a payload's choice).
+async fn block_status(c: &Conn, req: &Request, ids: &[u32]) {
     if !c.neg.structured || c.neg.contexts.is_empty() {
         return c.status(req, proto::err::EINVAL, "no metadata context was negotiated").await;
     }
     if req.len == 0 {
         return c.status(req, proto::err::EINVAL, "empty block status request").await;
     }
+    if !req.offset.checked_add(req.len).is_some_and(|e| e <= c.exp.size) {
+        return c.status(req, proto::err::EINVAL, "request past the end of the export").await;
+    }
     let one = req.flags & cflag::REQ_ONE != 0;
     let max = if one { 1 } else { MAX_EXTENTS };
     let mut chunks = Vec::new();
-    for (i, id) in c.neg.contexts.iter().enumerate() {
+    for (i, id) in ids.iter().enumerate() {
         // Extent lengths: 32 bits with compact headers, 64 with extended ones.
         let cap = if c.neg.extended { u64::MAX } else { u64::from(u32::MAX) };
         let mut ext: Vec<(u64, u32)> = Vec::new();
@@ -642,6 +696,9 @@ async fn block_status(c: &Conn, req: &Request) {
                     let flags = match *id {
                         CTX_BASE => (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 },
                         _ if st.allocated => st.depth + 1,
+                        // Zeroes past the end of a short backing image count as allocated
+                        // there (QEMU's rule), one layer below the one that answered.
+                        _ if st.beyond_backing => st.depth + 2,
                         _ => 0,
                     };
                     (st.len.min(end - off), flags)
@@ -656,7 +713,7 @@ async fn block_status(c: &Conn, req: &Request) {
             }
             off += len;
         }
-        let flags = if i + 1 == c.neg.contexts.len() { chunk::FLAG_DONE } else { 0 };
+        let flags = if i + 1 == ids.len() { chunk::FLAG_DONE } else { 0 };
         let mut p = if c.neg.extended {
             let mut p = c.chunk(flags, chunk::BLOCK_STATUS_EXT, req, 8 + 16 * ext.len() as u64);
             p.extend_from_slice(&id.to_be_bytes());
