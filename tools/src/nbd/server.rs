@@ -307,7 +307,7 @@ async fn info_or_go(
     let mut d = Vec::with_capacity(12);
     d.extend_from_slice(&info::EXPORT.to_be_bytes());
     d.extend_from_slice(&exp.size.to_be_bytes());
-    d.extend_from_slice(&exp.tflags(&neg).to_be_bytes());
+    d.extend_from_slice(&exp.tflags(neg).to_be_bytes());
     reply(sock, option, rep::INFO, &d).await?;
     if reqs.contains(&info::NAME) {
         let mut d = info::NAME.to_be_bytes().to_vec();
@@ -674,7 +674,7 @@ async fn block_status(c: &Conn, req: &Request, ids: &[u32]) {
     if req.len == 0 {
         return c.status(req, proto::err::EINVAL, "empty block status request").await;
     }
-    if !req.offset.checked_add(req.len).is_some_and(|e| e <= c.exp.size) {
+    if req.offset.checked_add(req.len).is_none_or(|e| e > c.exp.size) {
         return c.status(req, proto::err::EINVAL, "request past the end of the export").await;
     }
     let one = req.flags & cflag::REQ_ONE != 0;
