@@ -107,7 +107,8 @@ fn refusals_are_named() {
             ],
             "Export type 'vhost-user-blk' is not supported",
         ),
-        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-creds=t"], "TLS is not supported"),
+        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-creds=t"], "No TLS credentials with id 't'"),
+        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-authz=a"], "tls-authz is not supported"),
     ] {
         let o = run(Command::new(tool("basalt-storage-daemon")).args(&a));
         assert!(!o.status.success(), "{a:?}");
