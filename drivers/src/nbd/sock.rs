@@ -85,10 +85,19 @@ impl Sock {
             if !self.with_tls(|t| t.session.handshaking()) {
                 return Ok(());
             }
-            if let Err(e) = self.read_tls().await {
-                // Tell the peer why (an alert), as far as the socket takes it.
-                let _ = self.flush_tls().await;
-                return Err(e);
+            match self.read_tls().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed during the TLS handshake",
+                    ))
+                }
+                Err(e) => {
+                    // Tell the peer why (an alert), as far as the socket takes it.
+                    let _ = self.flush_tls().await;
+                    return Err(e);
+                }
             }
         }
     }
@@ -114,8 +123,9 @@ impl Sock {
         res
     }
 
-    /// Read what ciphertext has arrived into the session (an end of stream is passed on).
-    async fn read_tls(&self) -> std::io::Result<()> {
+    /// Read what ciphertext has arrived into the session (an end of stream is passed on);
+    /// false at the end of the stream.
+    async fn read_tls(&self) -> std::io::Result<bool> {
         let mut rx = self.with_tls(|t| t.rx.take()).unwrap_or_else(|| IoBuf::new_uninit(TLS_RX));
         rx.reset(TLS_RX);
         let (r, mut rx) = loop {
@@ -130,7 +140,7 @@ impl Sock {
             Err(io_err(r))
         } else {
             rx.reset(r as usize);
-            self.with_tls(|t| t.session.feed(rx.as_slice()))
+            self.with_tls(|t| t.session.feed(rx.as_slice())).map(|()| r > 0)
         };
         self.with_tls(|t| t.rx = Some(rx));
         res
@@ -195,8 +205,15 @@ impl Sock {
                 Ok(None) => {}
                 Err(e) => return (tls_errno(&e), buf),
             }
-            if let Err(e) = self.read_tls().await {
-                return (tls_errno(&e), buf);
+            match self.read_tls().await {
+                Ok(true) => {}
+                // The end of the stream: whatever the session makes of it, nothing more comes.
+                Ok(false) => match self.with_tls(|t| t.session.open(buf.as_mut_slice())) {
+                    Ok(Some(n)) => return (n as i64, buf),
+                    Ok(None) => return (0, buf),
+                    Err(e) => return (tls_errno(&e), buf),
+                },
+                Err(e) => return (tls_errno(&e), buf),
             }
         }
     }

@@ -647,6 +647,9 @@ impl<S: Read + Write> Read for TlsStream<S> {
             }
             let n = self.inner.read(&mut cipher)?;
             self.session.feed(&cipher[..n])?;
+            if n == 0 {
+                return Ok(self.session.open(buf)?.unwrap_or(0));
+            }
         }
     }
 }

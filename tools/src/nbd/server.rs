@@ -6,8 +6,8 @@
 //! `SET_META_CONTEXT` (`base:allocation`, and `qemu:allocation-depth` when enabled),
 //! `EXTENDED_HEADERS` (32-byte requests with 64-bit lengths, every reply an extended chunk,
 //! 64-bit block status extents, and block status requests whose payload picks some of the
-//! negotiated contexts: `NBD_FLAG_BLOCK_STAT_PAYLOAD`). `STARTTLS` when the listener has TLS credentials, as
-//! qemu-nbd: until TLS is on, every option but `STARTTLS` and `ABORT` gets `ERR_TLS_REQD`
+//! negotiated contexts: `NBD_FLAG_BLOCK_STAT_PAYLOAD`). `STARTTLS` when the listener has TLS
+//! credentials, as qemu-nbd: until TLS is on, every option but `STARTTLS` and `ABORT` gets `ERR_TLS_REQD`
 //! (`EXPORT_NAME`, which has no error reply, drops the connection), and a failed handshake
 //! drops it too. Without credentials `STARTTLS` gets the protocol's "policy" error.
 //!
