@@ -219,29 +219,10 @@ impl Sock {
     }
 
     /// Send all of `buf`'s window on the socket itself (ciphertext).
-    async fn raw_send(&self, mut buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
-        let (start, len) = (buf.window_start(), buf.len());
-        let mut done = 0;
-        let mut res = Ok(());
-        while done < len {
-            buf.set_window(start + done, len - done);
-            let (r, b) = self.raw_once(true, buf).await;
-            buf = b;
-            match r {
-                r if r == -i64::from(libc::EINTR) => continue,
-                r if r < 0 => {
-                    res = Err(io_err(r));
-                    break;
-                }
-                0 => {
-                    res = Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data"));
-                    break;
-                }
-                n => done += n as usize,
-            }
-        }
-        buf.set_window(start, len);
-        (res, buf)
+    async fn raw_send(&self, buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
+        let len = buf.len();
+        let (r, buf) = transfer(buf, |b| self.raw_once(true, b)).await;
+        (all_sent(r, len), buf)
     }
 
     /// One read or write of `buf`'s window on the socket itself; returns the count (0 = end
@@ -277,37 +258,12 @@ impl Sock {
         (res, buf.expect("socket I/O returns its buffer"))
     }
 
-    /// Transfer all of `buf`'s window, continuing short reads and writes; stops early only
-    /// where the stream ends (a read of 0, a write of 0), and says how far it got. The buffer
-    /// comes back in every case.
-    async fn transfer(&self, write: bool, mut buf: IoBuf) -> (std::io::Result<usize>, IoBuf) {
-        let (start, len) = (buf.window_start(), buf.len());
-        let mut done = 0;
-        let mut res = Ok(());
-        while done < len {
-            buf.set_window(start + done, len - done);
-            let (r, b) = self.once(write, buf).await;
-            buf = b;
-            match r {
-                r if r < 0 && -r == i64::from(libc::EINTR) => continue,
-                r if r < 0 => {
-                    res = Err(io_err(r));
-                    break;
-                }
-                0 => break,
-                n => done += n as usize,
-            }
-        }
-        buf.set_window(start, len);
-        (res.map(|_| done), buf)
-    }
-
     /// Fill `buf`'s window, handing the buffer back whatever happens: `Ok(true)` when full,
     /// `Ok(false)` when the stream ended before the first byte, an error when it ended (or
     /// failed) in the middle.
     pub async fn fill(&self, buf: IoBuf) -> (std::io::Result<bool>, IoBuf) {
         let len = buf.len();
-        let (r, buf) = self.transfer(false, buf).await;
+        let (r, buf) = transfer(buf, |b| self.once(false, b)).await;
         let r = match r {
             Ok(d) if d == len => Ok(true),
             Ok(0) => Ok(false),
@@ -320,13 +276,8 @@ impl Sock {
     /// Send all of `buf`'s window, handing the buffer back whatever happens.
     pub async fn send(&self, buf: IoBuf) -> (std::io::Result<()>, IoBuf) {
         let len = buf.len();
-        let (r, buf) = self.transfer(true, buf).await;
-        let r = match r {
-            Ok(d) if d == len => Ok(()),
-            Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
-            Err(e) => Err(e),
-        };
-        (r, buf)
+        let (r, buf) = transfer(buf, |b| self.once(true, b)).await;
+        (all_sent(r, len), buf)
     }
 
     /// Fill `buf`'s window. `Ok(None)` when the stream ends before the first byte (a clean
@@ -357,6 +308,46 @@ impl Sock {
     /// Write `data` (copied into a buffer).
     pub async fn write_bytes(&self, data: &[u8]) -> std::io::Result<()> {
         self.write_all(IoBuf::from_slice(data)).await.map(|_| ())
+    }
+}
+
+/// Move all of `buf`'s window with `step` (one read or write, returning the count or a
+/// negative errno), continuing short transfers; stops early only where the stream ends (a
+/// step that moves nothing), and says how far it got. The buffer comes back in every case.
+/// (A function of the step, not a method calling one, so the TLS layer's own sends, which
+/// run inside a step, can use it too.)
+async fn transfer<F, Fut>(mut buf: IoBuf, mut step: F) -> (std::io::Result<usize>, IoBuf)
+where
+    F: FnMut(IoBuf) -> Fut,
+    Fut: std::future::Future<Output = (i64, IoBuf)>,
+{
+    let (start, len) = (buf.window_start(), buf.len());
+    let mut done = 0;
+    let mut res = Ok(());
+    while done < len {
+        buf.set_window(start + done, len - done);
+        let (r, b) = step(buf).await;
+        buf = b;
+        match r {
+            r if r < 0 && -r == i64::from(libc::EINTR) => continue,
+            r if r < 0 => {
+                res = Err(io_err(r));
+                break;
+            }
+            0 => break,
+            n => done += n as usize,
+        }
+    }
+    buf.set_window(start, len);
+    (res.map(|_| done), buf)
+}
+
+/// A send's outcome: all `len` bytes went, or why not.
+fn all_sent(r: std::io::Result<usize>, len: usize) -> std::io::Result<()> {
+    match r {
+        Ok(d) if d == len => Ok(()),
+        Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket accepts no more data")),
+        Err(e) => Err(e),
     }
 }
 

@@ -3,8 +3,7 @@
 
 use basalt_drivers::nbd::negotiate::Handshake;
 use basalt_drivers::nbd::proto::tflag;
-use basalt_drivers::nbd::target::{NbdServer, NbdTarget};
-use basalt_drivers::nbd::tls::ClientTls;
+use basalt_drivers::nbd::target::NbdTarget;
 
 /// Transmission flag names from bit 1 on, as qemu-nbd prints them.
 const FLAG_NAMES: [&str; 12] = [
@@ -22,19 +21,13 @@ const FLAG_NAMES: [&str; 12] = [
     "block-status-payload",
 ];
 
-/// List the exports at `server` (over TLS with `tls`); the text to print, or the error.
-pub fn list(server: NbdServer, tls: Option<&ClientTls>) -> Result<String, String> {
-    let t = NbdTarget {
-        server,
-        export: None,
-        context: None,
-        reconnect_delay: Default::default(),
-        open_timeout: Default::default(),
-        tls_creds: None,
-        tls_hostname: None,
-    };
+/// List the exports of `t`'s server (over TLS when `t` asks for it, with the credentials
+/// objects in `secrets`); the text to print, or the error.
+pub fn list(t: &NbdTarget, secrets: &basalt_engine::Secrets) -> Result<String, String> {
+    let tls = t.client_tls(secrets).map_err(|e| e.msg)?;
     let fd = t.connect().map_err(|e| e.msg)?;
-    let (extended, exports) = Handshake::new(fd, std::time::Duration::from_secs(30)).list_details(tls).map_err(|e| e.msg)?;
+    let (extended, exports) =
+        Handshake::new(fd, std::time::Duration::from_secs(30)).list_details(tls.as_ref()).map_err(|e| e.msg)?;
     let mut o = format!("exports available: {}\n", exports.len());
     for e in exports {
         o += &format!(" export: '{}'\n", e.name);

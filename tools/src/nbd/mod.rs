@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use basalt_drivers::nbd::tls::{ClientTls, ServerTls};
+use basalt_drivers::nbd::tls::ServerTls;
 use basalt_engine::{Perm, Queue};
 
 use crate::image::{self, ImageSpec};
@@ -280,22 +280,6 @@ fn listen(c: &Config) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(l.into_raw_fd()) })
 }
 
-/// The client credentials for `-L` with `--tls-creds`.
-fn list_tls(c: &Config, server: &basalt_drivers::nbd::target::NbdServer) -> Result<Option<ClientTls>, String> {
-    let Some(id) = &c.tls_creds else { return Ok(None) };
-    let secrets = basalt_engine::Secrets::new();
-    for def in &c.objects {
-        secrets.add_object(def).map_err(|e| e.msg)?;
-    }
-    let creds = secrets.tls_creds(id).map_err(|e| e.msg)?;
-    let host = match (&c.tls_hostname, server) {
-        (Some(h), _) => Some(h.as_str()),
-        (None, basalt_drivers::nbd::target::NbdServer::Inet { host, .. }) => Some(host.as_str()),
-        (None, _) => None,
-    };
-    ClientTls::new(&creds, host).map(Some).map_err(|e| e.msg)
-}
-
 /// The tool's entry point: parse, listen, optionally daemonize, then serve on a reactor.
 pub fn main(args: Vec<String>) -> i32 {
     let c = match parse(&args) {
@@ -310,11 +294,22 @@ pub fn main(args: Vec<String>) -> i32 {
                 port: c.port.to_string(),
             },
         };
-        let tls = match list_tls(&c, &server) {
-            Ok(t) => t,
-            Err(e) => return fail(e),
+        let target = basalt_drivers::nbd::target::NbdTarget {
+            server,
+            export: None,
+            context: None,
+            reconnect_delay: Default::default(),
+            open_timeout: Default::default(),
+            tls_creds: c.tls_creds.clone(),
+            tls_hostname: c.tls_hostname.clone(),
         };
-        return match list::list(server, tls.as_ref()) {
+        let secrets = basalt_engine::Secrets::new();
+        for def in &c.objects {
+            if let Err(e) = secrets.add_object(def) {
+                return fail(e.msg);
+            }
+        }
+        return match list::list(&target, &secrets) {
             Ok(text) => {
                 print!("{text}");
                 0
