@@ -26,6 +26,9 @@ work=$(mktemp -d /tmp/basalt-nbd-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 img=$work/img.raw
 head -c 1G /dev/urandom >"$img"
+# Written back before the first run (the first server would run under writeback throttling),
+# and in the page cache.
+sync "$img"
 cat "$img" >/dev/null
 
 srv_tls=() kit_tls=()

@@ -32,11 +32,18 @@ fn tool_config() -> RuntimeConfig {
     // and locked at start, which costs about 0.4 ms per MiB) keeps short commands quick;
     // larger buffers come from the heap.
     cfg.reactor.pool_size = TOOL_POOL;
+    // Tools share their cores with their clients and peers (an NBD client on the same
+    // machine, the kernel's io_uring workers): poll as long as QEMU's event loop does by
+    // default (`poll-max-ns` 32 us), then sleep.
+    cfg.reactor.idle_spin = Some(TOOL_IDLE_SPIN);
     if std::env::var_os("BASALT_NO_URING").is_some() {
         cfg.reactor.uring = basalt_reactor::UringMode::Disabled;
     }
     cfg
 }
+
+/// How long a tool's reactor busy-polls without work before sleeping.
+pub const TOOL_IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(32);
 
 /// Start the single reactor a tool runs on and run `main` on it; returns the exit code.
 pub fn run_tool<F, Fut>(main: F) -> i32

@@ -12,6 +12,7 @@
 //! devices), write_zeroes uses fallocate zero range / punch hole (BLKZEROOUT on devices), and
 //! block status asks SEEK_DATA/SEEK_HOLE.
 
+mod inline;
 mod queue;
 pub(crate) mod sys;
 
@@ -43,6 +44,8 @@ pub(crate) struct FileShared {
     pub(crate) aio: AioMode,
     pub(crate) discard: bool,
     pub(crate) path: String,
+    /// A regular file opened without O_DIRECT (writes land in the page cache).
+    pub(crate) buffered_file: bool,
 }
 
 impl Drop for FileShared {
@@ -157,6 +160,7 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         aio,
         discard: discard == "unmap" || discard == "on",
         path,
+        buffered_file: !direct && !blockdev,
     });
     Ok(Arc::new(FileNode { driver, name, read_only, align, shared }))
 }

@@ -2,7 +2,8 @@
 //!
 //! Reads and writes within the current file size go straight to the ring (or the thread pool)
 //! and return the slot: nothing is allocated. A write that extends the file takes a slow path
-//! that updates the cached size after it completes.
+//! that updates the cached size after it completes. Small buffered writes may be done on the
+//! reactor itself ([`super::inline`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use basalt_engine::{
 };
 use basalt_reactor::{blocking, uring_fallocate, uring_fsync, uring_rw, IoBuf, SlotFuture, UringFd};
 
+use super::inline::InlineWrites;
 use super::{sys, FileShared};
 
 pub(crate) struct FileQueue {
@@ -22,6 +24,7 @@ pub(crate) struct FileQueue {
     ufd: Option<UringFd>,
     registered: Option<u32>,
     fallocate_in_ring: bool,
+    inline: InlineWrites,
 }
 
 impl FileQueue {
@@ -50,12 +53,20 @@ impl FileQueue {
             (None, None)
         };
         let fallocate_in_ring = use_ring && features.is_some_and(|f| f.fallocate);
-        Ok(FileQueue { s, ufd, registered, fallocate_in_ring })
+        let inline = InlineWrites::new(s.buffered_file && s.aio != AioMode::Threads);
+        Ok(FileQueue { s, ufd, registered, fallocate_in_ring, inline })
     }
 
     fn rw(&self, write: bool, off: u64, mut buf: IoBuf) -> IoFuture {
         let len = buf.len() as u32;
         let kind = if write { SlotKind::Write(len) } else { SlotKind::Read(len) };
+        if write {
+            if let Some(res) = self.inline.try_write(self.s.fd.as_raw_fd(), off, buf.as_slice()) {
+                let id = basalt_reactor::slot_alloc(Some(buf));
+                basalt_reactor::slot_complete(id, res);
+                return IoFuture::Slot(SlotFuture::new(id), kind);
+            }
+        }
         match self.ufd {
             Some(fd) => IoFuture::Slot(uring_rw(fd, write, buf, off), kind),
             None => {

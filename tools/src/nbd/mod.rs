@@ -19,6 +19,7 @@
 
 pub mod bitmap;
 pub mod list;
+pub mod replies;
 pub mod server;
 
 use std::cell::Cell;
