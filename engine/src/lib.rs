@@ -7,6 +7,7 @@
 //! user-facing handle with bounds and permission checks. [`Secrets`] holds QEMU `secret`
 //! objects that drivers look up by id.
 
+mod authz;
 mod backend;
 mod error;
 mod graph;
@@ -23,6 +24,7 @@ mod zero;
 
 #[doc(hidden)]
 pub mod fuzzing;
+pub use authz::Authz;
 pub use backend::Backend;
 pub use error::{strerror, BlockError, BlockResult, ErrorKind, IoStatus};
 pub use graph::{

@@ -1,7 +1,9 @@
 //! QEMU's user-creatable objects that drivers look up by id: `secret` objects (passwords and
 //! keys given on a command line as `--object secret,id=ID,data=STRING[,format=raw|base64]` or
 //! `file=PATH`, for LUKS's `key-secret` and qcow2's `encrypt.key-secret`) and TLS credentials
-//! (`tls-creds-x509`, `tls-creds-psk`: [`crate::TlsCreds`], for NBD's `tls-creds`).
+//! (`tls-creds-x509`, `tls-creds-psk`: [`crate::TlsCreds`], for NBD's `tls-creds`) and
+//! authorization objects (`authz-simple`, `authz-list`, `authz-listfile`: [`crate::Authz`], for
+//! NBD's `tls-authz`). A definition is `key=value,...` or, as QEMU also takes it, a JSON object.
 //!
 //! [`Secrets`] is a cheap handle (`Clone` shares it) that is `Send + Sync`; a [`crate::Graph`]
 //! carries one, so a driver finds an object at open or create time through
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
+use crate::authz::{object_opts, Authz};
 use crate::error::{BlockError, BlockResult, ErrorKind};
 use crate::options::Opts;
 use crate::tls_creds::TlsCreds;
@@ -32,6 +35,7 @@ type SecretBytes = Arc<Zeroizing<Vec<u8>>>;
 pub struct Secrets {
     map: Arc<Mutex<HashMap<String, SecretBytes>>>,
     tls: Arc<Mutex<HashMap<String, TlsCreds>>>,
+    authz: Arc<Mutex<HashMap<String, Arc<Authz>>>>,
 }
 
 impl fmt::Debug for Secrets {
@@ -55,13 +59,13 @@ impl Secrets {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add an object from its command-line definition (`secret,id=ID,data=...` or
-    /// `tls-creds-x509,id=ID,...`; the first key may also be written `qom-type=TYPE`). Objects
-    /// of other types are refused.
+    /// Add an object from its command-line definition (`secret,id=ID,data=...`,
+    /// `tls-creds-x509,id=ID,...`, `authz-simple,id=ID,...`; the first key may also be written
+    /// `qom-type=TYPE`; or a JSON object). Objects of other types are refused.
     pub fn add_object(&self, def: &str) -> BlockResult<()> {
-        let mut o = Opts::parse_keyval(def, Some("qom-type"))?;
+        let mut o = object_opts(def)?;
         let ty = o.take_str("qom-type").ok_or_else(|| BlockError::option("Parameter 'qom-type' is missing"))?;
-        if !matches!(ty.as_str(), "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon") {
+        if !matches!(ty.as_str(), "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon") && !Authz::is_type(&ty) {
             return Err(BlockError::option(format!("Parameter 'qom-type' does not accept value '{ty}'")));
         }
         let id = o.take_str("id").ok_or_else(|| BlockError::option("Parameter 'id' is missing"))?;
@@ -74,6 +78,12 @@ impl Secrets {
             let data = parse_secret(&id, o)?;
             return self.add(&id, data);
         }
+        if Authz::is_type(&ty) {
+            let a = Authz::parse(&ty, &mut o)?;
+            self.check_new_id(&id)?;
+            self.authz.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(a));
+            return Ok(());
+        }
         let creds = TlsCreds::parse(&ty, id.clone(), &mut o)?;
         self.check_new_id(&id)?;
         self.tls.lock().unwrap_or_else(|p| p.into_inner()).insert(id, creds);
@@ -81,7 +91,10 @@ impl Secrets {
     }
 
     fn check_new_id(&self, id: &str) -> BlockResult<()> {
-        if self.lock().contains_key(id) || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+        if self.lock().contains_key(id)
+            || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+            || self.authz.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+        {
             return Err(BlockError::option(format!("attempt to add duplicate property '{id}' to object (type 'container')")));
         }
         Ok(())
@@ -104,6 +117,18 @@ impl Secrets {
             return Err(BlockError::option(format!("Object with id '{id}' is not TLS credentials")));
         }
         Err(BlockError::new(ErrorKind::NotFound, format!("No TLS credentials with id '{id}'")))
+    }
+
+    /// The authorization object `id` (QEMU's wording when there is none, or when `id` is
+    /// another kind of object).
+    pub fn authz(&self, id: &str) -> BlockResult<Arc<Authz>> {
+        if let Some(a) = self.authz.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(a.clone());
+        }
+        if self.contains(id) || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return Err(BlockError::option(format!("Object '{id}' is not a QAuthZ subclass")));
+        }
+        Err(BlockError::new(ErrorKind::NotFound, format!("Cannot find QAuthZ object ID {id}")))
     }
 
     /// The bytes of the secret `id`.

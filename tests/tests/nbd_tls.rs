@@ -33,6 +33,8 @@ struct Pki {
     client: PathBuf,
     /// A client directory with the CA only (no client certificate).
     anon: PathBuf,
+    /// The CA's own directory (its key, for more certificates).
+    ca: PathBuf,
 }
 
 fn pki(d: &Path, name: &str) -> Pki {
@@ -94,7 +96,29 @@ fn pki(d: &Path, name: &str) -> Pki {
     for dst in [&server, &client, &anon] {
         std::fs::copy(ca.join("ca-cert.pem"), dst.join("ca-cert.pem")).unwrap();
     }
-    Pki { server, client, anon }
+    Pki { server, client, anon, ca }
+}
+
+/// Another client directory of `pki`'s CA, `d/NAME`, whose certificate's subject is `subj`
+/// (openssl's `/C=../CN=..` form).
+fn issue_client(pki: &Pki, d: &Path, name: &str, subj: &str) -> PathBuf {
+    let dir = d.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("client-key.pem");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend(["-keyout", path(&key), "-out", "extra.csr", "-subj", subj]);
+    openssl(&pki.ca, &a);
+    std::fs::write(pki.ca.join("ext"), "extendedKeyUsage=clientAuth\nbasicConstraints=critical,CA:FALSE\n").unwrap();
+    let cert = dir.join("client-cert.pem");
+    let args = ["x509", "-req", "-in", "extra.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial"];
+    must(
+        &run(peer("openssl").current_dir(&pki.ca).args(args).args(["-days", "2", "-extfile", "ext", "-out", path(&cert)])),
+        "sign",
+    );
+    std::fs::copy(pki.ca.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
+    dir
 }
 
 fn creds(dir: &Path, endpoint: &str) -> String {
@@ -449,4 +473,115 @@ fn psk_both_ways() {
     q.stop();
     b.stop();
     must(&run(peer("qemu-img").args(["check", "-q", path(&bi)])), "check");
+}
+
+/// `--tls-authz` with QEMU's authorization objects: for each object, the same client
+/// certificate is let in or turned away by basalt-nbd exactly as by qemu-nbd given the same
+/// objects, and a refusal names the certificate's distinguished name as qemu-nbd does (in
+/// certificate order, with `\,` inside a value). Also: PSK usernames are checked, the storage
+/// daemon's `tls-authz`, and the command-line errors.
+#[test]
+fn tls_authz_matches_qemu_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = pki(d, "az");
+    let laptop = issue_client(&p, d, "laptop", "/C=GB/ST=London/O=Example Org, Ltd/CN=laptop.example.com");
+    let dn = "C=GB,ST=London,O=Example Org\\, Ltd,CN=laptop.example.com";
+    let img = d.join("d.qcow2");
+    make_image(&img);
+    let cases: [(&str, bool); 7] = [
+        // The DN in keyval needs its commas doubled.
+        ("authz-simple,id=az,identity=C=GB,,ST=London,,O=Example Org\\,, Ltd,,CN=laptop.example.com", true),
+        ("authz-simple,id=az,identity=CN=laptop.example.com", false),
+        (
+            r#"{"qom-type":"authz-list","id":"az","policy":"deny","rules":[{"match":"*CN=laptop.*","policy":"allow","format":"glob"}]}"#,
+            true,
+        ),
+        ("authz-list,id=az,rules.0.match=*CN=laptop.*,rules.0.policy=allow", false),
+        ("authz-list,id=az,rules.0.match=*Example Org*,rules.0.policy=deny,rules.0.format=glob,policy=allow", false),
+        ("authz-list,id=az,rules.0.match=C=GB?ST=London*,rules.0.policy=allow,rules.0.format=glob", true),
+        ("authz-list,id=az,policy=allow", true),
+    ];
+    for (i, (authz, allowed)) in cases.iter().enumerate() {
+        let mut outcome = Vec::new();
+        for server in ["basalt-nbd", "qemu-nbd"] {
+            let sock = d.join(format!("{server}-{i}.sock"));
+            let log = d.join(format!("{server}-{i}.log"));
+            let mut c = if server == "qemu-nbd" { peer("qemu-nbd") } else { Command::new(tool("basalt-nbd")) };
+            c.args(["--object", &creds(&p.server, "server"), "--object", authz, "--tls-creds", "tls0", "--tls-authz", "az"]);
+            c.args(["-t", "-e", "4", "-f", "qcow2", "-k", path(&sock), path(&img)]);
+            let g = start_listening(c.stderr(std::fs::File::create(&log).unwrap()), &sock);
+            let o = io("qemu-io", &laptop, &unix_opts(&sock, ""), &["read -P 0x11 0 64k"]);
+            assert_eq!(o.status.success(), *allowed, "{server} with {authz}: {}", stderr(&o));
+            // The server goes on: a client the object lets in (or not) again gets the same.
+            let o2 = io("qemu-io", &laptop, &unix_opts(&sock, ""), &["read -P 0x11 0 64k"]);
+            assert_eq!(o2.status.success(), *allowed, "{server} second client");
+            g.stop();
+            let text = std::fs::read_to_string(&log).unwrap();
+            let denied =
+                text.lines().filter(|l| l.contains("authz check")).map(|l| l[l.find("TLS x509").unwrap()..].to_string()).next();
+            if !allowed {
+                assert_eq!(
+                    denied.as_deref(),
+                    Some(format!("TLS x509 authz check for {dn} is denied").as_str()),
+                    "{server}: {text}"
+                );
+            }
+            outcome.push((o.status.success(), denied));
+        }
+        assert_eq!(outcome[0], outcome[1], "basalt-nbd and qemu-nbd differ with {authz}");
+    }
+
+    // A PSK client's username is checked (qemu-nbd leaves PSK clients unchecked).
+    let keys = psk_dir(d, "keys", &["qemu", "alice"]);
+    let sock = d.join("psk.sock");
+    let args = ["--object", &psk(&keys, "server", None), "--object", "authz-simple,id=az,identity=alice"];
+    let b =
+        start_listening(
+            Command::new(tool("basalt-nbd"))
+                .args(args)
+                .args(["--tls-creds", "tls0", "--tls-authz", "az", "-t", "-e", "4"])
+                .args(["-f", "qcow2", "-k", path(&sock), path(&img)]),
+            &sock,
+        );
+    let opts = format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0", sock.display());
+    must(&psk_io("qemu-io", &psk(&keys, "client", Some("alice")), &opts, &["read -P 0x11 0 64k"]), "alice is let in");
+    assert!(!psk_io("qemu-io", &psk(&keys, "client", None), &opts, &["read 0 4k"]).status.success(), "user qemu let in");
+    b.stop();
+
+    // The storage daemon's tls-authz.
+    let sock = d.join("qsd.sock");
+    let node = format!("driver=qcow2,node-name=n0,file.driver=file,file.filename={}", img.display());
+    let srv = format!("addr.type=unix,addr.path={},tls-creds=tls0,tls-authz=az", sock.display());
+    let daemon = start_listening(
+        Command::new(tool("basalt-storage-daemon"))
+            .args(["--object", &creds(&p.server, "server"), "--object", "authz-simple,id=az,identity=CN=client"])
+            .args(["--blockdev", &node, "--nbd-server", &srv, "--export", "type=nbd,id=e0,node-name=n0,name=n0,writable=on"])
+            .stderr(Stdio::null()),
+        &sock,
+    );
+    must(&io("qemu-io", &p.client, &unix_opts(&sock, "n0"), &["read -P 0x11 0 64k"]), "CN=client is let in");
+    assert!(!io("qemu-io", &laptop, &unix_opts(&sock, "n0"), &["read 0 4k"]).status.success(), "the laptop let in");
+    daemon.stop();
+
+    // Command-line errors: the same words as qemu-nbd's.
+    for args in [
+        vec!["--tls-authz", "az", "-f", "raw", "/nonexistent"],
+        vec!["--object", &creds(&p.client, "client"), "--tls-creds", "tls0", "--tls-authz", "az", "-L", "-k", "/nonexistent"],
+    ] {
+        let b = run(Command::new(tool("basalt-nbd")).args(&args));
+        let q = run(peer("qemu-nbd").args(&args));
+        assert!(!b.status.success() && !q.status.success());
+        assert_eq!(stderr(&b).replace("basalt-nbd", "qemu-nbd"), stderr(&q), "{args:?}");
+    }
+    let o = run(Command::new(tool("basalt-nbd")).args(["--object", &creds(&p.server, "server"), "--tls-creds", "tls0"]).args([
+        "--tls-authz",
+        "zz",
+        "-f",
+        "qcow2",
+        "-k",
+        path(&d.join("x.sock")),
+        path(&img),
+    ]));
+    assert!(stderr(&o).contains("Cannot find QAuthZ object ID zz"), "{}", stderr(&o));
 }

@@ -108,7 +108,16 @@ fn refusals_are_named() {
             "Export type 'vhost-user-blk' is not supported",
         ),
         (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-creds=t"], "No TLS credentials with id 't'"),
-        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-authz=a"], "tls-authz is not supported"),
+        (vec!["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-authz=a"], "Cannot find QAuthZ object ID a"),
+        (
+            vec![
+                "--object",
+                "authz-simple,id=a,identity=x",
+                "--nbd-server",
+                "addr.type=inet,addr.host=127.0.0.1,addr.port=1,tls-authz=a",
+            ],
+            "tls-authz is not permitted without tls-creds",
+        ),
     ] {
         let o = run(Command::new(tool("basalt-storage-daemon")).args(&a));
         assert!(!o.status.success(), "{a:?}");

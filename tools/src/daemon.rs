@@ -5,43 +5,53 @@
 //!   JSON form; later nodes may name earlier ones (`file=NODE`).
 //! - `--nbd-server addr.type=inet,addr.host=H,addr.port=P` or `addr.type=unix,addr.path=P`,
 //!   `max-connections=N` (0, the default, for no limit), `tls-creds=ID` (a `tls-creds-x509`
-//!   object defined before it: clients must start TLS).
+//!   or `tls-creds-psk` object defined before it: clients must start TLS), `tls-authz=ID` (an
+//!   `authz-*` object defined before it, which the clients' certificate names or PSK usernames
+//!   must pass; an unknown one is an error at start).
 //! - `--export type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on|off]
 //!   [,allocation-depth=on|off][,bitmaps.0=NAME...]`: the export's name is the node-name
 //!   unless given; writable exports pass trims to the node (whose `discard` option decides).
 //! - `--object` (secrets, TLS credentials), `--pidfile=PATH`.
 //!
 //! It serves until SIGTERM, SIGINT or SIGHUP, then flushes every export and closes every node.
-//! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and `--daemonize`,
-//! `tls-authz` and export types other than `nbd` are refused by name until they work.
+//! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and `--daemonize`
+//! and export types other than `nbd` are refused by name until they work.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::Arc;
 
-use basalt_engine::{Graph, OpenFlags, Opts, Queue};
+use basalt_engine::{Authz, Graph, OpenFlags, Opts, Queue};
 
 use crate::img::common::Chain;
 use crate::nbd::{self, server};
 use basalt_drivers::nbd::tls::ServerTls;
 
-const USAGE: &str = "Usage: basalt-storage-daemon [options]\n\
-Block nodes and NBD exports, as qemu-storage-daemon.\n\
-  --blockdev [driver=]<driver>[,node-name=<N>][,<options>...]\n\
-                         configure a block node (keyval or JSON)\n\
-  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,tls-creds=<id>]\n\
-               [,max-connections=<n>]\n\
-  --nbd-server addr.type=unix,addr.path=<path>[,tls-creds=<id>][,max-connections=<n>]\n\
-                         start an NBD server for exports\n\
-  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n\
-           [,description=<text>][,writable=on|off][,allocation-depth=on|off]\n\
-           [,bitmaps.0=<name>...]\n\
-                         export a block node over NBD\n\
-  --object secret,id=<id>,data=<data>|file=<file>\n\
-                         define a secret\n\
-  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]\n\
-                         define TLS credentials\n\
-  --pidfile <path>       write the process ID to a file after startup\n\
-  -h, --help             this help\n\
+const USAGE: &str = "Usage: basalt-storage-daemon [options]
+Block nodes and NBD exports, as qemu-storage-daemon.
+  --blockdev [driver=]<driver>[,node-name=<N>][,<options>...]
+                         configure a block node (keyval or JSON)
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,tls-creds=<id>]
+               [,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>[,tls-creds=<id>][,tls-authz=<id>]
+               [,max-connections=<n>]
+                         start an NBD server for exports
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,description=<text>][,writable=on|off][,allocation-depth=on|off]
+           [,bitmaps.0=<name>...]
+                         export a block node over NBD
+  --object secret,id=<id>,data=<data>|file=<file>
+                         define a secret
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]
+  --object tls-creds-psk,id=<id>,dir=<dir>,endpoint=server
+                         define TLS credentials
+  --object authz-simple,id=<id>,identity=<name>
+  --object authz-list,id=<id>[,policy=allow|deny],rules.0.match=<pattern>,
+           rules.0.policy=allow|deny[,rules.0.format=exact|glob]...
+  --object authz-listfile,id=<id>,filename=<file>[,refresh=on|off]
+                         define an authorization object (for tls-authz)
+  --pidfile <path>       write the process ID to a file after startup
+  -h, --help             this help
   -V, --version          version";
 
 /// What the command line asked for, in order.
@@ -129,18 +139,23 @@ struct NbdServer {
     /// The Unix socket's path, removed at exit.
     path: Option<String>,
     tls: Option<ServerTls>,
+    authz: Option<Arc<Authz>>,
 }
 
 /// The listening socket of `--nbd-server`, its connection limit and TLS.
 fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
     let mut o = options(def, None)?;
-    if o.take_str("tls-authz").is_some() {
-        return Err("tls-authz is not supported: authorization objects are not implemented".into());
-    }
+    let authz = match o.take_str("tls-authz") {
+        Some(id) => Some(graph.secrets().authz(&id).map_err(|e| e.msg)?),
+        None => None,
+    };
     let tls = match o.take_str("tls-creds") {
         Some(id) => Some(graph.secrets().tls_creds(&id).and_then(|c| ServerTls::new(&c)).map_err(|e| e.msg)?),
         None => None,
     };
+    if authz.is_some() && tls.is_none() {
+        return Err("tls-authz is not permitted without tls-creds".into());
+    }
     let max = o.take_u64("max-connections", 0).map_err(|e| e.msg)?;
     let typ = o.take_str("addr.type").ok_or("Parameter 'addr.type' is missing")?;
     let (fd, path): (OwnedFd, Option<String>) = match typ.as_str() {
@@ -162,7 +177,7 @@ fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
     if let Some(k) = o.keys().next() {
         return Err(format!("Invalid parameter '{k}'"));
     }
-    Ok(NbdServer { fd, max: if max == 0 { usize::MAX } else { max as usize }, path, tls })
+    Ok(NbdServer { fd, max: if max == 0 { usize::MAX } else { max as usize }, path, tls, authz })
 }
 
 /// An `--export type=nbd`.
@@ -256,7 +271,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
     if code == 0 {
         let stop = nbd::stop_on_signals();
         if let Some(s) = &server {
-            let offer = Rc::new(server::Offer { exports: exports.clone(), tls: s.tls.clone() });
+            let offer = Rc::new(server::Offer { exports: exports.clone(), tls: s.tls.clone(), authz: s.authz.clone() });
             nbd::spawn_accept_loop(s.fd.as_raw_fd(), offer, s.max, true, stop.clone(), "basalt-storage-daemon");
         }
         stop.wait().await;

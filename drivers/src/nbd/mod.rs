@@ -24,6 +24,7 @@ pub mod proto;
 pub mod sock;
 pub mod target;
 pub mod tls;
+pub mod tls_peer;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak as RcWeak};

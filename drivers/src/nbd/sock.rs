@@ -61,6 +61,11 @@ impl Sock {
         s
     }
 
+    /// Who the TLS peer proved to be ([`Session::peer_identity`]); `None` without TLS.
+    pub fn tls_peer(&self) -> Option<(super::tls::PeerKind, String)> {
+        self.tls.borrow().as_ref().and_then(|t| t.session.peer_identity())
+    }
+
     /// Whether TLS is on.
     pub fn is_tls(&self) -> bool {
         self.tls.borrow().is_some()

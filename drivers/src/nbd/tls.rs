@@ -298,10 +298,16 @@ impl ServerTls {
         if creds.kind == TlsCredsKind::Psk {
             let keys = load_psk(dir)?;
             let mut b = psk_context(false)?;
-            b.set_psk_server_callback(move |_, identity, psk| {
+            let user_index = psk_user_index()?;
+            b.set_psk_server_callback(move |ssl, identity, psk| {
                 let Some(id) = identity else { return Ok(0) };
                 match keys.iter().find(|(u, _)| u.as_bytes() == id) {
-                    Some((_, key)) => put_key(key, psk),
+                    Some((user, key)) => {
+                        // Kept for the authorization check (OpenSSL does not report a TLS 1.3
+                        // external PSK's identity afterwards).
+                        ssl.set_ex_data(user_index, user.clone());
+                        put_key(key, psk)
+                    }
                     None => Ok(0),
                 }
             });
@@ -340,6 +346,20 @@ impl ServerTls {
             ServerTls::Psk(ctx) => Session::openssl(ctx, false),
         }
     }
+}
+
+/// Where a PSK server session keeps the username its client proved (one index for the
+/// process, made once).
+fn psk_user_index() -> BlockResult<openssl::ex_data::Index<Ssl, String>> {
+    static INDEX: std::sync::OnceLock<Option<openssl::ex_data::Index<Ssl, String>>> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| Ssl::new_ex_index().ok()).ok_or_else(|| creds_err("OpenSSL has no room for session data".into()))
+}
+
+/// How a peer proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerKind {
+    X509,
+    Psk,
 }
 
 /// An established (or establishing) TLS session over a socket: ciphertext in, plaintext out
@@ -439,6 +459,22 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Who the peer proved to be, for an authorization check ([`super::tls_peer`]): the
+    /// subject of its x509 certificate, or its PSK username; `None` when it showed neither (a
+    /// client not asked for a certificate: `verify-peer=off`).
+    pub fn peer_identity(&self) -> Option<(PeerKind, String)> {
+        match &self.0 {
+            Engine::Rustls { conn, .. } => {
+                let cert = conn.peer_certificates()?.first()?;
+                Some((PeerKind::X509, super::tls_peer::subject_dn(cert.as_ref())?))
+            }
+            Engine::OpenSsl { stream, .. } => {
+                let user = stream.ssl().ex_data(psk_user_index().ok()?)?;
+                Some((PeerKind::Psk, user.clone()))
+            }
+        }
     }
 
     /// The handshake is still going.

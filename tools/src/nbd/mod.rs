@@ -10,8 +10,11 @@
 //! `-b`/`-p`, `localhost` by default); `-B NAME` (repeatable) exports a qcow2 dirty bitmap
 //! ([`bitmap`]). `--tls-creds=ID` (a `tls-creds-x509` object given with `--object`) makes
 //! clients start TLS before anything else; with `-L` it makes the listing go over TLS
-//! (checking the server's certificate against `--tls-hostname`, else the host). Options not
-//! implemented yet (`-c`, `-d`, `-s`, `-l`, `--tls-authz`, `-T`, `-o`, `-P`,
+//! (checking the server's certificate against `--tls-hostname`, else the host).
+//! `--tls-authz=ID` (an `authz-simple`/`authz-list`/`authz-listfile` object) then decides
+//! which clients may go on after the handshake, by their certificate's name or PSK username
+//! (an unknown ID is an error at start, where QEMU refuses every client instead). Options not
+//! implemented yet (`-c`, `-d`, `-s`, `-l`, `-T`, `-o`, `-P`,
 //! `--detect-zeroes=on|unmap`) are refused by name.
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through
@@ -34,33 +37,35 @@ use basalt_engine::{Perm, Queue};
 use crate::image::{self, ImageSpec};
 use crate::img::common::Chain;
 
-const USAGE: &str = "Usage: basalt-nbd [OPTIONS] FILE\n\
-Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.\n\
-  -p, --port=PORT           port to listen on (default 10809)\n\
-  -b, --bind=IFACE          interface to bind to (default 0.0.0.0)\n\
-  -k, --socket=PATH         listen on a Unix socket instead\n\
-  -x, --export-name=NAME    export name (default \"\")\n\
-  -D, --description=TEXT    export description\n\
-  -f, --format=FORMAT       image format (probed if left out)\n\
-  -r, --read-only           export read-only\n\
-  -t, --persistent          keep serving after the last client has gone\n\
-  -e, --shared=NUM          clients allowed at once (default 1, 0 for no limit)\n\
-  -A, --allocation-depth    offer the qemu:allocation-depth metadata context\n\
-  -B, --bitmap=NAME         offer the qcow2 dirty bitmap NAME as qemu:dirty-bitmap:NAME\n\
-  -n, --nocache             same as --cache=none\n\
-      --cache=MODE          none, writeback, writethrough, directsync, unsafe\n\
-      --aio=MODE            threads or io_uring\n\
-      --discard=MODE        ignore or unmap\n\
-      --detect-zeroes=off   (on and unmap are not supported yet)\n\
-      --image-opts          FILE is a set of image options\n\
-      --object=OBJ          define an object (secret, tls-creds-x509)\n\
-      --tls-creds=ID        require TLS, with the credentials object ID\n\
-      --tls-hostname=NAME   with --list: the name the server's certificate must carry\n\
-      --fork                run in the background once the server is listening\n\
-      --pid-file=PATH       write the server's pid there\n\
-  -L, --list                list the exports of the server at -k or -b/-p\n\
-  -v, --verbose             accepted\n\
-  -h, --help                this help\n\
+const USAGE: &str = "Usage: basalt-nbd [OPTIONS] FILE
+Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.
+  -p, --port=PORT           port to listen on (default 10809)
+  -b, --bind=IFACE          interface to bind to (default 0.0.0.0)
+  -k, --socket=PATH         listen on a Unix socket instead
+  -x, --export-name=NAME    export name (default \"\")
+  -D, --description=TEXT    export description
+  -f, --format=FORMAT       image format (probed if left out)
+  -r, --read-only           export read-only
+  -t, --persistent          keep serving after the last client has gone
+  -e, --shared=NUM          clients allowed at once (default 1, 0 for no limit)
+  -A, --allocation-depth    offer the qemu:allocation-depth metadata context
+  -B, --bitmap=NAME         offer the qcow2 dirty bitmap NAME as qemu:dirty-bitmap:NAME
+  -n, --nocache             same as --cache=none
+      --cache=MODE          none, writeback, writethrough, directsync, unsafe
+      --aio=MODE            threads or io_uring
+      --discard=MODE        ignore or unmap
+      --detect-zeroes=off   (on and unmap are not supported yet)
+      --image-opts          FILE is a set of image options
+      --object=OBJ          define an object (secret, tls-creds-x509, tls-creds-psk,
+                            authz-simple, authz-list, authz-listfile)
+      --tls-creds=ID        require TLS, with the credentials object ID
+      --tls-hostname=NAME   with --list: the name the server's certificate must carry
+      --tls-authz=ID        with --tls-creds: the authorization object clients must pass
+      --fork                run in the background once the server is listening
+      --pid-file=PATH       write the server's pid there
+  -L, --list                list the exports of the server at -k or -b/-p
+  -v, --verbose             accepted
+  -h, --help                this help
   -V, --version             version";
 
 struct Config {
@@ -86,6 +91,7 @@ struct Config {
     bitmaps: Vec<String>,
     tls_creds: Option<String>,
     tls_hostname: Option<String>,
+    tls_authz: Option<String>,
     file: String,
 }
 
@@ -158,6 +164,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         bitmaps: Vec::new(),
         tls_creds: None,
         tls_hostname: None,
+        tls_authz: None,
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -237,6 +244,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "bitmap" => c.bitmaps.push(val),
             "tls-creds" => c.tls_creds = Some(val),
             "tls-hostname" => c.tls_hostname = Some(val),
+            "tls-authz" => c.tls_authz = Some(val),
             "verbose" => {}
             "help" => {
                 println!("{USAGE}");
@@ -256,6 +264,12 @@ fn parse(args: &[String]) -> Result<Config, String> {
         0 => return Err("Not enough arguments".into()),
         _ => return Err("Too many arguments".into()),
     }
+    Ok(c)
+}
+
+/// Options that do not go together (reported, as qemu-nbd does, without the `--help` hint
+/// that a malformed command line gets).
+fn check(c: &Config) -> Result<(), String> {
     if c.socket.is_some() && c.port != 10809 {
         return Err("--socket and --port are incompatible".into());
     }
@@ -265,7 +279,13 @@ fn parse(args: &[String]) -> Result<Config, String> {
     if c.tls_hostname.is_some() && !c.list {
         return Err("--tls-hostname is only permitted with --list".into());
     }
-    Ok(c)
+    if c.tls_authz.is_some() && c.tls_creds.is_none() {
+        return Err("--tls-authz is not permitted without --tls-creds".into());
+    }
+    if c.tls_authz.is_some() && c.list {
+        return Err("TLS authorization is incompatible with export list".into());
+    }
+    Ok(())
 }
 
 /// The listening socket.
@@ -287,6 +307,9 @@ pub fn main(args: Vec<String>) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(format!("{e}\nTry 'basalt-nbd --help' for more information.")),
     };
+    if let Err(e) = check(&c) {
+        return fail(e);
+    }
     if c.list {
         let server = match &c.socket {
             Some(path) => basalt_drivers::nbd::target::NbdServer::Unix { path: path.clone() },
@@ -467,6 +490,13 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         },
         None => None,
     };
+    let authz = match &c.tls_authz {
+        Some(id) => match graph.secrets().authz(id) {
+            Ok(a) => Some(a),
+            Err(e) => return report(e.msg),
+        },
+        None => None,
+    };
     let mut spec = ImageSpec::new(&c.file);
     spec.fmt = c.fmt.clone();
     spec.image_opts = c.image_opts;
@@ -530,7 +560,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let stop = stop_on_signals();
     let served = exp.clone();
     let lraw = listener.as_raw_fd();
-    let offer = Rc::new(server::Offer { exports: vec![exp], tls });
+    let offer = Rc::new(server::Offer { exports: vec![exp], tls, authz });
     spawn_accept_loop(lraw, offer, c.shared, c.persistent, stop.clone(), "basalt-nbd");
     stop.wait().await;
     // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left

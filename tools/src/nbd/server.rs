@@ -20,15 +20,16 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, OptionHeader, Request};
-use basalt_engine::{IoStatus, Queue, WriteFlags, ZeroFlags};
+use basalt_engine::{Authz, IoStatus, Queue, WriteFlags, ZeroFlags};
 use basalt_reactor::IoBuf;
 
 use crate::img::common::Chain;
 use basalt_drivers::nbd::sock::{RecvBuf, Sock};
-use basalt_drivers::nbd::tls::ServerTls;
+use basalt_drivers::nbd::tls::{PeerKind, ServerTls};
 
 use super::bitmap::ExportBitmap;
 use super::replies::Replies;
@@ -129,10 +130,28 @@ fn ioe(e: std::io::Error) -> String {
     e.to_string()
 }
 
-/// What one listener offers: its exports, looked up by name, and TLS when it requires it.
+/// What one listener offers: its exports, looked up by name, and TLS when it requires it
+/// (with the authorization object that clients' identities are checked against, if any).
 pub struct Offer {
     pub exports: Vec<Rc<Export>>,
     pub tls: Option<ServerTls>,
+    pub authz: Option<Arc<Authz>>,
+}
+
+/// After the TLS handshake: whether the client's identity passes `authz`. As QEMU, a client
+/// that showed no identity (x509 without `verify-peer`) is not checked; unlike QEMU, which
+/// leaves PSK clients unchecked, a PSK username is checked too (an authorization object given
+/// with PSK credentials then means what it says).
+fn authorize(sock: &Sock, authz: Option<&Authz>) -> ConnResult {
+    let (Some(authz), Some((kind, who))) = (authz, sock.tls_peer()) else { return Ok(()) };
+    if authz.allows(&who) {
+        return Ok(());
+    }
+    let kind = match kind {
+        PeerKind::X509 => "x509",
+        PeerKind::Psk => "PSK",
+    };
+    Err(format!("TLS {kind} authz check for {who} is denied"))
 }
 
 fn find<'a>(exports: &'a [Rc<Export>], name: &str) -> Option<&'a Rc<Export>> {
@@ -273,6 +292,7 @@ async fn negotiate(sock: &Sock, offer: &Offer) -> Result<Option<(Negotiated, Rc<
                 Some(tls) => {
                     reply(sock, h.option, rep::ACK, &[]).await?;
                     sock.start_tls_server(tls).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    authorize(sock, offer.authz.as_deref())?;
                 }
             },
             opt::EXTENDED_HEADERS => {
