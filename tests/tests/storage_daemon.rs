@@ -1,13 +1,14 @@
 //! basalt-storage-daemon against qemu-storage-daemon: the same `--blockdev`, `--nbd-server` and
 //! `--export` arguments on copies of the same images give exports that list the same, read and
 //! write the same through qemu-io, map the same, and leave images that are clean and identical
-//! after SIGTERM.
+//! after SIGTERM. Set-up errors read as qemu-storage-daemon's, and `--daemonize` returns as it
+//! does.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_tests::{must, peer, run, start_listening, stdout, tool};
+use basalt_tests::{must, peer, run, start_listening, stderr, stdout, tool};
 
 fn args(d: &Path, tag: &str) -> Vec<String> {
     let p = |n: &str| d.join(format!("{tag}-{n}")).display().to_string();
@@ -92,11 +93,11 @@ fn refusals_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let s = tmp.path().join("s");
     for (a, want) in [
-        (vec!["--export", "type=nbd,id=e,node-name=x"], "NBD server not running"),
+        (vec!["--export", "type=nbd,id=e,node-name=x"], "Cannot find device='' nor node-name='x'"),
         (vec!["--monitor", "stdio"], "--monitor is not supported yet"),
         (
             vec!["--nbd-server", &format!("addr.type=unix,addr.path={}", s.display()), "--export", "type=nbd,id=e,node-name=x"],
-            "Cannot find device='x' nor node-name='x'",
+            "Cannot find device='' nor node-name='x'",
         ),
         (
             vec![
@@ -122,5 +123,92 @@ fn refusals_are_named() {
         let o = run(Command::new(tool("basalt-storage-daemon")).args(&a));
         assert!(!o.status.success(), "{a:?}");
         assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// Errors in setting up read as qemu-storage-daemon's, word for word: named by the option that
+/// failed.
+#[test]
+fn setup_errors_match_qemu_storage_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("d.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
+    let file = format!("driver=file,node-name=f,filename={}", img.display());
+    for (i, a) in [
+        vec!["--export".to_string(), "type=nbd,id=e,node-name=x".into()],
+        vec!["--blockdev".into(), file.clone(), "--export".into(), "type=nbd,id=e,node-name=f".into()],
+        vec!["--object".into(), "secret,id=s".into()],
+        vec!["--nbd-server".into(), "addr.type=unix".into()],
+        vec!["--blockdev".into(), "driver=file,node-name=f,filename=/nonexistent/x".into()],
+        vec![
+            "--blockdev".into(),
+            file.clone(),
+            "--nbd-server".into(),
+            "addr.type=unix,addr.path=SOCK".into(),
+            "--export".into(),
+            "type=nbd,id=e,node-name=g".into(),
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let with_sock = |tag: &str| -> Vec<String> {
+            a.iter().map(|x| x.replace("SOCK", &d.join(format!("{tag}{i}.sock")).display().to_string())).collect()
+        };
+        let b = run(Command::new(tool("basalt-storage-daemon")).args(with_sock("b")));
+        let q = run(peer("qemu-storage-daemon").args(with_sock("q")));
+        assert!(!b.status.success() && !q.status.success(), "{a:?}");
+        assert_eq!(stderr(&b).replace("basalt-storage-daemon", "qemu-storage-daemon"), stderr(&q), "{a:?}");
+    }
+}
+
+/// `--daemonize`: the command returns 0 once the export serves (pid file written, the pid the
+/// daemon's), or 1 with the reason when setting up fails; as qemu-storage-daemon.
+#[test]
+fn daemonize_returns_once_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("d.raw");
+    must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
+    for prog in ["basalt", "qemu"] {
+        let cmd = || if prog == "basalt" { Command::new(tool("basalt-storage-daemon")) } else { peer("qemu-storage-daemon") };
+        let (sock, pid) = (d.join(format!("{prog}.sock")), d.join(format!("{prog}.pid")));
+        // Relative paths: they name files in the starting directory, though the daemon moves to /.
+        let o = run(cmd().current_dir(d).args([
+            "--daemonize",
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={}", img.display()),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={prog}.sock"),
+            "--export",
+            "type=nbd,id=e,node-name=f,writable=on",
+            "--pidfile",
+            &format!("{prog}.pid"),
+        ]));
+        must(&o, &format!("{prog}: --daemonize"));
+        assert!(sock.exists(), "{prog}: the socket is there when the command returns");
+        let p: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
+        let uri = format!("nbd+unix:///f?socket={}", sock.display());
+        must(&run(peer("qemu-io").args(["-f", "raw", "-c", &format!("write -P 0x{:x} 0 4k", p % 200 + 1), &uri])), "write");
+        assert_eq!(std::fs::read_link(format!("/proc/{p}/cwd")).unwrap(), Path::new("/"), "{prog}: the daemon works from /");
+        // SAFETY: kill(2) with the daemon's pid.
+        unsafe { libc::kill(p, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{p}")).exists()
+            && std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        {
+            assert!(Instant::now() < deadline, "{prog}: the daemon did not end on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!pid.exists(), "{prog}: the pid file is removed at exit");
+        must(
+            &run(peer("qemu-io").args(["-f", "raw", "-c", &format!("read -P 0x{:x} 0 4k", p % 200 + 1), img.to_str().unwrap()])),
+            "data",
+        );
+
+        let o = run(cmd().args(["--daemonize", "--blockdev", "driver=file,node-name=f,filename=/nonexistent/x"]));
+        assert_eq!(o.status.code(), Some(1), "{prog}: failed set-up");
+        assert!(stderr(&o).contains("Could not open '/nonexistent/x'"), "{prog}: {}", stderr(&o));
     }
 }

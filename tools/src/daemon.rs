@@ -14,8 +14,12 @@
 //! - `--object` (secrets, TLS credentials), `--pidfile=PATH`.
 //!
 //! It serves until SIGTERM, SIGINT or SIGHUP, then flushes every export and closes every node.
-//! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and `--daemonize`
-//! and export types other than `nbd` are refused by name until they work.
+//! `--daemonize`: the parent exits 0 once the child has set everything up and serves (pid file
+//! written), or 1 when the child could not (after the child has said why on stderr); the
+//! child then works from `/` with stdio on /dev/null, as qemu-storage-daemon.
+//!
+//! `--chardev` and `--monitor` (QMP) are reserved for the control channel, and export types
+//! other than `nbd` are refused by name until they work.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -50,6 +54,8 @@ Block nodes and NBD exports, as qemu-storage-daemon.
            rules.0.policy=allow|deny[,rules.0.format=exact|glob]...
   --object authz-listfile,id=<id>,filename=<file>[,refresh=on|off]
                          define an authorization object (for tls-authz)
+  --daemonize            daemonize the process, and have the parent exit once startup
+                         is complete
   --pidfile <path>       write the process ID to a file after startup
   -h, --help             this help
   -V, --version          version";
@@ -67,9 +73,17 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     1
 }
 
-fn parse(args: &[String]) -> Result<(Vec<Item>, Option<String>), String> {
+/// The command line: what to set up, in order, the pid file, and `--daemonize`.
+struct Cmdline {
+    items: Vec<Item>,
+    pidfile: Option<String>,
+    daemonize: bool,
+}
+
+fn parse(args: &[String]) -> Result<Cmdline, String> {
     let mut items = Vec::new();
     let mut pidfile = None;
+    let mut daemonize = false;
     let mut i = 0;
     while i < args.len() {
         let a = &args[i];
@@ -102,7 +116,7 @@ fn parse(args: &[String]) -> Result<(Vec<Item>, Option<String>), String> {
             "chardev" | "monitor" => {
                 return Err(format!("--{name} is not supported yet (the control channel is still to come)"));
             }
-            "daemonize" => return Err("--daemonize is not supported yet".into()),
+            "daemonize" => daemonize = true,
             "trace" => return Err("--trace is not supported".into()),
             "help" => {
                 println!("{USAGE}");
@@ -115,7 +129,7 @@ fn parse(args: &[String]) -> Result<(Vec<Item>, Option<String>), String> {
             other => return Err(format!("unrecognized option '--{other}'")),
         }
     }
-    Ok((items, pidfile))
+    Ok(Cmdline { items, pidfile, daemonize })
 }
 
 /// Keyval or JSON options.
@@ -162,7 +176,7 @@ fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
         "unix" => {
             let path = o.take_str("addr.path").ok_or("Parameter 'addr.path' is missing")?;
             let l = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("Failed to bind socket to {path}: {e}"))?;
-            (l.into(), Some(path))
+            (l.into(), Some(absolute(&path)))
         }
         "inet" => {
             let host = o.take_str("addr.host").ok_or("Parameter 'addr.host' is missing")?;
@@ -181,7 +195,7 @@ fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
 }
 
 /// An `--export type=nbd`.
-async fn export(graph: &Graph, def: &str, max_connections: usize) -> Result<server::Export, String> {
+async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<server::Export, String> {
     let mut o = options(def, Some("type"))?;
     match o.take_str("type").as_deref() {
         Some("nbd") => {}
@@ -190,7 +204,9 @@ async fn export(graph: &Graph, def: &str, max_connections: usize) -> Result<serv
     }
     let _id = o.take_str("id").ok_or("Parameter 'id' is missing")?;
     let node_name = o.take_str("node-name").ok_or("Parameter 'node-name' is missing")?;
-    let node = graph.node(&node_name).ok_or_else(|| format!("Cannot find device='{node_name}' nor node-name='{node_name}'"))?;
+    // As QEMU: the node is looked up first (by node name only), then the server.
+    let node = graph.node(&node_name).ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
+    let max_connections = server.ok_or("NBD server not running")?.max;
     let name = o.take_str("name").unwrap_or_else(|| node_name.clone());
     let description = o.take_str("description");
     let writable = take_bool(&mut o, "writable")?;
@@ -227,15 +243,34 @@ async fn export(graph: &Graph, def: &str, max_connections: usize) -> Result<serv
 
 /// The tool's entry point.
 pub fn main(args: Vec<String>) -> i32 {
-    let (items, pidfile) = match parse(&args) {
+    let Cmdline { items, pidfile, daemonize } = match parse(&args) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    // With --daemonize the parent exits once the child has set everything up (0), or when the
+    // child gave up (1; the child has said why on the same stderr).
+    let mut ready = None;
+    if daemonize {
+        match nbd::fork_background() {
+            Err(e) => return fail(e),
+            Ok(nbd::Forked::Child(pipe)) => ready = Some(pipe),
+            Ok(nbd::Forked::Parent(msg)) => return if msg.starts_with("ok") { 0 } else { 1 },
+        }
+    }
     nbd::block_stop_signals();
-    crate::run_tool_with_pool(crate::SERVER_POOL, move || run(items, pidfile))
+    crate::run_tool_with_pool(crate::SERVER_POOL, move || run(items, pidfile, ready))
 }
 
-async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
+/// `path` made absolute (a daemon changes to `/` and still removes its files at exit).
+fn absolute(path: &str) -> String {
+    match std::path::absolute(path) {
+        Ok(p) => p.to_string_lossy().into_owned(),
+        Err(_) => path.to_string(),
+    }
+}
+
+async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::File>) -> i32 {
+    let pidfile = pidfile.map(|p| absolute(&p));
     let graph = Graph::new(basalt_formats::registry());
     let mut server: Option<NbdServer> = None;
     let mut exports = Vec::new();
@@ -248,15 +283,18 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
             },
             Item::NbdServer(_) if server.is_some() => Err("Only one --nbd-server is allowed".to_string()),
             Item::NbdServer(def) => nbd_server(&graph, def).map(|s| server = Some(s)),
-            Item::Export(_) if server.is_none() => Err("NBD server not running".to_string()),
-            Item::Export(def) => {
-                let max = server.as_ref().map_or(0, |s| s.max);
-                export(&graph, def, max).await.map(|e| exports.push(Rc::new(e)))
-            }
+            Item::Export(def) => export(&graph, def, server.as_ref()).await.map(|e| exports.push(Rc::new(e))),
             Item::Object(def) => graph.add_object(def).map_err(|e| e.msg),
         };
         if let Err(e) = r {
-            code = fail(e);
+            // Named by the option that failed, as qemu-storage-daemon names it.
+            let (opt, def) = match item {
+                Item::Blockdev(d) => ("blockdev", d),
+                Item::NbdServer(d) => ("nbd-server", d),
+                Item::Export(d) => ("export", d),
+                Item::Object(d) => ("object", d),
+            };
+            code = fail(format!("--{opt} {def}: {e}"));
             break;
         }
     }
@@ -273,6 +311,11 @@ async fn run(items: Vec<Item>, pidfile: Option<String>) -> i32 {
         if let Some(s) = &server {
             let offer = Rc::new(server::Offer { exports: exports.clone(), tls: s.tls.clone(), authz: s.authz.clone() });
             nbd::spawn_accept_loop(s.fd.as_raw_fd(), offer, s.max, true, stop.clone(), "basalt-storage-daemon");
+        }
+        if let Some(p) = ready {
+            // As qemu-storage-daemon: out of the way of unmounts, stdio to /dev/null.
+            let _ = std::env::set_current_dir("/");
+            nbd::detach(p);
         }
         stop.wait().await;
         if let Some(s) = &server {

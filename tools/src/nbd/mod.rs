@@ -348,43 +348,78 @@ pub fn main(args: Vec<String>) -> i32 {
     // With --fork, the parent waits on a pipe until the child serves (or says why it cannot).
     let mut ready_pipe: Option<std::fs::File> = None;
     if c.fork {
-        let mut fds = [0; 2];
-        // SAFETY: pipe(2) into a two-element array.
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-            return fail(format!("pipe: {}", std::io::Error::last_os_error()));
+        match fork_background() {
+            Err(e) => return fail(e),
+            Ok(Forked::Child(pipe)) => ready_pipe = Some(pipe),
+            Ok(Forked::Parent(msg)) => {
+                return match msg.strip_prefix("ok") {
+                    Some(_) => 0,
+                    None if msg.is_empty() => fail("the server ended before it was ready"),
+                    None => {
+                        eprint!("{msg}");
+                        1
+                    }
+                };
+            }
         }
-        // SAFETY: no other thread exists yet (the reactors start after this), so the child
-        // may go on running Rust code.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return fail(format!("fork: {}", std::io::Error::last_os_error()));
-        }
-        if pid > 0 {
-            // SAFETY: the pipe's ends were just made; each side keeps one.
-            let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-            // SAFETY: as above.
-            unsafe { libc::close(fds[1]) };
-            let mut msg = String::new();
-            let _ = std::io::Read::read_to_string(&mut r, &mut msg);
-            return match msg.strip_prefix("ok") {
-                Some(_) => 0,
-                None if msg.is_empty() => fail("the server ended before it was ready"),
-                None => {
-                    eprint!("{msg}");
-                    1
-                }
-            };
-        }
-        // SAFETY: as above.
-        unsafe { libc::close(fds[0]) };
-        // SAFETY: the child's own end.
-        ready_pipe = Some(unsafe { std::fs::File::from_raw_fd(fds[1]) });
-        // SAFETY: setsid has no preconditions.
-        unsafe { libc::setsid() };
     }
     block_stop_signals();
     let lfd = listener.into_raw_fd();
     crate::run_tool_with_pool(crate::SERVER_POOL, move || serve_main(c, lfd, ready_pipe))
+}
+
+/// The two sides of [`fork_background`].
+pub(crate) enum Forked {
+    /// The child, with the pipe to say "ok" on once it serves ([`detach`]), or to write why it
+    /// cannot.
+    Child(std::fs::File),
+    /// The parent, with what the child wrote before it closed the pipe.
+    Parent(String),
+}
+
+/// Fork into the background (qemu-nbd's `--fork`, qemu-storage-daemon's `--daemonize`): the
+/// child starts a new session; the parent waits until the child closes the pipe. Call it
+/// before any thread starts.
+pub(crate) fn fork_background() -> Result<Forked, String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into a two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: no other thread exists yet (the reactors start after this), so the child may go
+    // on running Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // SAFETY: the pipe's ends were just made; each side keeps one.
+        let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        unsafe { libc::close(fds[1]) };
+        let mut msg = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut msg);
+        return Ok(Forked::Parent(msg));
+    }
+    // SAFETY: as above.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: setsid has no preconditions.
+    unsafe { libc::setsid() };
+    // SAFETY: the child's own end.
+    Ok(Forked::Child(unsafe { std::fs::File::from_raw_fd(fds[1]) }))
+}
+
+/// The forked child serves: tell the parent (which exits 0), and send stdio nowhere from now
+/// on.
+pub(crate) fn detach(mut ready: std::fs::File) {
+    let _ = ready.write_all(b"ok");
+    drop(ready);
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP are taken by a thread with sigwait (blocked here, before any
@@ -546,16 +581,8 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             return report(format!("Cannot write pid file to '{p}': {e}"));
         }
     }
-    if let Some(mut p) = ready.take() {
-        let _ = p.write_all(b"ok");
-        drop(p);
-        // Detached: stdio goes nowhere from now on.
-        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-            for fd in 0..3 {
-                // SAFETY: dup2 onto the standard descriptors.
-                unsafe { libc::dup2(null.as_raw_fd(), fd) };
-            }
-        }
+    if let Some(p) = ready.take() {
+        detach(p);
     }
     let stop = stop_on_signals();
     let served = exp.clone();
