@@ -312,6 +312,11 @@ pub trait NodeQueue {
     }
     /// Make completed writes durable.
     fn flush(&self) -> IoFuture;
+    /// Bring `off..off+len` closer ahead of reads to come (NBD's `NBD_CMD_CACHE`, which a
+    /// server passes down and a client sends on): advisory, and nothing by default.
+    fn prefetch(&self, _off: u64, len: u64) -> IoFuture {
+        IoFuture::ok(len)
+    }
     /// What `off..off+len` holds (the answer may cover less than `len`).
     fn block_status(&self, _off: u64, len: u64) -> LocalBoxFuture<'_, Result<BlockStatus, IoStatus>> {
         Box::pin(async move { Ok(BlockStatus::data(len)) })

@@ -164,6 +164,11 @@ impl Queue {
         self.s.q.flush()
     }
 
+    /// Prefetch `off..off+len` (advisory: see [`crate::NodeQueue::prefetch`]).
+    pub fn prefetch(&self, off: u64, len: u64) -> IoFuture {
+        self.s.q.prefetch(off, len)
+    }
+
     /// Block status of `off..off+len`.
     pub fn block_status(&self, off: u64, len: u64) -> LocalBoxFuture<'_, Result<BlockStatus, IoStatus>> {
         self.s.q.block_status(off, len)

@@ -2,6 +2,8 @@
 //! replies, base:allocation) and nbdkit 1.32 (compact headers; memory, file, sparse-random,
 //! the error filter, oldstyle). QEMU's tools over the same URIs are the oracle: the same
 //! commands leave the same data, `info` and `map` print the same, errors read the same.
+//! `NBD_CMD_CACHE` is seen arriving at nbdkit (its log filter) when basalt-nbd serves a node
+//! that is an NBD client and gets a cache request.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -296,4 +298,39 @@ fn client_against_basalt_nbd() {
         let a = [args[0], args[1], "-f", "raw", &u];
         assert_same_img_outcome(&basalt("basalt-img", &a), &run(peer("qemu-img").args(a)), args[0]);
     }
+}
+
+/// basalt-nbd in front of nbdkit (file plugin, log filter): a client's `NBD_CMD_CACHE` is passed
+/// down and sent on by the `nbd` driver, and reaches nbdkit with the same range; reads go
+/// through the same way. (qemu-nbd in the same
+/// place answers the request itself; nothing reaches nbdkit.)
+#[test]
+fn cache_requests_reach_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let f = d.join("f.raw");
+    std::fs::write(&f, vec![0x5au8; 8 << 20]).unwrap();
+    let (ks, log) = (d.join("k.sock"), d.join("k.log"));
+    let _k = nbdkit(&ks, &["--filter=log", "file", path(&f), &format!("logfile={}", log.display())]);
+    let bs = d.join("b.sock");
+    let opts = format!("driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={}", ks.display());
+    let _b = serve(Command::new(tool("basalt-nbd")).args(["-t", "-k", path(&bs), "--image-opts", &opts]), &bs);
+    let script = "assert h.can_cache()\nh.cache(65536, 4096)\nh.cache(3 << 20, 1 << 20)\nprint(h.pread(512, 4096)[:2].hex())\n";
+    let o = run(peer("nbdsh").env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default())).args([
+        "-u",
+        &format!("nbd+unix:///?socket={}", bs.display()),
+        "-c",
+        script,
+    ]));
+    must(&o, "nbdsh cache");
+    assert_eq!(stdout(&o).trim(), "5a5a");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let caches: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(" Cache id="))
+        .map(|l| {
+            l.split_whitespace().filter(|w| w.starts_with("offset=") || w.starts_with("count=")).collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    assert_eq!(caches, ["offset=0x1000 count=0x10000", "offset=0x100000 count=0x300000"], "{text}");
 }

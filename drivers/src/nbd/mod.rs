@@ -334,6 +334,14 @@ impl ConnHandle {
         self.ranged(cmd::TRIM, 0, off, len)
     }
 
+    /// `NBD_CMD_CACHE` where the server takes it (advisory: nothing otherwise).
+    fn prefetch(self: &Rc<Self>, off: u64, len: u64) -> IoFuture {
+        if !self.neg().has(tflag::SEND_CACHE) {
+            return IoFuture::ok(len);
+        }
+        self.ranged(cmd::CACHE, 0, off, len)
+    }
+
     fn flush(&self) -> IoFuture {
         if !self.neg().has(tflag::SEND_FLUSH) {
             return IoFuture::ok(0);
@@ -414,6 +422,12 @@ impl NodeQueue for NbdQueue {
         match self {
             NbdQueue::Local(h) => h.flush(),
             NbdQueue::Remote { owner, uid } => forward(owner, *uid, move |h| h.flush()),
+        }
+    }
+    fn prefetch(&self, off: u64, len: u64) -> IoFuture {
+        match self {
+            NbdQueue::Local(h) => h.prefetch(off, len),
+            NbdQueue::Remote { owner, uid } => forward(owner, *uid, move |h| h.prefetch(off, len)),
         }
     }
     fn block_status(&self, off: u64, len: u64) -> LocalBoxFuture<'_, Result<BlockStatus, IoStatus>> {

@@ -238,6 +238,9 @@ impl NodeQueue for RawQueue {
     fn discard(&self, off: u64, len: u64) -> IoFuture {
         self.file.discard(self.offset + off, len)
     }
+    fn prefetch(&self, off: u64, len: u64) -> IoFuture {
+        self.file.prefetch(self.offset + off, len)
+    }
     fn flush(&self) -> IoFuture {
         self.file.flush()
     }

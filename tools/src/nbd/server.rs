@@ -619,7 +619,8 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             }
             finish(c, &req, r).await
         }
-        cmd::CACHE => c.status(&req, 0, "").await,
+        // Passed down (a node that can, such as an NBD client, prefetches; others do nothing).
+        cmd::CACHE => finish(c, &req, q.prefetch(req.offset, req.len).await.res.map(|_| ())).await,
         cmd::BLOCK_STATUS => block_status(c, &req, &c.neg.contexts).await,
         t => c.status(&req, proto::err::EINVAL, &format!("unknown command {t}")).await,
     }
