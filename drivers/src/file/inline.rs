@@ -12,8 +12,11 @@
 //! longer than [`STALL`] turns the path off for a while: the writes go through the ring (or
 //! the thread pool) meanwhile. The pause starts at [`BACKOFF`] and doubles, up to
 //! [`BACKOFF_MAX`], while stalls keep coming right after it ends (a file under sustained
-//! writeback throttling costs the reactor a stall every few seconds at most). Only writes of at most [`INLINE_MAX`] bytes, to a regular file opened without
-//! O_DIRECT and without `aio=threads`, take this path.
+//! writeback throttling costs the reactor a stall every few seconds at most).
+//!
+//! Only writes of at most [`INLINE_MAX`] bytes, to a regular file opened without O_DIRECT and
+//! with no `aio=` given, take this path: an explicit `aio=io_uring` or `aio=threads` is taken
+//! at its word.
 
 use std::cell::Cell;
 use std::os::fd::RawFd;

@@ -53,7 +53,8 @@ impl FileQueue {
             (None, None)
         };
         let fallocate_in_ring = use_ring && features.is_some_and(|f| f.fallocate);
-        let inline = InlineWrites::new(s.buffered_file && s.aio != AioMode::Threads);
+        // Only where the engine is left to choose: `aio=io_uring` and `aio=threads` mean that.
+        let inline = InlineWrites::new(s.buffered_file && s.aio == AioMode::Auto);
         Ok(FileQueue { s, ufd, registered, fallocate_in_ring, inline })
     }
 
