@@ -59,26 +59,9 @@ impl InlineWrites {
             self.paused_until.set(None);
             self.resumed.set(Some(start));
         }
-        let mut done = 0usize;
-        let res = loop {
-            if done == data.len() {
-                break done as i64;
-            }
-            let rest = &data[done..];
-            // SAFETY: `rest` is a live slice for the duration of the call; `fd` is the
-            // caller's open descriptor.
-            let r = unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), (off + done as u64) as libc::off_t) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                if e == libc::EINTR {
-                    continue;
-                }
-                break -i64::from(e);
-            }
-            if r == 0 {
-                break done as i64;
-            }
-            done += r as usize;
+        let res = match super::sys::pwrite_all(fd, data, off) {
+            Ok(()) => data.len() as i64,
+            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
         };
         if start.elapsed() > self.stall {
             let now = Instant::now();

@@ -110,6 +110,8 @@ pub(crate) fn ftruncate(fd: RawFd, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Write all of `data` at `off` (short writes continued; a write that moves nothing is an
+/// error, not a loop).
 pub(crate) fn pwrite_all(fd: RawFd, data: &[u8], off: u64) -> io::Result<()> {
     let mut done = 0;
     while done < data.len() {
@@ -121,6 +123,9 @@ pub(crate) fn pwrite_all(fd: RawFd, data: &[u8], off: u64) -> io::Result<()> {
                 continue;
             }
             return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "the file takes no more data"));
         }
         done += n as usize;
     }
