@@ -117,6 +117,9 @@ impl ListFile {
             return Err(BlockError::option(format!("Unable to read '{name}': larger than {MAX_LIST_FILE} bytes")));
         }
         let text = std::fs::read_to_string(path).map_err(|e| BlockError::option(format!("Unable to read '{name}': {e}")))?;
+        if !text.trim_start().starts_with('{') {
+            return Err(BlockError::option(format!("Unable to parse '{name}': not a JSON object")));
+        }
         let mut o = object_opts(&text).map_err(|e| BlockError::option(format!("Unable to parse '{name}': {}", e.msg)))?;
         let list = RuleList::parse(&mut o)?;
         if let Some(k) = o.keys().next() {
@@ -215,7 +218,8 @@ fn index_lists(v: serde_json::Value) -> serde_json::Value {
 }
 
 /// Shell-style matching of `s` against `p`: `*` any run of bytes, `?` one character (a UTF-8
-/// sequence), everything else itself. Linear in time: the last `*` is the only backtrack point.
+/// sequence), everything else itself. The last `*` is the only point backtracked to, so the
+/// time is at most the product of the lengths, never exponential.
 fn glob_match(p: &[u8], s: &[u8]) -> bool {
     let (mut pi, mut si) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -338,6 +342,8 @@ mod tests {
         assert!(a.allows("bob") && !a.allows("fred"), "re-read after the change");
         assert!(frozen.allows("fred") && !frozen.allows("bob"), "refresh=off keeps the first reading");
         // A broken change keeps the rules read before.
+        std::fs::write(&path, "rules.0.match=x").unwrap();
+        assert!(a.allows("bob") && !a.allows("fred"));
         std::fs::write(&path, "{not json").unwrap();
         assert!(a.allows("bob") && !a.allows("fred"));
         assert!(err(&format!("authz-listfile,id=a,filename={}", path.display())).starts_with("Unable to parse"));
