@@ -62,7 +62,7 @@ impl Sock {
     }
 
     /// Who the TLS peer proved to be ([`Session::peer_identity`]); `None` without TLS.
-    pub fn tls_peer(&self) -> Option<(super::tls::PeerKind, String)> {
+    pub fn tls_peer(&self) -> Option<(super::tls::PeerKind, Option<String>)> {
         self.tls.borrow().as_ref().and_then(|t| t.session.peer_identity())
     }
 

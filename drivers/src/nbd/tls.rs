@@ -463,16 +463,17 @@ impl Session {
 
     /// Who the peer proved to be, for an authorization check ([`super::tls_peer`]): the
     /// subject of its x509 certificate, or its PSK username; `None` when it showed neither (a
-    /// client not asked for a certificate: `verify-peer=off`).
-    pub fn peer_identity(&self) -> Option<(PeerKind, String)> {
+    /// client not asked for a certificate: `verify-peer=off`). The name is `None` when the
+    /// peer showed a certificate whose subject cannot be read (to be refused, not let by).
+    pub fn peer_identity(&self) -> Option<(PeerKind, Option<String>)> {
         match &self.0 {
             Engine::Rustls { conn, .. } => {
                 let cert = conn.peer_certificates()?.first()?;
-                Some((PeerKind::X509, super::tls_peer::subject_dn(cert.as_ref())?))
+                Some((PeerKind::X509, super::tls_peer::subject_dn(cert.as_ref())))
             }
             Engine::OpenSsl { stream, .. } => {
                 let user = stream.ssl().ex_data(psk_user_index().ok()?)?;
-                Some((PeerKind::Psk, user.clone()))
+                Some((PeerKind::Psk, Some(user.clone())))
             }
         }
     }

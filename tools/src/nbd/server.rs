@@ -144,13 +144,16 @@ pub struct Offer {
 /// with PSK credentials then means what it says).
 fn authorize(sock: &Sock, authz: Option<&Authz>) -> ConnResult {
     let (Some(authz), Some((kind, who))) = (authz, sock.tls_peer()) else { return Ok(()) };
-    if authz.allows(&who) {
-        return Ok(());
-    }
     let kind = match kind {
         PeerKind::X509 => "x509",
         PeerKind::Psk => "PSK",
     };
+    let Some(who) = who else {
+        return Err(format!("TLS {kind} authz check: the client certificate's name cannot be read"));
+    };
+    if authz.allows(&who) {
+        return Ok(());
+    }
     Err(format!("TLS {kind} authz check for {who} is denied"))
 }
 
