@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use zeroize::Zeroizing;
 
@@ -53,10 +53,13 @@ impl Secrets {
         Secrets::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SecretBytes>> {
-        // A panic while holding the lock cannot leave the map half-updated (every update is one
-        // insert), so a poisoned lock is still usable.
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, SecretBytes>> {
+        locked(&self.map)
+    }
+
+    /// Whether `id` names an object of any kind.
+    fn defined(&self, id: &str) -> bool {
+        self.lock().contains_key(id) || locked(&self.tls).contains_key(id) || locked(&self.authz).contains_key(id)
     }
 
     /// Add an object from its command-line definition (`secret,id=ID,data=...`,
@@ -81,20 +84,17 @@ impl Secrets {
         if Authz::is_type(&ty) {
             let a = Authz::parse(&ty, &mut o)?;
             self.check_new_id(&id)?;
-            self.authz.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(a));
+            locked(&self.authz).insert(id, Arc::new(a));
             return Ok(());
         }
         let creds = TlsCreds::parse(&ty, id.clone(), &mut o)?;
         self.check_new_id(&id)?;
-        self.tls.lock().unwrap_or_else(|p| p.into_inner()).insert(id, creds);
+        locked(&self.tls).insert(id, creds);
         Ok(())
     }
 
     fn check_new_id(&self, id: &str) -> BlockResult<()> {
-        if self.lock().contains_key(id)
-            || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
-            || self.authz.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
-        {
+        if self.defined(id) {
             return Err(BlockError::option(format!("attempt to add duplicate property '{id}' to object (type 'container')")));
         }
         Ok(())
@@ -110,7 +110,7 @@ impl Secrets {
     /// The TLS credentials `id` (QEMU's wording when there are none, or when `id` is
     /// another kind of object).
     pub fn tls_creds(&self, id: &str) -> BlockResult<TlsCreds> {
-        if let Some(c) = self.tls.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(c) = locked(&self.tls).get(id) {
             return Ok(c.clone());
         }
         if self.contains(id) {
@@ -122,10 +122,10 @@ impl Secrets {
     /// The authorization object `id` (QEMU's wording when there is none, or when `id` is
     /// another kind of object).
     pub fn authz(&self, id: &str) -> BlockResult<Arc<Authz>> {
-        if let Some(a) = self.authz.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(a) = locked(&self.authz).get(id) {
             return Ok(a.clone());
         }
-        if self.contains(id) || self.tls.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+        if self.defined(id) {
             return Err(BlockError::option(format!("Object '{id}' is not a QAuthZ subclass")));
         }
         Err(BlockError::new(ErrorKind::NotFound, format!("Cannot find QAuthZ object ID {id}")))
@@ -153,6 +153,12 @@ impl Secrets {
     pub fn contains(&self, id: &str) -> bool {
         self.lock().contains_key(id)
     }
+}
+
+/// A registry map, locked. A panic while holding a lock cannot leave a map half-updated (every
+/// update is one insert), so a poisoned lock is still usable.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The bytes of a `secret` object's definition (after its type and id).
