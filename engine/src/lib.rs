@@ -33,7 +33,8 @@ pub use graph::{
 pub use inflight::{InFlight, InFlightGroup, InFlightGuard};
 pub use io::{IoDone, IoFuture, SlotKind};
 pub use node::{
-    BlockStatus, Child, ChildRole, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags, ZeroFlags,
+    BlockStatus, Child, ChildRole, HostExtent, Limits, LocalBoxFuture, Node, NodeQueue, Perm, Prealloc, SnapshotInfo, WriteFlags,
+    ZeroFlags,
 };
 pub use options::{json_filename, json_filename_of, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;

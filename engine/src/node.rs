@@ -9,6 +9,7 @@
 
 use std::any::Any;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -266,8 +267,24 @@ pub trait Node: Send + Sync + Any {
     fn snapshot_delete(&self, _name: &str) -> LocalBoxFuture<'_, BlockResult<()>> {
         Box::pin(async { Err(BlockError::new(ErrorKind::Unsupported, "Operation not supported")) })
     }
+    /// Where the `len` bytes at `off` lie verbatim in one host file, for a server that sends
+    /// them from the page cache without copying them (basalt-nbd's zero-copy reads); `None`
+    /// (the default) where they are transformed, spread out, could move while being sent, or
+    /// are not all in the file. Cheap and synchronous: it never reads metadata.
+    fn host_extent(&self, _off: u64, _len: u64) -> Option<HostExtent> {
+        None
+    }
     /// Downcasting, for drivers that need to recognise their own nodes.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// A run of a node's bytes stored verbatim in a host file ([`Node::host_extent`]).
+#[derive(Clone)]
+pub struct HostExtent {
+    /// The open file; holding it keeps the descriptor open, even past the node's close.
+    pub file: Arc<dyn AsRawFd + Send + Sync>,
+    /// Where the bytes start in the file.
+    pub offset: u64,
 }
 
 /// An internal snapshot as `qemu-img snapshot -l` and `info` list it.

@@ -626,6 +626,18 @@ pub fn uring_fallocate(fd: UringFd, mode: i32, off: u64, len: u64) -> SlotFuture
     })
 }
 
+/// Wait (one-shot) until `fd` is ready for `events` (`libc::POLLIN`, `POLLOUT`...); the slot
+/// completes with the ready mask or a negative errno. Panics when the current reactor has no
+/// ring; check [`uring_features`] first.
+pub fn uring_poll(fd: RawFd, events: u32) -> SlotFuture {
+    with_current(|r| {
+        let ring = r.ring.as_ref().expect("reactor has no io_uring");
+        let id = r.slots.alloc(None);
+        ring.push(uring::poll_entry(fd, events, id));
+        SlotFuture::new(id)
+    })
+}
+
 /// Run `job` on the blocking thread pool; the slot completes with its result. `buf` is parked in
 /// the slot while the job runs (the job gets its address and length through closure capture).
 pub fn blocking(job: impl FnOnce() -> i64 + Send + 'static, buf: Option<IoBuf>) -> SlotFuture {

@@ -241,6 +241,10 @@ pub(crate) fn fallocate_entry(fd: UringFd, mode: i32, off: u64, len: u64, id: Sl
     with_fd!(fd, f => opcode::Fallocate::new(f, len).offset(off).mode(mode).build()).user_data(u64::from(id.raw()))
 }
 
+pub(crate) fn poll_entry(fd: RawFd, events: u32, id: SlotId) -> squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), events).build().user_data(u64::from(id.raw()))
+}
+
 pub(crate) fn eventfd_read_entry(fd: RawFd, buf: *mut u8) -> squeue::Entry {
     opcode::Read::new(types::Fd(fd), buf, 8).build().user_data(EVENTFD_TAG)
 }

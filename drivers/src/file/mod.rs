@@ -10,7 +10,8 @@
 //! (fixed files, fixed buffers when the buffer is from the reactor's pool) or, without a ring,
 //! the blocking thread pool. Flush is fdatasync, discard punches holes (BLKDISCARD on
 //! devices), write_zeroes uses fallocate zero range / punch hole (BLKZEROOUT on devices), and
-//! block status asks SEEK_DATA/SEEK_HOLE.
+//! block status asks SEEK_DATA/SEEK_HOLE. A buffered regular file offers its bytes as
+//! [`HostExtent`]s, for servers that send them from the page cache without copying.
 
 mod inline;
 mod queue;
@@ -22,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use basalt_engine::{
-    lock, AioMode, BlockDriver, BlockError, BlockResult, CreateOptDesc, DriverKind, ErrorKind, Graph, Limits, LocalBoxFuture,
-    Node, NodeQueue, OpenFlags, Opts, Perm, Prealloc,
+    lock, AioMode, BlockDriver, BlockError, BlockResult, CreateOptDesc, DriverKind, ErrorKind, Graph, HostExtent, Limits,
+    LocalBoxFuture, Node, NodeQueue, OpenFlags, Opts, Perm, Prealloc,
 };
 
 /// The `file` protocol driver.
@@ -46,6 +47,12 @@ pub(crate) struct FileShared {
     pub(crate) path: String,
     /// A regular file opened without O_DIRECT (writes land in the page cache).
     pub(crate) buffered_file: bool,
+}
+
+impl AsRawFd for FileShared {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 impl Drop for FileShared {
@@ -315,6 +322,12 @@ impl Node for FileNode {
     }
     fn create_queue(&self) -> BlockResult<Rc<dyn NodeQueue>> {
         queue::FileQueue::new(self.shared.clone()).map(|q| Rc::new(q) as Rc<dyn NodeQueue>)
+    }
+    fn host_extent(&self, off: u64, len: u64) -> Option<HostExtent> {
+        // Only through the page cache (a regular file without O_DIRECT), and only bytes the
+        // file holds (not the zeroes past its end).
+        let inside = off.checked_add(len).is_some_and(|e| e <= self.shared.size.load(Ordering::Relaxed));
+        (self.shared.buffered_file && inside).then(|| HostExtent { file: self.shared.clone(), offset: off })
     }
     fn truncate(&self, size: u64, prealloc: Prealloc) -> LocalBoxFuture<'_, BlockResult<()>> {
         Box::pin(async move {

@@ -21,6 +21,7 @@ pub mod conn;
 pub mod fuzz;
 pub mod negotiate;
 pub mod proto;
+pub mod sendfile;
 pub mod sock;
 pub mod target;
 pub mod tls;

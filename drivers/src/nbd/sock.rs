@@ -54,6 +54,12 @@ impl Sock {
         Sock { fd, uring: basalt_reactor::uring_features().is_some(), tls: RefCell::new(None) }
     }
 
+    /// Whether [`super::sendfile::send_file`] may send on this socket: plain (no TLS), on a
+    /// reactor with a ring.
+    pub fn can_send_file(&self) -> bool {
+        self.uring && !self.is_tls()
+    }
+
     /// Wrap a socket whose TLS handshake is done (`session` may hold data already received).
     pub fn new_tls(fd: OwnedFd, session: Session) -> Sock {
         let s = Sock::new(fd);
@@ -234,7 +240,22 @@ impl Sock {
     /// of stream).
     async fn raw_once(&self, write: bool, buf: IoBuf) -> (i64, IoBuf) {
         let (res, buf) = if self.uring {
-            basalt_reactor::uring_rw(UringFd::Raw(self.raw()), write, buf, 0).await
+            let mut buf = buf;
+            loop {
+                let (res, b) = basalt_reactor::uring_rw(UringFd::Raw(self.raw()), write, buf, 0).await;
+                let b = b.expect("socket I/O returns its buffer");
+                if res != -i64::from(libc::EAGAIN) {
+                    break (res, Some(b));
+                }
+                // The ring polls a socket that is not ready; EAGAIN only comes while a
+                // zero-copy send has made it non-blocking (`super::sendfile`): wait, go on.
+                let ev = if write { libc::POLLOUT } else { libc::POLLIN };
+                let (r, _) = basalt_reactor::uring_poll(self.raw(), ev as u32).await;
+                if r < 0 {
+                    break (r, Some(b));
+                }
+                buf = b;
+            }
         } else {
             let fd = self.raw();
             let (ptr, len) = (buf.as_ptr() as usize, buf.len());

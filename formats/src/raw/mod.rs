@@ -11,8 +11,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use basalt_engine::{
-    BlockDriver, BlockError, BlockResult, BlockStatus, Child, ChildRole, CreateOptDesc, DriverKind, ErrorKind, Graph, IoDone,
-    IoFuture, IoStatus, Limits, LocalBoxFuture, Node, NodeQueue, OpenFlags, Opts, Prealloc, Queue, WriteFlags, ZeroFlags,
+    BlockDriver, BlockError, BlockResult, BlockStatus, Child, ChildRole, CreateOptDesc, DriverKind, ErrorKind, Graph, HostExtent,
+    IoDone, IoFuture, IoStatus, Limits, LocalBoxFuture, Node, NodeQueue, OpenFlags, Opts, Prealloc, Queue, WriteFlags, ZeroFlags,
 };
 use basalt_reactor::IoBuf;
 
@@ -175,6 +175,12 @@ impl Node for RawNode {
             }
             self.file.truncate(size, prealloc).await
         })
+    }
+    fn host_extent(&self, off: u64, len: u64) -> Option<HostExtent> {
+        if off.checked_add(len)? > self.size() {
+            return None;
+        }
+        self.file.host_extent(self.offset.checked_add(off)?, len)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -4,8 +4,9 @@
 //! Small replies (up to [`COPY_MAX`] bytes a part: status replies, 4 KiB reads with their
 //! header in front) are copied into one batch buffer, so a burst of replies finished in the
 //! same reactor turn leaves in one write instead of one write, and one turn, each. A larger
-//! part goes out from its own buffer, uncopied. The parts of one reply stay together and
-//! replies leave in the order they were queued.
+//! part goes out from its own buffer, uncopied, and a read's data that lies in a host file
+//! goes from the page cache ([`Replies::send_file`]). The parts of one reply stay together
+//! and replies leave in the order they were queued.
 //!
 //! [`Replies::send`] returns once the reply is on the socket (or the socket has failed), so a
 //! request holds its place among the connection's requests in flight until then, and those
@@ -18,7 +19,9 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
+use basalt_drivers::nbd::sendfile;
 use basalt_drivers::nbd::sock::Sock;
+use basalt_engine::HostExtent;
 use basalt_reactor::IoBuf;
 
 /// The largest part copied into a batch; larger ones are written from their own buffer.
@@ -26,10 +29,17 @@ const COPY_MAX: usize = 16 << 10;
 /// The batch buffer: what one write carries at most when it gathers small parts.
 const BATCH: usize = 256 << 10;
 
+/// A queued piece of a reply.
+enum Part {
+    Buf(IoBuf),
+    /// `len` bytes of a host file, sent without copying.
+    File(HostExtent, u64),
+}
+
 /// One connection's queued replies and their writer.
 pub struct Replies {
     sock: Rc<Sock>,
-    queue: RefCell<VecDeque<IoBuf>>,
+    queue: RefCell<VecDeque<Part>>,
     /// Parts queued since the start, and parts written (each a running count).
     queued: Cell<u64>,
     written: Cell<u64>,
@@ -63,12 +73,23 @@ impl Replies {
 
     /// Queue a reply made of `parts` and wait until it is written (or the socket fails).
     pub async fn send(&self, parts: Vec<IoBuf>) {
+        self.enqueue(parts.into_iter().filter(|p| !p.is_empty()).map(Part::Buf).collect()).await
+    }
+
+    /// Queue a reply made of `head` and then `len` bytes of `ext`'s file (sent from the page
+    /// cache: the socket must be able to, [`Sock::can_send_file`]), and wait until it is
+    /// written.
+    pub async fn send_file(&self, head: IoBuf, ext: HostExtent, len: u64) {
+        self.enqueue(vec![Part::Buf(head), Part::File(ext, len)]).await
+    }
+
+    async fn enqueue(&self, parts: Vec<Part>) {
         if self.broken.get() {
             return;
         }
         {
             let mut q = self.queue.borrow_mut();
-            for p in parts.into_iter().filter(|p| !p.is_empty()) {
+            for p in parts {
                 q.push_back(p);
                 self.queued.set(self.queued.get() + 1);
             }
@@ -119,18 +140,23 @@ impl Replies {
             .await;
             let big = match self.queue.borrow().front() {
                 None => return,
-                Some(p) => p.len() > COPY_MAX,
+                Some(Part::Buf(p)) => p.len() > COPY_MAX,
+                Some(Part::File(..)) => true,
             };
             let (res, parts) = if big {
                 let part = self.queue.borrow_mut().pop_front().expect("a queued part");
-                (self.sock.write_all(part).await.map(drop), 1)
+                let res = match part {
+                    Part::Buf(b) => self.sock.write_all(b).await.map(drop),
+                    Part::File(ext, len) => sendfile::send_file(&self.sock, &ext, len).await,
+                };
+                (res, 1)
             } else {
                 let mut b = batch.take().expect("the batch buffer is back");
                 let (mut used, mut parts) = (0, 0);
                 b.reset(BATCH);
                 {
                     let mut q = self.queue.borrow_mut();
-                    while let Some(p) = q.front() {
+                    while let Some(Part::Buf(p)) = q.front() {
                         if p.len() > COPY_MAX || used + p.len() > BATCH {
                             break;
                         }

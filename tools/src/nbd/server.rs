@@ -12,8 +12,10 @@
 //! drops it too. Without credentials `STARTTLS` gets the protocol's "policy" error.
 //!
 //! Transmission: the reader takes one request at a time (a write's payload with it) and starts
-//! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is written whole under the
-//! connection's write lock. Requests out of bounds, on a read-only export, or unknown get the
+//! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is queued whole to the
+//! connection's writer ([`Replies`]). A read of at least [`ZERO_COPY_MIN`] bytes whose data
+//! lies verbatim in a host file (a raw image in the page cache: [`basalt_engine::Node::host_extent`])
+//! goes from the page cache to a plain socket without being copied. Requests out of bounds, on a read-only export, or unknown get the
 //! protocol's error and the connection goes on; a malformed header, a payload over
 //! [`proto::MAX_PAYLOAD`] or a socket error ends this connection only.
 
@@ -46,6 +48,10 @@ pub const MAX_IN_FLIGHT: usize = 64;
 const MAX_BYTES_IN_FLIGHT: u64 = 4 << 20;
 /// The receive buffer of a connection.
 const RECV_BUF: usize = 64 << 10;
+/// Reads at least this large go from the page cache without copying where the export's
+/// bytes lie in a host file and the socket is plain ([`Replies::send_file`]); smaller ones
+/// are cheaper copied and batched.
+const ZERO_COPY_MIN: u64 = 64 << 10;
 /// Room before a read's data for its reply header (a page, so the data stays aligned).
 const HEAD_ROOM: usize = 4096;
 /// Extents in one block status reply.
@@ -399,6 +405,8 @@ struct Conn {
     replies: Rc<Replies>,
     exp: Rc<Export>,
     neg: Negotiated,
+    /// The socket takes zero-copy sends.
+    zero_copy: bool,
     in_flight: Cell<usize>,
     /// Payload bytes of the requests in flight.
     bytes: Cell<u64>,
@@ -468,6 +476,7 @@ async fn transmission(sock: Rc<Sock>, exp: Rc<Export>, neg: Negotiated) -> ConnR
         replies: Replies::start(sock.clone()),
         exp,
         neg,
+        zero_copy: sock.can_send_file(),
         in_flight: Cell::new(0),
         bytes: Cell::new(0),
         waiters: RefCell::new(VecDeque::new()),
@@ -568,6 +577,20 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             if req.len > u64::from(proto::MAX_PAYLOAD) {
                 return c.status(&req, proto::err::EINVAL, "read too large").await;
             }
+            let head = || {
+                if c.neg.structured {
+                    let mut h = c.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + req.len);
+                    h.extend_from_slice(&req.offset.to_be_bytes());
+                    h
+                } else {
+                    proto::simple_reply(0, req.cookie).to_vec()
+                }
+            };
+            if c.zero_copy && req.len >= ZERO_COPY_MIN {
+                if let Some(ext) = q.node().host_extent(req.offset, req.len) {
+                    return c.replies.send_file(IoBuf::from_slice(&head()), ext, req.len).await;
+                }
+            }
             // The reply header goes in front of the data in the same buffer (the data stays
             // page-aligned), so header and data leave in one socket write.
             let mut buf = IoBuf::new_uninit(HEAD_ROOM + req.len as usize);
@@ -575,13 +598,7 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
             let d = q.read(req.offset, buf).await;
             match (d.res, d.buf) {
                 (Ok(_), Some(mut data)) => {
-                    let head = if c.neg.structured {
-                        let mut h = c.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + req.len);
-                        h.extend_from_slice(&req.offset.to_be_bytes());
-                        h
-                    } else {
-                        proto::simple_reply(0, req.cookie).to_vec()
-                    };
+                    let head = head();
                     if data.window_start() == HEAD_ROOM {
                         data.set_window(HEAD_ROOM - head.len(), head.len() + req.len as usize);
                         data.as_mut_slice()[..head.len()].copy_from_slice(&head);
