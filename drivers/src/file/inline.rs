@@ -8,11 +8,14 @@
 //! pool would do, without the hand-off.
 //!
 //! It can block, though (dirty page throttling, reclaim, a journal commit), and a blocked
-//! reactor stalls everything queued on it. So each inline write is timed, and one that takes
-//! longer than [`STALL`] turns the path off for a while: the writes go through the ring (or
-//! the thread pool) meanwhile. The pause starts at [`BACKOFF`] and doubles, up to
+//! reactor stalls everything queued on it. So each inline write is timed: a write slower than
+//! [`STALL`] is a stall, and once the stalls of the last [`WINDOW`] add up to more than
+//! [`STALL_BUDGET`] the path turns off for a while: the writes go through the ring (or the
+//! thread pool) meanwhile. The pause starts at [`BACKOFF`] and doubles, up to
 //! [`BACKOFF_MAX`], while stalls keep coming right after it ends (a file under sustained
-//! writeback throttling costs the reactor a stall every few seconds at most).
+//! writeback throttling costs the reactor a few milliseconds every few seconds at most).
+//! A lone slow write under the budget, which is what a preempted reactor thread looks like
+//! on a busy machine, leaves the path on.
 //!
 //! Only writes of at most [`INLINE_MAX`] bytes, to a regular file opened without O_DIRECT and
 //! with no `aio=` given, take this path: an explicit `aio=io_uring` or `aio=threads` is taken
@@ -24,8 +27,11 @@ use std::time::{Duration, Instant};
 
 /// The largest write done inline.
 pub(crate) const INLINE_MAX: usize = 64 << 10;
-/// An inline write slower than this turns the path off for a while.
+/// An inline write slower than this is a stall.
 const STALL: Duration = Duration::from_micros(500);
+/// Stalled time within one window that turns the path off for a while.
+const STALL_BUDGET: Duration = Duration::from_millis(5);
+const WINDOW: Duration = Duration::from_secs(1);
 /// How long the path stays off after a first stall, and at most after repeated ones.
 const BACKOFF: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(16);
@@ -34,6 +40,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(16);
 pub(crate) struct InlineWrites {
     enabled: bool,
     stall: Duration,
+    budget: Duration,
+    /// The stalls of the current window: when it started, and their time so far.
+    window: Cell<Option<(Instant, Duration)>>,
     paused_until: Cell<Option<Instant>>,
     /// The last pause, and when it ended (a stall soon after doubles the next one).
     pause: Cell<Duration>,
@@ -42,7 +51,15 @@ pub(crate) struct InlineWrites {
 
 impl InlineWrites {
     pub(crate) fn new(enabled: bool) -> InlineWrites {
-        InlineWrites { enabled, stall: STALL, paused_until: Cell::new(None), pause: Cell::new(BACKOFF), resumed: Cell::new(None) }
+        InlineWrites {
+            enabled,
+            stall: STALL,
+            budget: STALL_BUDGET,
+            window: Cell::new(None),
+            paused_until: Cell::new(None),
+            pause: Cell::new(BACKOFF),
+            resumed: Cell::new(None),
+        }
     }
 
     /// Write all of `data` at `off` now and return the count or a negative errno; `None`
@@ -63,8 +80,18 @@ impl InlineWrites {
             Ok(()) => data.len() as i64,
             Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
         };
-        if start.elapsed() > self.stall {
+        let took = start.elapsed();
+        if took > self.stall {
             let now = Instant::now();
+            let (since, stalled) = match self.window.get() {
+                Some((since, sum)) if now.duration_since(since) < WINDOW => (since, sum + took),
+                _ => (now, took),
+            };
+            if stalled <= self.budget {
+                self.window.set(Some((since, stalled)));
+                return Some(res);
+            }
+            self.window.set(None);
             let soon = self.resumed.get().is_some_and(|r| now.duration_since(r) < self.pause.get());
             let pause = if soon { (self.pause.get() * 2).min(BACKOFF_MAX) } else { BACKOFF };
             self.pause.set(pause);
@@ -105,8 +132,14 @@ mod tests {
         assert_eq!(w.try_write(f.as_raw_fd(), 0, b"abc"), None);
         w.paused_until.set(Some(Instant::now() - Duration::from_millis(1)));
         assert_eq!(w.try_write(f.as_raw_fd(), 0, b"abc"), Some(3), "the back-off is over");
-        // Every write counts as a stall now: one goes through, the next is refused.
-        let w = InlineWrites { stall: Duration::ZERO, ..InlineWrites::new(true) };
+        // Stalls under the budget leave the path on.
+        let w = InlineWrites { stall: Duration::ZERO, budget: Duration::from_secs(3600), ..InlineWrites::new(true) };
+        for _ in 0..3 {
+            assert_eq!(w.try_write(f.as_raw_fd(), 0, b"abc"), Some(3));
+        }
+        assert!(w.window.get().is_some_and(|(_, sum)| sum > Duration::ZERO), "the stalls are counted");
+        // Every write is a stall over the budget now: one goes through, the next is refused.
+        let w = InlineWrites { stall: Duration::ZERO, budget: Duration::ZERO, ..InlineWrites::new(true) };
         assert_eq!(w.try_write(f.as_raw_fd(), 0, b"abc"), Some(3));
         assert_eq!(w.try_write(f.as_raw_fd(), 0, b"abc"), None);
         assert_eq!(w.pause.get(), BACKOFF);
