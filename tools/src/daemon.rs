@@ -310,7 +310,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::F
         let stop = nbd::stop_on_signals();
         if let Some(s) = &server {
             let offer = Rc::new(server::Offer { exports: exports.clone(), tls: s.tls.clone(), authz: s.authz.clone() });
-            nbd::spawn_accept_loop(s.fd.as_raw_fd(), offer, s.max, true, stop.clone(), "basalt-storage-daemon");
+            nbd::spawn_accept_loop(s.fd.as_raw_fd(), offer, None, s.max, true, stop.clone(), "basalt-storage-daemon");
         }
         if let Some(p) = ready {
             // As qemu-storage-daemon: out of the way of unmounts, stdio to /dev/null.

@@ -83,6 +83,17 @@ pub fn helper_reactors(n: usize) -> Option<Runtime> {
     Runtime::new(cfg).ok()
 }
 
+/// `n` more reactors with a server's settings (its buffer pool, the tools' short idle spin),
+/// for a server that spreads its connections over several reactors; an error says why they
+/// could not start.
+pub fn server_reactors(n: usize) -> std::io::Result<Runtime> {
+    let mut cfg = tool_config();
+    cfg.reactor.pool_size = SERVER_POOL;
+    cfg.cores = (0..n).collect();
+    cfg.pin = false;
+    Runtime::new(cfg)
+}
+
 /// Cores this process may run on.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map(usize::from).unwrap_or(1)

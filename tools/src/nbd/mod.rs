@@ -18,24 +18,28 @@
 //! `--detect-zeroes=on|unmap`) are refused by name.
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through
-//! `basalt_drivers::nbd::sock`.
+//! `basalt_drivers::nbd::sock`. `--reactors=N` (Basalt's own option) spreads them over N
+//! reactor threads, each connection on one of them in turn ([`spread`]); `-B` cannot be
+//! combined with it yet (an exported bitmap records every connection's writes in one place).
 
 pub mod bitmap;
 pub mod list;
 pub mod replies;
 pub mod server;
+pub mod spread;
 
 use std::cell::Cell;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use basalt_drivers::nbd::tls::ServerTls;
-use basalt_engine::{Perm, Queue};
+use basalt_engine::Perm;
 
 use crate::image::{self, ImageSpec};
-use crate::img::common::Chain;
 
 const USAGE: &str = "Usage: basalt-nbd [OPTIONS] FILE
 Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.
@@ -61,12 +65,17 @@ Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.
       --tls-creds=ID        require TLS, with the credentials object ID
       --tls-hostname=NAME   with --list: the name the server's certificate must carry
       --tls-authz=ID        with --tls-creds: the authorization object clients must pass
+      --reactors=N          serve connections on N reactor threads, each connection on
+                            one of them in turn (default 1; Basalt's own option)
       --fork                run in the background once the server is listening
       --pid-file=PATH       write the server's pid there
   -L, --list                list the exports of the server at -k or -b/-p
   -v, --verbose             accepted
   -h, --help                this help
   -V, --version             version";
+
+/// The most reactors `--reactors` takes.
+const MAX_REACTORS: usize = 256;
 
 struct Config {
     port: u16,
@@ -92,6 +101,7 @@ struct Config {
     tls_creds: Option<String>,
     tls_hostname: Option<String>,
     tls_authz: Option<String>,
+    reactors: usize,
     file: String,
 }
 
@@ -127,6 +137,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         ("offset", 'o'),
         ("partition", 'P'),
         ("handshake-limit", '\0'),
+        ("reactors", '\0'),
     ];
     const FLAGS: &[(&str, char)] = &[
         ("read-only", 'r'),
@@ -165,6 +176,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         tls_creds: None,
         tls_hostname: None,
         tls_authz: None,
+        reactors: 1,
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -245,6 +257,12 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "tls-creds" => c.tls_creds = Some(val),
             "tls-hostname" => c.tls_hostname = Some(val),
             "tls-authz" => c.tls_authz = Some(val),
+            "reactors" => {
+                c.reactors = match val.parse::<usize>() {
+                    Ok(n @ 1..=MAX_REACTORS) => n,
+                    _ => return Err(format!("Invalid reactor count '{val}' (1 to {MAX_REACTORS})")),
+                }
+            }
             "verbose" => {}
             "help" => {
                 println!("{USAGE}");
@@ -284,6 +302,10 @@ fn check(c: &Config) -> Result<(), String> {
     }
     if c.tls_authz.is_some() && c.list {
         return Err("TLS authorization is incompatible with export list".into());
+    }
+    if c.reactors > 1 && !c.bitmaps.is_empty() {
+        // An exported bitmap records the writes of every connection in one place.
+        return Err("--bitmap cannot be used with more than one reactor yet".into());
     }
     Ok(())
 }
@@ -549,14 +571,6 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             return report(format!("Failed to blk_new_open '{}': {msg}", c.file));
         }
     };
-    let queue = match Queue::new(node.clone()) {
-        Ok(q) => q,
-        Err(e) => return report(e.msg),
-    };
-    let chain = match Chain::new(node.clone()) {
-        Ok(ch) => ch,
-        Err(e) => return report(e),
-    };
     let mut bitmaps = Vec::new();
     for name in &c.bitmaps {
         match export_bitmap(&node, name).await {
@@ -564,18 +578,29 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             Err(e) => return report(e),
         }
     }
-    let exp = Rc::new(server::Export {
+    let spec = spread::ExportSpec {
+        node: node.clone(),
         name: c.name.clone(),
         description: c.description.clone(),
-        queue,
-        chain,
-        size: node.size(),
-        read_only: c.read_only || node.read_only(),
+        read_only: c.read_only,
         discard: c.discard,
         allocation_depth: c.allocation_depth,
         multi_conn: c.shared > 1,
-        bitmaps,
-    });
+        tls,
+        authz,
+    };
+    let exp = match spec.export(bitmaps) {
+        Ok(e) => e,
+        Err(e) => return report(e),
+    };
+    let spread = if c.reactors > 1 {
+        match spread::Spread::start(c.reactors - 1, &spec).await {
+            Ok(s) => Some(Rc::new(s)),
+            Err(e) => return report(e),
+        }
+    } else {
+        None
+    };
     if let Some(p) = &c.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
             return report(format!("Cannot write pid file to '{p}': {e}"));
@@ -587,13 +612,17 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let stop = stop_on_signals();
     let served = exp.clone();
     let lraw = listener.as_raw_fd();
-    let offer = Rc::new(server::Offer { exports: vec![exp], tls, authz });
-    spawn_accept_loop(lraw, offer, c.shared, c.persistent, stop.clone(), "basalt-nbd");
+    let offer = spec.offer(exp);
+    spawn_accept_loop(lraw, offer, spread.clone(), c.shared, c.persistent, stop.clone(), "basalt-nbd");
     stop.wait().await;
     // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
     // in flight when the reactor stops.
     // SAFETY: shutdown(2) on the listening descriptor, still open (the accept loop owns it).
     unsafe { libc::shutdown(lraw, libc::SHUT_RDWR) };
+    // The other reactors' connections end before the image is flushed and closed.
+    if let Some(s) = spread {
+        s.stop().await;
+    }
     let mut code = 0;
     // Whatever the clients did not flush is made durable (metadata caches included) before
     // the image is closed, as qemu-nbd's exit does.
@@ -614,12 +643,15 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
 pub(crate) fn spawn_accept_loop(
     lraw: RawFd,
     offer: Rc<server::Offer>,
+    spread: Option<Rc<spread::Spread>>,
     shared: usize,
     persistent: bool,
     stop: Rc<Stop>,
     who: &'static str,
 ) {
-    let active = Rc::new(Cell::new(0usize));
+    // Clients being served, on every reactor.
+    let active = Arc::new(AtomicUsize::new(0));
+    let home = basalt_reactor::current_handle();
     let st = stop;
     basalt_reactor::spawn_local(async move {
         loop {
@@ -651,20 +683,28 @@ pub(crate) fn spawn_accept_loop(
             }
             // SAFETY: accept returned a new descriptor that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(res as RawFd) };
-            if active.get() >= shared {
+            if active.load(Ordering::Relaxed) >= shared {
                 // Turned away, as qemu-nbd does past --shared.
                 drop(fd);
                 continue;
             }
-            active.set(active.get() + 1);
+            active.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = spread.as_ref().and_then(|s| s.pick()) {
+                let (active, home) = (active.clone(), StopHandle(home.clone()));
+                spread::serve_on(h, fd, who, move || {
+                    if active.fetch_sub(1, Ordering::Relaxed) == 1 && !persistent {
+                        home.fire();
+                    }
+                });
+                continue;
+            }
             let (offer, active, st) = (offer.clone(), active.clone(), st.clone());
             basalt_reactor::spawn_local(async move {
                 let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
                 if let Err(e) = server::serve(sock, offer).await {
                     eprintln!("{who}: client: {e}");
                 }
-                active.set(active.get() - 1);
-                if active.get() == 0 && !persistent {
+                if active.fetch_sub(1, Ordering::Relaxed) == 1 && !persistent {
                     st.fire();
                 }
             });
