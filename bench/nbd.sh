@@ -10,7 +10,8 @@
 # nbd engine cannot pass certificate files: libnbd only reads them from URIs for callers that
 # allow local files, which fio does not).
 #
-#     bench/nbd.sh            # RUNTIME=10 (seconds per fio job), RUNS=1, TLS=0, SHARED=4
+#     bench/nbd.sh            # RUNTIME=10 (seconds per fio job), RUNS=1, TLS=0, SHARED=4,
+#                             # REACTORS=1 (basalt-nbd's), JOBS=1 (fio jobs, a connection each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${RUNTIME:-10}
@@ -19,6 +20,9 @@ TLS=${TLS:-0}
 # Clients basalt-nbd and qemu-nbd take at once (`-e`). Above 1 they advertise multi-conn, as
 # nbdkit's file plugin does by default, and nbdcopy then opens 4 connections to each server.
 SHARED=${SHARED:-4}
+# basalt-nbd's reactors (`--reactors`), and fio jobs, each with its own connection.
+REACTORS=${REACTORS:-1}
+JOBS=${JOBS:-1}
 for t in qemu-nbd nbdkit nbdcopy fio openssl; do
     command -v $t >/dev/null || { echo "bench/nbd.sh: $t is missing" >&2; exit 1; }
 done
@@ -57,7 +61,7 @@ fi
 
 start_server() { # name sock; sets $pid
     case $1 in
-    basalt-nbd) "$BASALT_NBD" "${srv_tls[@]}" -t -e "$SHARED" -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
+    basalt-nbd) "$BASALT_NBD" "${srv_tls[@]}" --reactors="$REACTORS" -t -e "$SHARED" -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
     qemu-nbd) qemu-nbd "${srv_tls[@]}" -t -e "$SHARED" -f raw -k "$2" "$img" >/dev/null 2>&1 & ;;
     nbdkit) nbdkit "${kit_tls[@]}" -f -U "$2" file "$img" >/dev/null 2>&1 & ;;
     esac
@@ -95,6 +99,7 @@ for run in $(seq "$RUNS"); do
             set -- $job
             c0=$(cpu_ticks "$pid")
             out=$(fio --name=b --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 --size=1G \
+                --numjobs="$JOBS" --group_reporting \
                 --runtime="$RUNTIME" --time_based --output-format=json 2>/dev/null | sed -n '/^{/,$p')
             c1=$(cpu_ticks "$pid")
             echo "$out" | python3 -c '
