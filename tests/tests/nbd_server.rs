@@ -439,6 +439,7 @@ fn zero_copy_reads_stay_exact() {
         "--do_verify=1",
         "--verify_fatal=1",
         "--randrepeat=1",
+        "--verify_state_save=0",
     ]));
     must(&o, "fio randrw 64k-1m with verify");
     b.stop();
@@ -542,6 +543,7 @@ fn connections_spread_over_reactors() {
         "--do_verify=1",
         "--verify_fatal=1",
         "--randrepeat=1",
+        "--verify_state_save=0",
     ]));
     must(&o, "fio randrw with verify on two connections");
     // The bytes fio wrote, put back into the source so that compare knows them.
