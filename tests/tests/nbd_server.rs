@@ -266,6 +266,7 @@ fn fio(uri: &str, rw: &str, bs: &str, depth: &str) -> std::process::Output {
         "--do_verify=1",
         "--verify_fatal=1",
         "--randrepeat=1",
+        "--verify_state_save=0",
     ]))
 }
 
