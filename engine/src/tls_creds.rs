@@ -1,11 +1,12 @@
 //! QEMU's TLS credentials objects, as given on a command line:
-//! `--object tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off]` and
+//! `--object tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off][,sanity-check=on|off]` and
 //! `--object tls-creds-psk,id=ID,dir=DIR,endpoint=client|server[,username=NAME]`.
 //!
 //! This module only parses and holds the definitions; the files in `dir` (QEMU's names:
 //! `ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`,
 //! `keys.psk`) are read by the NBD driver when a connection is set up, so an object defined
-//! but never used costs nothing, as in QEMU. Guarantees: unknown parameters, a bad endpoint
+//! but never used costs nothing (QEMU reads them when the object is made), and `sanity-check`
+//! is applied there too (`basalt_drivers::nbd::tls_check`). Guarantees: unknown parameters, a bad endpoint
 //! and a missing `dir` are refused with QEMU's wording; parameters that only mean something
 //! to GnuTLS (`priority`), encrypted keys (`passwordid`) and anonymous credentials
 //! (`tls-creds-anon`, which offer no authentication) are refused by name rather than ignored.
@@ -43,6 +44,8 @@ pub struct TlsCreds {
     pub verify_peer: bool,
     /// PSK, client side: the identity sent (QEMU's default is `qemu`).
     pub username: String,
+    /// X.509: check the certificates before using them (`sanity-check`, on by default).
+    pub sanity_check: bool,
 }
 
 impl TlsCreds {
@@ -64,7 +67,7 @@ impl TlsCreds {
             _ => TlsEndpoint::Client,
         };
         let verify_peer = o.take_bool("verify-peer", true)?;
-        let _ = o.take_bool("sanity-check", true)?;
+        let sanity_check = o.take_bool("sanity-check", true)?;
         let _ = o.take_bool("loaded", true)?;
         let username = o.take_str("username");
         let dir = o.take_str("dir");
@@ -90,6 +93,7 @@ impl TlsCreds {
             endpoint,
             verify_peer,
             username: username.unwrap_or_else(|| "qemu".to_string()),
+            sanity_check,
         })
     }
 

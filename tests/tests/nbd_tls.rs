@@ -585,3 +585,143 @@ fn tls_authz_matches_qemu_nbd() {
     ]));
     assert!(stderr(&o).contains("Cannot find QAuthZ object ID zz"), "{}", stderr(&o));
 }
+
+/// `sanity-check` (on by default): certificates QEMU refuses before serving, basalt-nbd
+/// refuses with the same message (a CA as the server's certificate, a CA certificate that is
+/// not marked one, a purpose or usage that does not allow the role, an expired certificate,
+/// one from another CA), and the same on a client's side (basalt-io as qemu-io);
+/// `sanity-check=off` lets both start.
+#[test]
+fn sanity_check_matches_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ok = pki(d, "ok");
+    let other = pki(d, "other");
+    // A server directory holding `cert` (signed by `ca` from its copy of the server's request,
+    // with extensions `ext`, valid for `days`) and `trust` as its CA certificate.
+    let server_dir = |name: &str, ca: &Pki, trust: &Path, ext: &str, days: &str| {
+        let dir = d.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(ca.ca.join("ext"), ext).unwrap();
+        let args = ["x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial"];
+        let out = dir.join("server-cert.pem");
+        must(
+            &run(peer("openssl").current_dir(&ca.ca).args(args).args(["-days", days, "-extfile", "ext", "-out", path(&out)])),
+            "sign",
+        );
+        std::fs::copy(ca.server.join("server-key.pem"), dir.join("server-key.pem")).unwrap();
+        std::fs::copy(trust, dir.join("ca-cert.pem")).unwrap();
+        dir
+    };
+    let ca_cert = ok.ca.join("ca-cert.pem");
+    let leaf = "basicConstraints=critical,CA:FALSE\n";
+    let mut cases = vec![
+        server_dir("as-ca", &ok, &ca_cert, "basicConstraints=critical,CA:TRUE\n", "2"),
+        server_dir("client-purpose", &ok, &ca_cert, &format!("{leaf}extendedKeyUsage=critical,clientAuth\n"), "2"),
+        server_dir("sign-only", &ok, &ca_cert, &format!("{leaf}keyUsage=critical,keyCertSign\n"), "2"),
+        server_dir("expired", &ok, &ca_cert, leaf, "-1"),
+        server_dir("foreign", &other, &ca_cert, leaf, "2"),
+    ];
+    // A CA certificate without basic constraints (self-signed from a request, no extensions).
+    let bare = d.join("bare-ca");
+    std::fs::create_dir_all(&bare).unwrap();
+    openssl(
+        &bare,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.csr",
+            "-subj",
+            "/CN=bare",
+        ],
+    );
+    openssl(&bare, &["x509", "-req", "-in", "c.csr", "-signkey", "k.pem", "-days", "2", "-out", "ca-cert.pem"]);
+    cases.push(server_dir("bare", &ok, &bare.join("ca-cert.pem"), leaf, "2"));
+    // A CA certificate whose basic constraints say it is not one.
+    let not_ca = d.join("not-ca");
+    std::fs::create_dir_all(&not_ca).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend(["-keyout", "k.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=not a CA"]);
+    a.extend(["-addext", "basicConstraints=critical,CA:FALSE"]);
+    openssl(&not_ca, &a);
+    cases.push(server_dir("not-ca-dir", &ok, &not_ca.join("ca-cert.pem"), leaf, "2"));
+    let img = d.join("s.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let refusal = |prog: &str, dir: &Path, extra: &str| {
+        let sock = d.join(format!("{prog}.sock"));
+        let mut c = Command::new("timeout");
+        c.args([
+            "10",
+            prog,
+            "--object",
+            &format!("{}{extra}", creds(dir, "server")),
+            "--tls-creds",
+            "tls0",
+            "-k",
+            path(&sock),
+            path(&img),
+        ]);
+        let o = run(&mut c);
+        let text = stderr(&o);
+        (o.status.code(), text.split_once(": ").map(|(_, m)| m.trim().to_string()).unwrap_or(text))
+    };
+    let want = [
+        "basic constraints show a CA, but we need one for a server",
+        "purpose does not allow use with a TLS server",
+        "usage does not permit digital signature",
+        "has expired",
+        "failed validation against",
+        "is missing basic constraints for a CA",
+        "basic constraints do not show a CA",
+    ];
+    for (dir, want) in cases.iter().zip(want) {
+        let (qc, q) = refusal("qemu-nbd", dir, "");
+        let (bc, b) = refusal(path(&tool("basalt-nbd")), dir, "");
+        assert_eq!(qc, Some(1), "qemu-nbd with {}: {q}", dir.display());
+        assert!(q.contains(want), "qemu-nbd with {}: {q}", dir.display());
+        assert_eq!(bc, Some(1), "basalt-nbd with {}: {b}", dir.display());
+        assert_eq!(b, q, "basalt-nbd and qemu-nbd refuse {} differently", dir.display());
+    }
+    // sanity-check=off: both serve with the CA-flagged certificate (until `timeout` ends them).
+    for prog in ["qemu-nbd".to_string(), path(&tool("basalt-nbd")).to_string()] {
+        let sock = d.join("off.sock");
+        let _ = std::fs::remove_file(&sock);
+        let obj = format!("{},sanity-check=off", creds(&cases[0], "server"));
+        let s = start_listening(
+            Command::new(&prog).args(["--object", &obj, "--tls-creds", "tls0", "-t", "-k", path(&sock), path(&img)]),
+            &sock,
+        );
+        // Serving: it greets a client (qemu-nbd ignores a SIGTERM that comes before that).
+        drop(raw_client(&sock));
+        s.stop();
+    }
+
+    // A client certificate whose critical purpose is a server's: qemu-io and basalt-io refuse
+    // it alike, before connecting.
+    let client = d.join("client-as-server");
+    std::fs::create_dir_all(&client).unwrap();
+    std::fs::write(ok.ca.join("ext"), format!("{leaf}extendedKeyUsage=critical,serverAuth\n")).unwrap();
+    let args = ["x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial"];
+    let cert = client.join("client-cert.pem");
+    must(
+        &run(peer("openssl").current_dir(&ok.ca).args(args).args(["-days", "2", "-extfile", "ext", "-out", path(&cert)])),
+        "sign",
+    );
+    std::fs::copy(ok.client.join("client-key.pem"), client.join("client-key.pem")).unwrap();
+    std::fs::copy(&ca_cert, client.join("ca-cert.pem")).unwrap();
+    let target = unix_opts(&d.join("nobody.sock"), "");
+    let (q, b) = (io("qemu-io", &client, &target, &["read 0 512"]), io("basalt-io", &client, &target, &["read 0 512"]));
+    let msg = format!("Certificate {} purpose does not allow use with a TLS client", cert.display());
+    assert!(!q.status.success() && stderr(&q).contains(&msg), "qemu-io: {}", stderr(&q));
+    assert!(!b.status.success() && stderr(&b).contains(&msg), "basalt-io: {}", stderr(&b));
+}

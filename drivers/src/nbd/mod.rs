@@ -25,6 +25,7 @@ pub mod sendfile;
 pub mod sock;
 pub mod target;
 pub mod tls;
+pub mod tls_check;
 pub mod tls_peer;
 
 use std::cell::{Cell, RefCell};

@@ -198,6 +198,9 @@ impl ClientTls {
         let dir = creds.dir.as_path();
         let provider = provider();
         let roots = load_roots(dir)?;
+        if creds.sanity_check {
+            super::tls_check::sanity_check(dir, TlsEndpoint::Client)?;
+        }
         let name = match hostname {
             Some(h) => ServerName::try_from(h.trim_start_matches('[').trim_end_matches(']').to_string())
                 .map_err(|_| creds_err(format!("'{h}' is not a valid TLS host name")))?,
@@ -317,6 +320,9 @@ impl ServerTls {
         let roots = load_roots(dir)?;
         let cert = cred_file(dir, "server-cert.pem", true)?.expect("required file");
         let key = cred_file(dir, "server-key.pem", true)?.expect("required file");
+        if creds.sanity_check {
+            super::tls_check::sanity_check(dir, TlsEndpoint::Server)?;
+        }
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls_err("TLS set-up", e))?;
