@@ -586,3 +586,70 @@ fn connections_spread_over_reactors() {
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// `qemu-img map --output=json` of a qcow2 image, without host offsets (where each server's
+/// allocator put the clusters).
+fn qcow2_map(img: &Path) -> Vec<serde_json::Value> {
+    let o = run(peer("qemu-img").args(["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()]));
+    must(&o, "qemu-img map");
+    let mut v: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    v
+}
+
+/// `--detect-zeroes=off|on|unmap`: the same writes through basalt-nbd and qemu-nbd (zeroes
+/// over data, over nothing, across a data cluster's edge, and data) leave qcow2 images that
+/// map the same, and `on` maps differently from `off` (zero clusters instead of data); bad
+/// uses are refused with qemu-nbd's words.
+#[test]
+fn detect_zeroes_matches_qemu_nbd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let script = r#"
+z = bytes(65536)
+h.pwrite(z, 0)
+h.pwrite(bytes(131072), 4 << 20)
+h.pwrite(bytes(98304), (1 << 20) - 32768)
+h.pwrite(b"\x07" * 65536, 6 << 20)
+h.pwrite(z, (6 << 20) + 65536, nbd.CMD_FLAG_FUA)
+h.flush()
+assert h.pread(65536, 0) == z
+print("done")
+"#;
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let mut maps = Vec::new();
+    for (mode, extra) in [("off", None), ("on", None), ("unmap", Some("--discard=unmap"))] {
+        let mut pair = Vec::new();
+        for server in ["qemu-nbd", "basalt-nbd"] {
+            let img = d.join(format!("{server}-{mode}.qcow2"));
+            let i = img.to_str().unwrap();
+            must(&run(peer("qemu-img").args(["create", "-q", "-f", "qcow2", i, "8M"])), "create");
+            must(&run(peer("qemu-io").args(["-f", "qcow2", "-c", "write -P 5 0 2M", i])), "data");
+            let sock = d.join(format!("{server}-{mode}.sock"));
+            let mut cmd = if server == "qemu-nbd" { peer("qemu-nbd") } else { Command::new(tool("basalt-nbd")) };
+            // qemu-nbd takes `--detect-zeroes=unmap` only after `--discard=unmap`.
+            cmd.args(["-t", "-f", "qcow2"]).args(extra).arg(format!("--detect-zeroes={mode}")).arg("-k").arg(&sock).arg(&img);
+            let s = start_listening(&mut cmd, &sock);
+            let o = run(peer("nbdsh").env("PATH", &path).args(["-u", &uri(&sock), "-c", script]));
+            must(&o, &format!("nbdsh against {server} with --detect-zeroes={mode}"));
+            assert_eq!(stdout(&o), "done\n");
+            s.stop();
+            pair.push(qcow2_map(&img));
+        }
+        assert_eq!(pair[1], pair[0], "--detect-zeroes={mode}: basalt-nbd's image maps differently");
+        maps.push(pair.remove(0));
+    }
+    assert_ne!(maps[1], maps[0], "--detect-zeroes=on changed nothing");
+    // Bad uses: the same words as qemu-nbd's.
+    let img = d.join("qemu-nbd-off.qcow2");
+    for args in [vec!["--detect-zeroes=bogus"], vec!["--detect-zeroes=unmap"]] {
+        let sock = d.join("never.sock");
+        let q = run(peer("qemu-nbd").args(&args).args(["-f", "qcow2", "-k"]).arg(&sock).arg(&img));
+        let b = run(Command::new(tool("basalt-nbd")).args(&args).args(["-f", "qcow2", "-k"]).arg(&sock).arg(&img));
+        assert!(!q.status.success() && !b.status.success(), "{args:?} was accepted");
+        let msg = |o: &std::process::Output| stderr(o).lines().next().unwrap_or("").split_once(": ").map(|(_, m)| m.to_string());
+        assert_eq!(msg(&b), msg(&q), "{args:?}");
+    }
+}

@@ -234,6 +234,8 @@ async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<
         size: node.size(),
         read_only: !writable,
         discard: true,
+        // In QEMU a node's option (`--blockdev ...,detect-zeroes=`), not the export's.
+        detect_zeroes: server::DetectZeroes::Off,
         allocation_depth,
         // QEMU's multi-conn=auto: on unless the server takes a single client.
         multi_conn: max_connections != 1,

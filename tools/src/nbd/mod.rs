@@ -3,7 +3,7 @@
 //! `basalt-nbd [OPTIONS] FILE`: `-p/--port`, `-b/--bind`, `-k/--socket`, `-x/--export-name`,
 //! `-D/--description`, `-f/--format`, `-r/--read-only`, `-t/--persistent`, `-e/--shared`,
 //! `-A/--allocation-depth`, `-n/--nocache`, `--cache`, `--aio`, `--discard`,
-//! `--detect-zeroes=off`, `--image-opts`, `--object`, `--fork`, `--pid-file`, `-v`. As qemu-nbd:
+//! `--detect-zeroes=off|on|unmap`, `--image-opts`, `--object`, `--fork`, `--pid-file`, `-v`. As qemu-nbd:
 //! without `-t` the server exits when its last client has gone; `-e N` admits N clients at once
 //! (1 by default) and turns the others away; SIGTERM/SIGINT end it cleanly (the image is
 //! flushed and closed). `-L` lists another server's exports as qemu-nbd does (with `-k`, or
@@ -14,8 +14,9 @@
 //! `--tls-authz=ID` (an `authz-simple`/`authz-list`/`authz-listfile` object) then decides
 //! which clients may go on after the handshake, by their certificate's name or PSK username
 //! (an unknown ID is an error at start, where QEMU refuses every client instead). Options not
-//! implemented yet (`-c`, `-d`, `-s`, `-l`, `-T`, `-o`, `-P`,
-//! `--detect-zeroes=on|unmap`) are refused by name.
+//! implemented yet (`-c`, `-d`, `-s`, `-l`, `-T`, `-o`, `-P`) are refused by name.
+//! `--detect-zeroes=on|unmap` makes a write of zeroes a zero write, as QEMU's block layer
+//! does for the exported node (`unmap` only with `--discard=unmap`, as qemu-nbd requires).
 //!
 //! Connections are served by [`server`] on the tool's reactor, socket I/O through
 //! `basalt_drivers::nbd::sock`. `--reactors=N` (Basalt's own option) spreads them over N
@@ -58,7 +59,8 @@ Serve FILE (an image in any format Basalt reads) over NBD, as qemu-nbd does.
       --cache=MODE          none, writeback, writethrough, directsync, unsafe
       --aio=MODE            threads or io_uring
       --discard=MODE        ignore or unmap
-      --detect-zeroes=off   (on and unmap are not supported yet)
+      --detect-zeroes=MODE  off, on (writes of zeroes become zero writes) or unmap
+                            (and may free the space, with --discard=unmap)
       --image-opts          FILE is a set of image options
       --object=OBJ          define an object (secret, tls-creds-x509, tls-creds-psk,
                             authz-simple, authz-list, authz-listfile)
@@ -102,6 +104,7 @@ struct Config {
     tls_hostname: Option<String>,
     tls_authz: Option<String>,
     reactors: usize,
+    detect_zeroes: server::DetectZeroes,
     file: String,
 }
 
@@ -177,6 +180,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         tls_hostname: None,
         tls_authz: None,
         reactors: 1,
+        detect_zeroes: server::DetectZeroes::Off,
         file: String::new(),
     };
     let mut files = Vec::new();
@@ -240,8 +244,11 @@ fn parse(args: &[String]) -> Result<Config, String> {
                 _ => return Err(format!("Invalid discard mode `{val}'")),
             },
             "detect-zeroes" => {
-                if val != "off" {
-                    return Err(format!("--detect-zeroes={val} is not supported yet"));
+                c.detect_zeroes = match val.as_str() {
+                    "off" => server::DetectZeroes::Off,
+                    "on" => server::DetectZeroes::On,
+                    "unmap" => server::DetectZeroes::Unmap,
+                    _ => return Err(format!("Failed to parse detect_zeroes mode: invalid parameter value: {val}")),
                 }
             }
             "object" => c.objects.push(val),
@@ -302,6 +309,9 @@ fn check(c: &Config) -> Result<(), String> {
     }
     if c.tls_authz.is_some() && c.list {
         return Err("TLS authorization is incompatible with export list".into());
+    }
+    if c.detect_zeroes == server::DetectZeroes::Unmap && !c.discard {
+        return Err("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into());
     }
     if c.reactors > 1 && !c.bitmaps.is_empty() {
         // An exported bitmap records the writes of every connection in one place.
@@ -584,6 +594,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         description: c.description.clone(),
         read_only: c.read_only,
         discard: c.discard,
+        detect_zeroes: c.detect_zeroes,
         allocation_depth: c.allocation_depth,
         multi_conn: c.shared > 1,
         tls,

@@ -65,6 +65,17 @@ const CTX_DEPTH: u32 = 2;
 /// The first dirty bitmap's context id; the others follow.
 const CTX_BITMAP: u32 = 3;
 
+/// `--detect-zeroes`: what a write whose data is all zeroes becomes, as in QEMU's block layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// A write like any other.
+    Off,
+    /// A zero write (the format records zeroes, as qcow2's zero clusters, where it can).
+    On,
+    /// A zero write that may free the space, where trims are passed down (`--discard=unmap`).
+    Unmap,
+}
+
 /// What is served, as one reactor sees it.
 pub struct Export {
     pub name: String,
@@ -75,6 +86,8 @@ pub struct Export {
     pub read_only: bool,
     /// Trim requests are passed down (`--discard=unmap`).
     pub discard: bool,
+    /// What writes of zeroes become (`--detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
     /// `qemu:allocation-depth` is offered (`-A`).
     pub allocation_depth: bool,
     /// Several clients may connect (`-e` > 1): advertise multi-conn.
@@ -614,7 +627,12 @@ async fn handle(c: &Conn, req: Request, payload: Option<IoBuf>) {
         }
         cmd::WRITE => {
             let buf = payload.expect("a write carries its payload");
-            let r = q.write(req.offset, buf, WriteFlags { fua }).await.res;
+            let r = if exp.detect_zeroes != DetectZeroes::Off && basalt_engine::buffer_is_zero(buf.as_slice()) {
+                let may_unmap = exp.detect_zeroes == DetectZeroes::Unmap && exp.discard;
+                q.write_zeroes(req.offset, req.len, ZeroFlags { may_unmap, no_fallback: false, fua }).await.res
+            } else {
+                q.write(req.offset, buf, WriteFlags { fua }).await.res
+            };
             if r.is_ok() {
                 exp.changed(req.offset, req.len);
             }
