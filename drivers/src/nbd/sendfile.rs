@@ -12,7 +12,9 @@
 //!   the ring and written, as a copying server does.
 //!
 //! Bytes the file no longer holds (it shrank while being served) go as zeroes, so the reply
-//! keeps the length its header announced and the stream stays in step.
+//! keeps the length its header announced and the stream stays in step. A read error of the
+//! file, once the header has gone, can no longer be told to the client as an error reply: it
+//! ends the connection (the copying path, which reads before it sends, answers EIO instead).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
