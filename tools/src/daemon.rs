@@ -25,9 +25,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use basalt_engine::{Authz, Graph, OpenFlags, Opts, Queue};
+use basalt_engine::{Authz, Graph, OpenFlags, Opts};
 
-use crate::img::common::Chain;
 use crate::nbd::{self, server};
 use basalt_drivers::nbd::tls::ServerTls;
 
@@ -195,7 +194,7 @@ fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
 }
 
 /// An `--export type=nbd`.
-async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<server::Export, String> {
+async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<Rc<server::Export>, String> {
     let mut o = options(def, Some("type"))?;
     match o.take_str("type").as_deref() {
         Some("nbd") => {}
@@ -224,14 +223,10 @@ async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<
     if writable && node.read_only() {
         return Err(format!("Block node '{node_name}' is read-only"));
     }
-    let queue = Queue::new(node.clone()).map_err(|e| e.msg)?;
-    let chain = Chain::new(node.clone())?;
-    Ok(server::Export {
+    server::ExportSpec {
+        node,
         name,
         description,
-        queue,
-        chain,
-        size: node.size(),
         read_only: !writable,
         discard: true,
         // In QEMU a node's option (`--blockdev ...,detect-zeroes=`), not the export's.
@@ -239,8 +234,8 @@ async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<
         allocation_depth,
         // QEMU's multi-conn=auto: on unless the server takes a single client.
         multi_conn: max_connections != 1,
-        bitmaps,
-    })
+    }
+    .export(bitmaps)
 }
 
 /// The tool's entry point.
@@ -285,7 +280,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::F
             },
             Item::NbdServer(_) if server.is_some() => Err("Only one --nbd-server is allowed".to_string()),
             Item::NbdServer(def) => nbd_server(&graph, def).map(|s| server = Some(s)),
-            Item::Export(def) => export(&graph, def, server.as_ref()).await.map(|e| exports.push(Rc::new(e))),
+            Item::Export(def) => export(&graph, def, server.as_ref()).await.map(|e| exports.push(e)),
             Item::Object(def) => graph.add_object(def).map_err(|e| e.msg),
         };
         if let Err(e) = r {

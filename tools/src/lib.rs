@@ -78,9 +78,7 @@ pub fn helper_reactors(n: usize) -> Option<Runtime> {
     let mut cfg = tool_config();
     // Bulk work: idle reactors sleep at once, leaving the cores to the threads that copy.
     cfg.reactor.idle_spin = Some(std::time::Duration::ZERO);
-    cfg.cores = (0..n).collect();
-    cfg.pin = false;
-    Runtime::new(cfg).ok()
+    unpinned(n, cfg).ok()
 }
 
 /// `n` more reactors with a server's settings (its buffer pool, the tools' short idle spin),
@@ -89,6 +87,11 @@ pub fn helper_reactors(n: usize) -> Option<Runtime> {
 pub fn server_reactors(n: usize) -> std::io::Result<Runtime> {
     let mut cfg = tool_config();
     cfg.reactor.pool_size = SERVER_POOL;
+    unpinned(n, cfg)
+}
+
+/// Start `n` reactors with `cfg`'s settings on threads the system places.
+fn unpinned(n: usize, mut cfg: RuntimeConfig) -> std::io::Result<Runtime> {
     cfg.cores = (0..n).collect();
     cfg.pin = false;
     Runtime::new(cfg)

@@ -588,7 +588,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
             Err(e) => return report(e),
         }
     }
-    let spec = spread::ExportSpec {
+    let spec = server::ExportSpec {
         node: node.clone(),
         name: c.name.clone(),
         description: c.description.clone(),
@@ -597,15 +597,13 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         detect_zeroes: c.detect_zeroes,
         allocation_depth: c.allocation_depth,
         multi_conn: c.shared > 1,
-        tls,
-        authz,
     };
     let exp = match spec.export(bitmaps) {
         Ok(e) => e,
         Err(e) => return report(e),
     };
     let spread = if c.reactors > 1 {
-        match spread::Spread::start(c.reactors - 1, &spec).await {
+        match spread::Spread::start(c.reactors - 1, &spec, tls.clone(), authz.clone()).await {
             Ok(s) => Some(Rc::new(s)),
             Err(e) => return report(e),
         }
@@ -623,7 +621,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
     let stop = stop_on_signals();
     let served = exp.clone();
     let lraw = listener.as_raw_fd();
-    let offer = spec.offer(exp);
+    let offer = Rc::new(server::Offer { exports: vec![exp], tls, authz });
     spawn_accept_loop(lraw, offer, spread.clone(), c.shared, c.persistent, stop.clone(), "basalt-nbd");
     stop.wait().await;
     // Wake the accept waiting in the blocking pool (it returns EINVAL), so nothing is left
@@ -709,17 +707,25 @@ pub(crate) fn spawn_accept_loop(
                 });
                 continue;
             }
-            let (offer, active, st) = (offer.clone(), active.clone(), st.clone());
-            basalt_reactor::spawn_local(async move {
-                let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
-                if let Err(e) = server::serve(sock, offer).await {
-                    eprintln!("{who}: client: {e}");
-                }
+            let (active, st) = (active.clone(), st.clone());
+            spawn_serve(fd, offer.clone(), who, move || {
                 if active.fetch_sub(1, Ordering::Relaxed) == 1 && !persistent {
                     st.fire();
                 }
             });
         }
+    });
+}
+
+/// Serve the client on `fd` with `offer` on the current reactor; `done` runs once it has
+/// ended. Client errors are reported with `who`.
+pub(crate) fn spawn_serve(fd: OwnedFd, offer: Rc<server::Offer>, who: &'static str, done: impl FnOnce() + 'static) {
+    basalt_reactor::spawn_local(async move {
+        let sock = Rc::new(basalt_drivers::nbd::sock::Sock::new(fd));
+        if let Err(e) = server::serve(sock, offer).await {
+            eprintln!("{who}: client: {e}");
+        }
+        done();
     });
 }
 

@@ -96,6 +96,40 @@ pub struct Export {
     pub bitmaps: Vec<ExportBitmap>,
 }
 
+/// What a reactor needs to build its own view of an export (all of it can cross threads).
+#[derive(Clone)]
+pub struct ExportSpec {
+    pub node: Arc<dyn basalt_engine::Node>,
+    pub name: String,
+    pub description: Option<String>,
+    pub read_only: bool,
+    pub discard: bool,
+    pub detect_zeroes: DetectZeroes,
+    pub allocation_depth: bool,
+    pub multi_conn: bool,
+}
+
+impl ExportSpec {
+    /// The export as the current reactor serves it: its own queue and chain on the node.
+    pub fn export(&self, bitmaps: Vec<ExportBitmap>) -> Result<Rc<Export>, String> {
+        let queue = Queue::new(self.node.clone()).map_err(|e| e.msg)?;
+        let chain = Chain::new(self.node.clone())?;
+        Ok(Rc::new(Export {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            queue,
+            chain,
+            size: self.node.size(),
+            read_only: self.read_only || self.node.read_only(),
+            discard: self.discard,
+            detect_zeroes: self.detect_zeroes,
+            allocation_depth: self.allocation_depth,
+            multi_conn: self.multi_conn,
+            bitmaps,
+        }))
+    }
+}
+
 impl Export {
     fn tflags(&self, neg: &Negotiated) -> u16 {
         let structured = neg.structured;
