@@ -1,12 +1,13 @@
 //! Connections spread over several reactors (`basalt-nbd --reactors=N`): the reactor that
 //! accepts hands each new connection to the next reactor in turn (itself included), and that
-//! reactor serves it to the end with its own view of the export ([`server::ExportSpec::export`]: a
-//! queue and a chain of its own on the shared node, as every reactor that opens a node gets).
+//! reactor serves it to the end with its own view of the export
+//! ([`super::server::ExportSpec::export`]: a queue and a chain of its own on the shared node,
+//! as every reactor that opens a node gets).
 //! Nothing of a connection crosses reactors after the hand-off; a node's drivers keep their
 //! shared state consistent across reactors (the engine's contract for `create_queue`).
 //!
 //! Each helper reactor keeps its [`Offer`] in a thread-local, set when it starts and taken
-//! back before it stops ([`Spread::stop`]), so nothing of the export outlives the reactor it
+//! back before it stops (`Spread::stop`), so nothing of the export outlives the reactor it
 //! belongs to.
 
 use std::cell::{Cell, RefCell};
