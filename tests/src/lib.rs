@@ -184,3 +184,13 @@ pub fn start_listening(cmd: &mut Command, sock: &Path) -> Listening {
     }
     child
 }
+
+/// Punch a hole in the file at `off..off+len`, keeping its size (as a file system leaves
+/// ranges never written).
+pub fn punch_hole(path: &Path, off: u64, len: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open file");
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) on an open descriptor, with plain integer arguments.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), mode, off as i64, len as i64) };
+    assert_eq!(r, 0, "fallocate punch {}: {}", path.display(), std::io::Error::last_os_error());
+}

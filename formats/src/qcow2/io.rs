@@ -906,6 +906,19 @@ impl Qcow2Queue {
         Ok(st)
     }
 
+    /// Whether the image looks metadata-preallocated, decided once per open.
+    async fn metadata_preallocated(&self) -> MResult<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.s.meta_prealloc.load(Relaxed) {
+            0 => {
+                let yes = self.meta().looks_metadata_preallocated().await?;
+                self.s.meta_prealloc.store(if yes { 2 } else { 1 }, Relaxed);
+                Ok(yes)
+            }
+            v => Ok(v == 2),
+        }
+    }
+
     async fn status(&self, off: u64, len: u64) -> Result<BlockStatus, IoStatus> {
         let first = self.mapping(off).await?;
         let mut st = self.status_at(first, off).await?;
@@ -930,14 +943,18 @@ impl Qcow2Queue {
             span += self.s.layout.subcluster_size().min(len - span);
         }
         st.len = span.min(len);
-        // Data in the file may still read as zeroes (a hole, or an unwritten extent): ask the
-        // file, as QEMU's block layer does, and report "zero" (still "data") where it is.
-        // QEMU does not look into an external data file so.
+        // In a metadata-preallocated image, data clusters may still read as zeroes in the file
+        // (a hole, or an unwritten extent): the file is asked, as QEMU's block layer asks it
+        // there, and "zero" (still "data") is reported where it is. In any other image an
+        // allocated cluster is plain data, as QEMU reports it. QEMU does not look into an
+        // external data file so.
         if let (true, Some(host), false) = (st.data && !st.compressed, st.offset, self.s.layout.data_file) {
-            if let Ok(fs) = self.file.block_status(host, st.len).await {
-                st.len = fs.len.clamp(1, st.len);
-                if fs.zero && !fs.data {
-                    st.zero = true;
+            if self.metadata_preallocated().await? {
+                if let Ok(fs) = self.file.block_status(host, st.len).await {
+                    st.len = fs.len.clamp(1, st.len);
+                    if fs.zero && !fs.data {
+                        st.zero = true;
+                    }
                 }
             }
         }

@@ -81,6 +81,9 @@ pub(crate) struct Shared {
     pub bitmaps: std::sync::RwLock<crate::qcow2::bitmap_ops::Bitmaps>,
     /// Whether any loaded bitmap records writes (checked before taking the bitmaps' lock).
     pub tracking: AtomicBool,
+    /// Whether the image looks metadata-preallocated (0: not asked yet, 1: no, 2: yes); decided
+    /// on the first block status query, as QEMU decides it once per open.
+    pub meta_prealloc: std::sync::atomic::AtomicU8,
 }
 
 /// Fault injection: every metadata write and every data write of an allocation passes a named
@@ -542,6 +545,29 @@ impl MetaIo<'_> {
             self.s.lock_meta().insert_refblock(off, b.to_vec());
         }
         Ok(Some(off))
+    }
+
+    /// Whether the image looks preallocated with `preallocation=metadata`: its refcounts claim
+    /// clearly more clusters than the file holds on disk (at least a ninth more, and 2 more).
+    /// QEMU's block status then asks the file where allocated clusters really hold data; for
+    /// any other image it reports allocated clusters as data, whatever the file holds. A file
+    /// that cannot say what it holds on disk (not a local file) is never taken for one.
+    pub(crate) async fn looks_metadata_preallocated(&self) -> MResult<bool> {
+        let Some(on_disk) = self.s.file.allocated_size() else { return Ok(false) };
+        let real = on_disk / self.s.cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = self.s.file.size().div_ceil(self.s.cs);
+        let (mut c, mut counted) = (0, 0);
+        while c < end && counted < threshold {
+            // A whole refcount block's range is skipped at once where it has none.
+            if self.refblock_of(c).await?.is_none() {
+                c = (c / self.per_block() + 1) * self.per_block();
+                continue;
+            }
+            counted += u64::from(self.refcount(c).await? != 0);
+            c += 1;
+        }
+        Ok(counted >= threshold)
     }
 
     /// Refcount of cluster index `c`.

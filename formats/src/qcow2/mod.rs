@@ -402,6 +402,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         clean_interval,
         cleaner: AtomicBool::new(false),
         tracking: AtomicBool::new(tracking),
+        meta_prealloc: Default::default(),
         crypt,
     };
     if let Some(f) = fault {
