@@ -117,11 +117,15 @@ fn leaks_and_refcount_errors_are_found_and_repaired() {
     assert_eq!(r.corruptions, 2, "{:?}", r.messages);
     let (code, _) = qemu_check(&p);
     assert_eq!(code, 2, "qemu-img sees the corruption");
-    // -r leaks does not touch it; -r all does.
+    // A cluster in use with a refcount of 0 calls for new refcount structures: -r leaks stops
+    // there (as qemu-img: the check fails), -r all rebuilds them.
     let r = check(&p, Repair::Leaks);
-    assert_eq!((r.corruptions, r.corruptions_fixed), (2, 0));
+    assert_eq!((r.corruptions, r.corruptions_fixed, r.check_errors), (1, 0, 1), "{:?}", r.messages);
+    assert_eq!(r.failed, Some(basalt_engine::IoStatus::EIO));
+    assert_eq!(r.messages.last().map(String::as_str), Some("ERROR need to rebuild refcount structures"));
     let r = check(&p, Repair::All);
-    assert_eq!(r.corruptions_fixed, 1);
+    assert_eq!(r.corruptions_fixed, 1, "{:?}", r.messages);
+    assert!(r.messages.iter().any(|m| m == "Rebuilding refcount structure"), "{:?}", r.messages);
     let (code, out) = qemu_check(&p);
     assert_eq!(code, 0, "{out}");
     // The data survived.
@@ -140,9 +144,16 @@ fn dirty_lazy_refcount_images_are_repaired_on_open() {
     assert!(info.contains("cleanly shut down: no"), "{info}");
     let (code, _) = qemu_check(&p);
     assert_ne!(code, 0, "the aborted image needs repair");
-    // Opening it read-write repairs it; the data is there.
+    // Opening it read-write repairs it as QEMU does (the same messages on stderr, the same
+    // file byte for byte); the data is there.
+    let q = format!("{p}.q");
+    std::fs::copy(&p, &q).unwrap();
+    let qo = run(peer("qemu-io").args(["-c", "read -P 9 0 1M", &q]));
     let o = run(Command::new(basalt_tests::tool("basalt-io")).args(["-c", "read -P 9 0 1M", "-c", "read -P 7 5M 64k", &p]));
     assert!(o.status.success() && !stdout(&o).contains("verification failed"), "{}", stdout(&o));
+    assert_eq!(basalt_tests::stderr(&o), basalt_tests::stderr(&qo), "repair messages on open");
+    assert!(basalt_tests::stderr(&o).contains("Rebuilding refcount structure"));
+    assert!(std::fs::read(&p).unwrap() == std::fs::read(&q).unwrap(), "the repaired files differ");
     let (code, out) = qemu_check(&p);
     assert_eq!(code, 0, "{out}");
     let info = stdout(&run(peer("qemu-img").args(["info", &p])));

@@ -51,6 +51,8 @@ pub struct CheckReport {
     pub image_end_offset: u64,
     /// The check could not be completed (I/O error).
     pub check_errors: u64,
+    /// Why the check stopped early, after the messages so far (`qemu-img`'s "Check failed").
+    pub failed: Option<IoStatus>,
 }
 
 struct Counts {
@@ -104,13 +106,30 @@ pub(crate) async fn references(s: &Shared, file: &Queue) -> Result<(Vec<u32>, Ch
 
 /// Check (and repair) the image. The caller holds the allocation lock when repairing.
 pub(crate) async fn check(s: &Shared, file: &Queue, repair: Repair) -> Result<CheckReport, IoStatus> {
+    let c = count_all(s, file).await?;
+    finish(s, file, repair, c).await
+}
+
+/// The references of every cluster, the refcount table and blocks included.
+async fn count_all(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
     let cs = s.cs;
-    let fsize = s.file.size();
-    let nb = fsize.div_ceil(cs);
     let hdr = s.hdr.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut c = count_metadata(s, file).await?;
     c.inc(hdr.refcount_table_offset, u64::from(hdr.refcount_table_clusters) * cs, "refcount table");
-    finish(s, file, repair, c, nb).await
+    let rt = s.lock_meta().reftable.clone();
+    for (i, &e) in rt.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            c.report.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+            c.report.corruptions += 1;
+            continue;
+        }
+        c.inc(off, cs, "refcount block");
+    }
+    Ok(c)
 }
 
 async fn count_metadata(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
@@ -264,65 +283,43 @@ async fn count_metadata(s: &Shared, file: &Queue) -> Result<Counts, IoStatus> {
     Ok(c)
 }
 
-/// Add the refcount blocks, compare with the stored refcounts and repair as asked.
-async fn finish(s: &Shared, file: &Queue, repair: Repair, mut c: Counts, nb: u64) -> Result<CheckReport, IoStatus> {
+/// Compare with the stored refcounts and repair as asked. A cluster in use whose stored
+/// refcount is 0 means the refcount structures cannot be trusted: `-r all` then writes new ones
+/// from the counted references (and frees the old ones), `-r leaks` stops there, as qemu-img
+/// does ("ERROR need to rebuild refcount structures").
+async fn finish(s: &Shared, file: &Queue, repair: Repair, mut c: Counts) -> Result<CheckReport, IoStatus> {
     let cs = s.cs;
-    let rt = s.lock_meta().reftable.clone();
-    let per = refcount::entries_per_block(s.cluster_bits, s.rc_order());
-    for (i, &e) in rt.iter().enumerate() {
-        let off = e & OFFSET_MASK;
-        if off == 0 {
-            continue;
-        }
-        if !off.is_multiple_of(cs) {
-            c.report.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
-            c.report.corruptions += 1;
-            continue;
-        }
-        c.inc(off, cs, "refcount block");
-    }
-    // Compare.
     let meta = MetaIo { s, file };
-    // Clusters of the file, and those that refcount blocks describe beyond it.
-    let last_block = rt.iter().rposition(|e| e & OFFSET_MASK != 0).map_or(0, |i| i as u64 + 1);
-    let covered = (last_block * per).max(nb);
-    let mut end = 0u64;
-    for k in 0..covered {
-        let computed = u64::from(c.refs.get(k as usize).copied().unwrap_or(0));
-        let stored = meta.refcount(k).await?;
-        if computed > 0 || stored > 0 {
-            end = k + 1;
+    let (end, rebuild) = compare(s, &meta, &c.refs, repair, &mut c.report, true).await?;
+    c.report.image_end_offset = end * cs;
+    if rebuild && repair == Repair::Leaks {
+        c.report.messages.push("ERROR need to rebuild refcount structures".into());
+        c.report.check_errors += 1;
+        c.report.failed = Some(IoStatus::EIO);
+        meta.writeback().await?;
+        file.flush().await.res?;
+        return Ok(c.report);
+    }
+    if rebuild && repair == Repair::All {
+        c.report.messages.push("Rebuilding refcount structure".into());
+        meta.writeback().await?;
+        rebuild_refcounts(s, &meta, std::mem::take(&mut c.refs)).await?;
+        // Counted again over the new structures: the old ones are now leaked, and freed.
+        let (corruptions, leaks) = (c.report.corruptions, c.report.leaks);
+        let again = count_all(s, file).await?;
+        c.report.messages.extend(again.report.messages);
+        (c.report.corruptions, c.report.leaks) = (again.report.corruptions, again.report.leaks);
+        let mut fresh = CheckReport::default();
+        let (end, broken) = compare(s, &meta, &again.refs, Repair::Leaks, &mut fresh, false).await?;
+        c.report.messages.extend(fresh.messages);
+        if broken {
+            c.report.messages.push("ERROR rebuilt refcount structure is still broken".into());
         }
-        if computed == stored {
-            continue;
-        }
-        let leak = stored > computed;
-        let fix = match repair {
-            Repair::All => true,
-            Repair::Leaks => leak,
-            Repair::None => false,
-        };
-        let kind = if leak { "Leaked cluster" } else { "ERROR cluster" };
-        c.report.messages.push(format!("{kind} {k} refcount={stored} reference={computed}"));
-        if fix {
-            c.report.messages.push(format!("Repairing cluster {k} refcount={stored} reference={computed}"));
-        }
-        if fix {
-            if computed > refcount::max_refcount(s.rc_order()) {
-                c.report.corruptions += 1;
-                continue;
-            }
-            meta.set_refcount_for_repair(k, computed).await?;
-            if leak {
-                c.report.leaks_fixed += 1;
-            } else {
-                c.report.corruptions_fixed += 1;
-            }
-        } else if leak {
-            c.report.leaks += 1;
-        } else {
-            c.report.corruptions += 1;
-        }
+        c.report.image_end_offset = end * cs;
+        c.report.corruptions_fixed += corruptions.saturating_sub(c.report.corruptions);
+        c.report.leaks_fixed += leaks.saturating_sub(c.report.leaks);
+        // Leaks the rebuild made and could not free.
+        c.report.leaks += fresh.leaks;
     }
     // The COPIED flags of the active tables must say whether the refcount is exactly one.
     // Any repair fixes them (as qemu-img does, even with `-r leaks`).
@@ -331,8 +328,195 @@ async fn finish(s: &Shared, file: &Queue, repair: Repair, mut c: Counts, nb: u64
         meta.writeback().await?;
         file.flush().await.res?;
     }
-    c.report.image_end_offset = end * cs;
     Ok(c.report)
+}
+
+/// Compare the counted references `refs` with the stored refcounts, repairing as `repair`
+/// allows; returns the number of clusters up to the last one in use, and whether the
+/// structures need a rebuild (a cluster in use with a stored refcount of 0, which is never
+/// repaired in place). `announce` prints each difference before its repair. Clusters a
+/// repair frees are discarded in the file, as qemu-img discards them.
+async fn compare(
+    s: &Shared,
+    meta: &MetaIo<'_>,
+    refs: &[u32],
+    repair: Repair,
+    report: &mut CheckReport,
+    announce: bool,
+) -> Result<(u64, bool), IoStatus> {
+    let per = refcount::entries_per_block(s.cluster_bits, s.rc_order());
+    // Clusters of the file, and those that refcount blocks describe beyond it.
+    let last_block = s.lock_meta().reftable.iter().rposition(|e| e & OFFSET_MASK != 0).map_or(0, |i| i as u64 + 1);
+    let covered = (last_block * per).max(refs.len() as u64);
+    let (mut end, mut rebuild) = (0u64, false);
+    // Clusters a repair frees, as runs: their space goes back to the file system.
+    let mut freed: Vec<(u64, u64)> = Vec::new();
+    for k in 0..covered {
+        let computed = u64::from(refs.get(k as usize).copied().unwrap_or(0));
+        let stored = meta.refcount(k).await?;
+        if computed > 0 || stored > 0 {
+            end = k + 1;
+        }
+        if computed == stored {
+            continue;
+        }
+        let leak = stored > computed;
+        rebuild |= stored == 0;
+        let fix = match repair {
+            _ if stored == 0 => false,
+            Repair::All => true,
+            Repair::Leaks => leak,
+            Repair::None => false,
+        };
+        let kind = if leak { "Leaked cluster" } else { "ERROR cluster" };
+        if announce || !fix {
+            report.messages.push(format!("{kind} {k} refcount={stored} reference={computed}"));
+        }
+        if fix {
+            report.messages.push(format!("Repairing cluster {k} refcount={stored} reference={computed}"));
+            if computed > refcount::max_refcount(s.rc_order()) {
+                report.corruptions += 1;
+                continue;
+            }
+            meta.set_refcount_for_repair(k, computed).await?;
+            if computed == 0 {
+                match freed.last_mut() {
+                    Some((at, n)) if *at + *n == k => *n += 1,
+                    _ => freed.push((k, 1)),
+                }
+            }
+            if leak {
+                report.leaks_fixed += 1;
+            } else {
+                report.corruptions_fixed += 1;
+            }
+        } else if leak {
+            report.leaks += 1;
+        } else {
+            report.corruptions += 1;
+        }
+    }
+    for (at, n) in freed {
+        // Best effort, as freeing space always is: the refcounts are what matter.
+        let _ = meta.file.discard(at * s.cs, n * s.cs).await;
+    }
+    Ok((end, rebuild))
+}
+
+/// Write new refcount structures holding `refs` (the counted references, the old structures
+/// included), and switch the header to them, laid out as qemu-img lays them out:
+/// - each range of clusters one refcount block describes, and which has a cluster in use, gets
+///   a block in the first free cluster at or after the range's start (so a block written
+///   never has to change for a later one), growing the image where none is free;
+/// - the table then takes the first free run of clusters in the image, and the blocks of the
+///   ranges it lands in are written again; a table that turns out too small (its own blocks
+///   grew the image past what it holds) is given back and placed anew.
+///
+/// The old table and blocks are left counted: the caller frees them as leaks.
+async fn rebuild_refcounts(s: &Shared, meta: &MetaIo<'_>, mut refs: Vec<u32>) -> Result<(), IoStatus> {
+    let cs = s.cs;
+    let mut blocks: Vec<u64> = Vec::new();
+    let end = refs.len() as u64;
+    write_blocks(s, meta, &mut refs, &mut blocks, 0, end).await?;
+    let (mut table, mut table_clusters) = (0u64, 0u64);
+    loop {
+        let need = (blocks.len() as u64 * 8).div_ceil(cs).max(1);
+        if table_clusters >= need {
+            break;
+        }
+        if table_clusters > 0 {
+            refs[table as usize..(table + table_clusters) as usize].iter_mut().for_each(|r| *r = r.saturating_sub(1));
+        }
+        if need * cs > crate::qcow2::header::MAX_REFTABLE_BYTES {
+            return Err(IoStatus(libc::EFBIG));
+        }
+        table = alloc_run(&mut refs, &mut 0, need);
+        table_clusters = need;
+        write_blocks(s, meta, &mut refs, &mut blocks, table, table + need).await?;
+    }
+    let mut entries = blocks;
+    entries.resize((table_clusters * cs / 8) as usize, 0);
+    let bytes: Vec<u8> = entries.iter().flat_map(|v| v.to_be_bytes()).collect();
+    meta.write_bytes("rebuild.table", table * cs, &bytes).await?;
+    meta.file.flush().await.res?;
+    // The header's refcount_table_offset and refcount_table_clusters (bytes 48..60).
+    let mut field = (table * cs).to_be_bytes().to_vec();
+    field.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+    meta.write_bytes("rebuild.header", 48, &field).await?;
+    meta.file.flush().await.res?;
+    {
+        let mut h = s.hdr.lock().unwrap_or_else(|e| e.into_inner());
+        h.refcount_table_offset = table * cs;
+        h.refcount_table_clusters = table_clusters as u32;
+    }
+    s.lock_meta().reset_refcounts(entries);
+    Ok(())
+}
+
+/// Write the refcount blocks of the ranges holding clusters `first..end` that are in use,
+/// allocating the missing ones (`blocks`: host offset per range, 0 for none) at the first free
+/// cluster at or after their range's start.
+async fn write_blocks(
+    s: &Shared,
+    meta: &MetaIo<'_>,
+    refs: &mut Vec<u32>,
+    blocks: &mut Vec<u64>,
+    first: u64,
+    mut end: u64,
+) -> Result<(), IoStatus> {
+    let (cs, order) = (s.cs, s.rc_order());
+    let per = refcount::entries_per_block(s.cluster_bits, order);
+    let max = refcount::max_refcount(order);
+    let mut free = 0u64;
+    let mut c = first;
+    let mut block = vec![0u8; cs as usize];
+    while c < end {
+        if refs.get(c as usize).is_none_or(|r| *r == 0) {
+            c += 1;
+            continue;
+        }
+        let (b, start) = ((c / per) as usize, c / per * per);
+        if blocks.get(b).is_none_or(|o| *o == 0) {
+            free = free.max(start);
+            let at = alloc_run(refs, &mut free, 1);
+            end = end.max(at + 1);
+            if blocks.len() <= b {
+                blocks.resize(b + 1, 0);
+            }
+            blocks[b] = at * cs;
+        }
+        block.fill(0);
+        for (i, r) in refs.iter().skip(start as usize).take(per as usize).enumerate() {
+            refcount::set(&mut block, order, i as u64, u64::from(*r).min(max));
+        }
+        meta.write_bytes("rebuild.blocks", blocks[b], &block).await?;
+        c = start + per;
+    }
+    Ok(())
+}
+
+/// Take the first run of `n` free clusters from `*free` on (past the end of `refs` if need
+/// be); `*free` moves to the first free cluster seen.
+fn alloc_run(refs: &mut Vec<u32>, free: &mut u64, n: u64) -> u64 {
+    let (mut i, mut run, mut first_gap) = (*free, 0u64, true);
+    while i < refs.len() as u64 && run < n {
+        if refs[i as usize] == 0 {
+            run += 1;
+            if first_gap {
+                *free = i;
+                first_gap = false;
+            }
+        } else {
+            run = 0;
+        }
+        i += 1;
+    }
+    let at = i - run;
+    if refs.len() < (at + n) as usize {
+        refs.resize((at + n) as usize, 0);
+    }
+    refs[at as usize..(at + n) as usize].iter_mut().for_each(|r| *r += 1);
+    at
 }
 
 async fn check_copied(s: &Shared, meta: &MetaIo<'_>, report: &mut CheckReport, fix: bool) -> Result<(), IoStatus> {

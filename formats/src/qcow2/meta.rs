@@ -93,7 +93,7 @@ pub(crate) struct Shared {
 /// `refblock.alloc`, `reftable.update`, `refblock.writeback`, `l2.writeback`,
 /// `reftable.grow.blocks`, `reftable.grow.table`, `reftable.grow.header`, `l2.cow`,
 /// `snapshot.l1`, `snapshot.table`, `snapshot.header`, `l1.write`, `bitmap.write`,
-/// `bitmap.header`.
+/// `bitmap.header`, `rebuild.blocks`, `rebuild.table`, `rebuild.header` (check's rebuild).
 #[derive(Default)]
 pub(crate) struct Fault {
     armed: Mutex<Option<(String, u32)>>,

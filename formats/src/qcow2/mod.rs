@@ -413,6 +413,10 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         // Left dirty by a program using lazy refcounts: rebuild the refcounts, then clear the
         // bit (QEMU repairs the same way on open).
         let report = check_boxed(&node).await?;
+        // What was repaired goes to stderr, as QEMU prints it there on open.
+        for m in &report.messages {
+            eprintln!("{m}");
+        }
         if report.corruptions > 0 {
             return Err(BlockError::new(ErrorKind::Corrupt, "qcow2: Could not repair dirty image: corruptions remain"));
         }

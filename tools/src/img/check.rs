@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use basalt_engine::{ErrorKind, Node};
+use basalt_engine::{BlockError, ErrorKind, Node};
 use basalt_formats::qcow2::{CheckReport, Qcow2Node, Repair};
 use serde_json::{json, Value};
 
@@ -130,7 +130,13 @@ async fn check_once(node: &Arc<dyn Node>, repair: Repair) -> Result<CheckReport,
             for m in &r.messages {
                 eprintln!("{m}");
             }
-            Ok(r)
+            match r.failed {
+                Some(e) => {
+                    common::error(format!("Check failed: {}", BlockError::from(e).msg));
+                    Err(1)
+                }
+                None => Ok(r),
+            }
         }
         Err(e) if e.kind == ErrorKind::Unsupported => {
             common::error(e.msg);
