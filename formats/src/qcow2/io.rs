@@ -273,19 +273,22 @@ impl Qcow2Queue {
             Some(h) => h,
             None => meta.alloc_clusters(1).await?,
         };
-        // When the rest of a new cluster is zero and the file is known to read zeroes there,
-        // write only the new data. Space past the file's end is zeroed ahead with fallocate
-        // (in a growing window) so the cluster is allocated in the file as QEMU's zeroing
-        // fallocate leaves it, at a fraction of the system calls.
+        // When the rest of a new cluster is zero, write only the new data, over zeroes: past
+        // the file's end (or where the file is known to read zeroes) space is zeroed ahead
+        // with fallocate (in a growing window), and a cluster freed and now used again is
+        // zeroed in place, so the cluster is allocated in the file as QEMU's zeroing fallocate
+        // leaves it, at a fraction of the system calls.
         let end = o + data.len();
         // What is written of the new cluster content, and the subcluster bitmap of the entry.
         let (lo, hi, bitmap) = self.subcluster_span(o, end, e, old_bitmap, reuse.is_some());
         // Encrypted zeroes are not zero bytes: an encrypted cluster is always written whole.
-        let fresh = reuse.is_none() && host >= self.s.zero_from.load(Ordering::Relaxed) && self.s.crypt.is_none() && !ext_data;
+        let new_cluster = reuse.is_none() && self.s.crypt.is_none() && !ext_data;
+        let fresh = new_cluster && host >= self.s.zero_from.load(Ordering::Relaxed);
         let zero_cow =
-            fresh && basalt_engine::buffer_is_zero(&cluster[lo..o]) && basalt_engine::buffer_is_zero(&cluster[end..hi]);
+            new_cluster && basalt_engine::buffer_is_zero(&cluster[lo..o]) && basalt_engine::buffer_is_zero(&cluster[end..hi]);
+        let z = ZeroFlags { may_unmap: false, no_fallback: true, fua: false };
         let mut zeroed = false;
-        if zero_cow {
+        if zero_cow && fresh {
             let pre = self.s.prealloc_end.load(Ordering::Relaxed).max(host);
             zeroed = host + cs <= pre || {
                 // The window doubles with what was allocated since open, from one cluster up to
@@ -293,7 +296,6 @@ impl Qcow2Queue {
                 let grown = pre.saturating_sub(self.s.open_size);
                 let ahead = grown.clamp(cs, (8 << 20).max(cs));
                 let upto = host + ahead;
-                let z = ZeroFlags { may_unmap: false, no_fallback: true, fua: false };
                 let ok =
                     self.s.fault.hit("data.zero-ahead").is_ok() && self.file.write_zeroes(pre, upto - pre, z).await.res.is_ok();
                 if ok {
@@ -301,6 +303,8 @@ impl Qcow2Queue {
                 }
                 ok
             };
+        } else if zero_cow {
+            zeroed = self.s.fault.hit("data.zero-ahead").is_ok() && self.file.write_zeroes(host, cs, z).await.res.is_ok();
         }
         self.s.zero_from.fetch_max(host + cs, Ordering::Relaxed);
         if let Some(c) = &self.s.crypt {
@@ -445,22 +449,27 @@ impl Qcow2Queue {
                         }
                     }
                 }
-                Mapping::Unallocated | Mapping::Zero { host: None } if self.whole(p) => {
+                Mapping::Unallocated | Mapping::Zero { host: None } if self.whole_at(&pieces, i) > 0 => {
                     drop(counted);
                     // A run of whole new clusters: allocated together, written in one request.
+                    let per = self.whole_at(&pieces, i);
                     let mut n = 1;
-                    while i + n < pieces.len() && n < 512 && self.whole(pieces[i + n]) && self.same_l2(p.off, pieces[i + n].off) {
-                        match self.mapping(pieces[i + n].off).await {
+                    while n < 512 {
+                        let j = i + n * per;
+                        if j >= pieces.len() || self.whole_at(&pieces, j) == 0 || !self.same_l2(p.off, pieces[j].off) {
+                            break;
+                        }
+                        match self.mapping(pieces[j].off).await {
                             Ok(Mapping::Unallocated | Mapping::Zero { host: None }) => n += 1,
                             _ => break,
                         }
                     }
-                    let end = pieces[i + n - 1].at + pieces[i + n - 1].len as usize;
-                    buf.set_window(ws + p.at, end - p.at);
+                    let last = pieces[i + n * per - 1];
+                    buf.set_window(ws + p.at, last.at + last.len as usize - p.at);
                     let (b, r) = self.write_alloc_run(p.off, buf, n as u64).await;
                     buf = b;
                     buf.set_window(ws, wl);
-                    i += n - 1;
+                    i += n * per - 1;
                     r
                 }
                 _ => {
@@ -490,9 +499,17 @@ impl Qcow2Queue {
         IoDone { buf: Some(buf), res: Ok(len) }
     }
 
-    /// A piece covering a whole cluster (so nothing of the old content survives).
-    fn whole(&self, p: Piece) -> bool {
-        !self.s.layout.extended_l2 && p.off.is_multiple_of(self.s.cs) && p.len == self.s.cs
+    /// How many pieces from `pieces[i]` make up one whole cluster of the write (so nothing of
+    /// its old content survives): 1, or a cluster's subclusters with extended L2 entries; 0
+    /// when the write does not cover the cluster there.
+    fn whole_at(&self, pieces: &[Piece], i: usize) -> usize {
+        let cs = self.s.cs;
+        let per = (cs / self.s.layout.subcluster_size()) as usize;
+        let p = pieces[i];
+        match pieces.get(i + per - 1) {
+            Some(last) if p.off.is_multiple_of(cs) && last.off + last.len == p.off + cs => per,
+            _ => 0,
+        }
     }
 
     fn same_l2(&self, a: u64, b: u64) -> bool {
@@ -517,7 +534,10 @@ impl Qcow2Queue {
                 Ok(v) => v,
                 Err(e) => return (data, Err(e)),
             };
-            let free = matches!(self.s.layout.decode(e, 0, 0), Ok(Mapping::Unallocated | Mapping::Zero { host: None }));
+            // No host cluster at all (with subclusters, the first one's mapping does not say).
+            let hostless = e & (crate::qcow2::entry::OFFSET_MASK | crate::qcow2::entry::COMPRESSED) == 0;
+            let free =
+                hostless && matches!(self.s.layout.decode(e, 0, 0), Ok(Mapping::Unallocated | Mapping::Zero { host: None }));
             if busy || !free {
                 ok = false;
                 break;
@@ -577,8 +597,10 @@ impl Qcow2Queue {
         let mut r = Ok(());
         match res {
             Ok(_) => {
+                // With subclusters, every one of them allocated.
+                let bitmap = if self.s.layout.extended_l2 { 0xffff_ffff } else { 0 };
                 for k in 0..n {
-                    if let Err(e) = meta.set_entry(gc0 + k, (host + k * cs) | COPIED, 0, false).await {
+                    if let Err(e) = meta.set_entry(gc0 + k, (host + k * cs) | COPIED, bitmap, false).await {
                         r = Err(e);
                         break;
                     }
@@ -766,12 +788,16 @@ impl Qcow2Queue {
                 && (e & crate::qcow2::entry::OFFSET_MASK != 0 || (self.s.layout.data_file && e & COPIED != 0))
         };
         let has_backing = self.backing.is_some();
+        // As QEMU: a discard (v3) without a backing file leaves a cluster with nothing
+        // allocated as it is (unallocated, or zero), and makes any other one read as zeroes.
+        let allocated = has_host(e) || e & crate::qcow2::entry::COMPRESSED != 0;
+        if discard && v3 && !has_backing && !allocated {
+            return Ok(());
+        }
         // The new entry: zero flag (v3) or unallocated; keep the allocation when not unmapping.
         let keep = !discard && !unmap && has_host(e) && e & COPIED != 0;
         let (new, bitmap) = if ext {
-            if discard && !has_backing {
-                (0, 0)
-            } else if keep {
+            if keep {
                 (e & !ZERO, 0xffff_ffff_0000_0000)
             } else {
                 (0, 0xffff_ffff_0000_0000)
@@ -875,7 +901,13 @@ impl Qcow2Queue {
         self.s.fault.hit("compressed.write")?;
         let d = self.file.write(host, IoBuf::from_slice(data), WriteFlags::default()).await;
         d.res?;
-        self.s.zero_from.fetch_max((host + len).next_multiple_of(cs), Ordering::Relaxed);
+        // A new host cluster zeroed ahead keeps no space past the compressed data (later
+        // compressed clusters may still fill it), as one never zeroed would not.
+        let (tail, cluster_end) = ((host + len).next_multiple_of(4096), (host + len).next_multiple_of(cs));
+        if !room && tail < cluster_end && tail < self.s.prealloc_end.load(Ordering::Relaxed) {
+            let _ = self.file.discard(tail, cluster_end - tail).await;
+        }
+        self.s.zero_from.fetch_max(host + len, Ordering::Relaxed);
         self.s.compress_cursor.store(host + len, Ordering::Relaxed);
         let entry = self.s.layout.compressed_entry(host, len);
         // The entry had no host cluster (checked above): nothing is replaced or freed.

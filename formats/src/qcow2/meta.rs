@@ -570,6 +570,23 @@ impl MetaIo<'_> {
         Ok(counted >= threshold)
     }
 
+    /// The end of the last cluster in use (by the refcounts), in bytes.
+    pub(crate) async fn used_end(&self) -> MResult<u64> {
+        let per = self.per_block();
+        let blocks = self.s.lock_meta().reftable.len() as u64;
+        for b in (0..blocks).rev() {
+            if self.s.lock_meta().reftable.get(b as usize).is_none_or(|e| *e == 0) {
+                continue;
+            }
+            for c in (b * per..(b + 1) * per).rev() {
+                if self.refcount(c).await? != 0 {
+                    return Ok((c + 1) * self.s.cs);
+                }
+            }
+        }
+        Ok(0)
+    }
+
     /// Refcount of cluster index `c`.
     pub(crate) async fn refcount(&self, c: u64) -> MResult<u64> {
         // A clean block may be evicted between its load and its use (by the cache sweeper on

@@ -392,7 +392,7 @@ async fn open(graph: &Graph, mut opts: Opts, flags: OpenFlags) -> BlockResult<Ar
         inflight: Default::default(),
         allocating: Default::default(),
         pass_discard,
-        zero_from: fsize.next_multiple_of(cs).into(),
+        zero_from: fsize.into(),
         prealloc_end: fsize.next_multiple_of(cs).into(),
         open_size: fsize.next_multiple_of(cs),
         compress_cursor: 0.into(),
@@ -447,6 +447,33 @@ impl Qcow2Node {
         let file = Queue::new(self.s.file.clone())?;
         let _g = self.s.alloc.lock().await;
         check::check(&self.s, &file, repair).await.map_err(|e| BlockError::from(e).context("Check failed"))
+    }
+
+    /// Give back the space zeroed ahead of allocations and never used, so that the file ends
+    /// where one QEMU wrote would: after the last byte written (compressed data ends a file
+    /// mid-cluster), and never before a cluster in use or the file's size at open. Only what
+    /// zeroing ahead added is cut.
+    async fn trim_zeroed_ahead(&self) -> BlockResult<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.s.prealloc_end.load(Relaxed) <= self.s.open_size {
+            return Ok(());
+        }
+        let cs = self.s.cs;
+        let file = Queue::new(self.s.file.clone())?;
+        let meta = meta::MetaIo { s: &self.s, file: &file };
+        let _g = self.s.alloc.lock().await;
+        let f = |e: basalt_engine::IoStatus| BlockError::from(e).context("Could not trim the qcow2 image");
+        let mut used = meta.used_end().await.map_err(f)?;
+        // The last cluster in use holds compressed data up to the cursor, and nothing after.
+        let cursor = self.s.compress_cursor.load(Relaxed);
+        if !cursor.is_multiple_of(cs) && cursor.next_multiple_of(cs) == used {
+            used = cursor;
+        }
+        let end = used.max(self.s.zero_from.load(Relaxed));
+        if self.s.file.size() > end {
+            self.s.file.truncate(end, Prealloc::Off).await?;
+        }
+        Ok(())
     }
 
     /// Allocate every cluster of the image (`preallocation=metadata|falloc|full`): for each L2
@@ -867,7 +894,10 @@ impl Node for Qcow2Node {
             if self.s.read_only || self.s.fault.tripped.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
-            let r = self.bitmaps_store().await;
+            let mut r = self.bitmaps_store().await;
+            if r.is_ok() {
+                r = self.trim_zeroed_ahead().await;
+            }
             // Closed: from now on every write fails, as after a crash.
             self.s.fault.tripped.store(true, std::sync::atomic::Ordering::Relaxed);
             r
