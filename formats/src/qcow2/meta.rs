@@ -275,6 +275,23 @@ fn evict<T>(m: &mut HashMap<u64, Cached2<T>>, capacity: usize) {
 pub(crate) type MResult<T> = Result<T, IoStatus>;
 
 impl Shared {
+    /// The L2 entry of guest cluster `gc` if its table is cached (no I/O).
+    pub(crate) fn cached(&self, gc: u64) -> Cached {
+        let (l1i, l2i) = self.split(gc);
+        let mut m = self.lock_meta();
+        let Some(&l1e) = m.l1.get(l1i) else { return Cached::Entry(0, 0) };
+        let off = match entry::l1_l2_offset(l1e, self.cluster_bits) {
+            Ok(Some(off)) => off,
+            Ok(None) => return Cached::Entry(0, 0),
+            Err(m) => return Cached::Bad(format!("{m} (L1 index: {l1i:#x})")),
+        };
+        let w = self.words;
+        match m.l2(off) {
+            Some(t) => Cached::Entry(t[l2i * w], if w == 2 { t[l2i * w + 1] } else { 0 }),
+            None => Cached::Load(off),
+        }
+    }
+
     pub(crate) fn lock_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -360,19 +377,7 @@ impl MetaIo<'_> {
 
     /// The entry if its table is cached.
     pub(crate) fn cached(&self, gc: u64) -> MResult<Cached> {
-        let (l1i, l2i) = self.s.split(gc);
-        let mut m = self.s.lock_meta();
-        let Some(&l1e) = m.l1.get(l1i) else { return Ok(Cached::Entry(0, 0)) };
-        let off = match entry::l1_l2_offset(l1e, self.s.cluster_bits) {
-            Ok(Some(off)) => off,
-            Ok(None) => return Ok(Cached::Entry(0, 0)),
-            Err(m) => return Ok(Cached::Bad(format!("{m} (L1 index: {l1i:#x})"))),
-        };
-        let w = self.s.words;
-        match m.l2(off) {
-            Some(t) => Ok(Cached::Entry(t[l2i * w], if w == 2 { t[l2i * w + 1] } else { 0 })),
-            None => Ok(Cached::Load(off)),
-        }
+        Ok(self.s.cached(gc))
     }
 
     async fn load_l2(&self, off: u64, l1i: usize) -> MResult<()> {

@@ -761,6 +761,33 @@ impl Node for Qcow2Node {
     fn allocated_size(&self) -> Option<u64> {
         self.s.file.allocated_size()
     }
+    fn host_extent(&self, off: u64, len: u64) -> Option<basalt_engine::HostExtent> {
+        // Only on a read-only node: no cluster is freed and used again for other data while
+        // its pages are still on their way to a client. Encrypted data is not the guest's.
+        if !self.s.read_only || self.s.crypt.is_some() || len == 0 {
+            return None;
+        }
+        let (cs, sc) = (self.s.cs, self.s.layout.subcluster_size());
+        let end = off.checked_add(len)?;
+        let mut start = None;
+        let mut at = off;
+        while at < end {
+            // From the cached tables only (a copying read loads them for the next time).
+            let meta::Cached::Entry(e, bitmap) = self.s.cached(at / cs) else { return None };
+            let Ok(entry::Mapping::Data { host, .. }) = self.s.layout.decode(e, bitmap, ((at % cs) / sc) as u32) else {
+                return None;
+            };
+            let here = host + at % cs;
+            match start {
+                None => start = Some(here),
+                Some(s) if s + (at - off) != here => return None,
+                Some(_) => {}
+            }
+            at = (at / sc + 1) * sc;
+        }
+        let data = if self.s.layout.data_file { self.s.data_file.as_ref()? } else { &self.s.file };
+        data.host_extent(start?, len)
+    }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.s.cs)
     }
