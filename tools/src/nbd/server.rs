@@ -14,9 +14,9 @@
 //! Transmission: the reader takes one request at a time (a write's payload with it) and starts
 //! a task for it; up to [`MAX_IN_FLIGHT`] run at once. Each reply is queued whole to the
 //! connection's writer ([`Replies`]). A read of at least [`ZERO_COPY_MIN`] bytes whose data
-//! lies verbatim in a host file (a raw image in the page cache:
-//! [`basalt_engine::Node::host_extent`]) goes from the page cache to a plain socket without
-//! being copied. Requests out of bounds, on a read-only export, or unknown get the
+//! lies verbatim in a host file (a raw image, or allocated clusters of a read-only qcow2
+//! image, in the page cache: [`basalt_engine::Node::host_extent`]) goes from the page cache
+//! to a plain socket without being copied. Requests out of bounds, on a read-only export, or unknown get the
 //! protocol's error and the connection goes on; a malformed header, a payload over
 //! [`proto::MAX_PAYLOAD`] or a socket error ends this connection only.
 
