@@ -674,7 +674,8 @@ fn partly_written_qcow2_clusters_map_as_with_qemu_nbd() {
             c
         };
         let s = start_listening(&mut cmd(&[]), &d.join("s.sock"));
-        must(&run(peer("nbdsh").args(["-u", &uri(&d.join("s.sock")), "-c", script])), "nbdsh writes");
+        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+        must(&run(peer("nbdsh").env("PATH", path).args(["-u", &uri(&d.join("s.sock")), "-c", script])), "nbdsh writes");
         s.stop();
         for (guest, keep) in [(0u64, 4096u64), (1 << 20, 12288)] {
             let o = run(peer("qemu-img").args(["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()]));

@@ -938,16 +938,17 @@ impl Qcow2Queue {
         Ok(st)
     }
 
-    /// Whether the image looks metadata-preallocated, decided once per open.
-    async fn metadata_preallocated(&self) -> MResult<bool> {
+    /// Whether the image looks metadata-preallocated, decided once per open. Refcounts that
+    /// cannot be read say no (the block status itself does not fail for them).
+    async fn metadata_preallocated(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         match self.s.meta_prealloc.load(Relaxed) {
             0 => {
-                let yes = self.meta().looks_metadata_preallocated().await?;
+                let yes = self.meta().looks_metadata_preallocated().await.unwrap_or(false);
                 self.s.meta_prealloc.store(if yes { 2 } else { 1 }, Relaxed);
-                Ok(yes)
+                yes
             }
-            v => Ok(v == 2),
+            v => v == 2,
         }
     }
 
@@ -981,7 +982,7 @@ impl Qcow2Queue {
         // allocated cluster is plain data, as QEMU reports it. QEMU does not look into an
         // external data file so.
         if let (true, Some(host), false) = (st.data && !st.compressed, st.offset, self.s.layout.data_file) {
-            if self.metadata_preallocated().await? {
+            if self.metadata_preallocated().await {
                 if let Ok(fs) = self.file.block_status(host, st.len).await {
                     st.len = fs.len.clamp(1, st.len);
                     if fs.zero && !fs.data {
