@@ -901,10 +901,12 @@ impl Qcow2Queue {
         self.s.fault.hit("compressed.write")?;
         let d = self.file.write(host, IoBuf::from_slice(data), WriteFlags::default()).await;
         d.res?;
-        // A new host cluster zeroed ahead keeps no space past the compressed data (later
-        // compressed clusters may still fill it), as one never zeroed would not.
+        // A new host cluster past what was ever written, but zeroed ahead, keeps no space past
+        // the compressed data (later compressed clusters may still fill it), as one never
+        // zeroed would not.
         let (tail, cluster_end) = ((host + len).next_multiple_of(4096), (host + len).next_multiple_of(cs));
-        if !room && tail < cluster_end && tail < self.s.prealloc_end.load(Ordering::Relaxed) {
+        let fresh = host >= self.s.zero_from.load(Ordering::Relaxed);
+        if !room && fresh && tail < cluster_end && tail < self.s.prealloc_end.load(Ordering::Relaxed) {
             let _ = self.file.discard(tail, cluster_end - tail).await;
         }
         self.s.zero_from.fetch_max(host + len, Ordering::Relaxed);
