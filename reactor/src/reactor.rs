@@ -608,32 +608,27 @@ pub fn uring_rw(fd: UringFd, write: bool, mut buf: IoBuf, off: u64) -> SlotFutur
 
 /// fsync (or fdatasync) through the ring.
 pub fn uring_fsync(fd: UringFd, datasync: bool) -> SlotFuture {
-    with_current(|r| {
-        let ring = r.ring.as_ref().expect("reactor has no io_uring");
-        let id = r.slots.alloc(None);
-        ring.push(uring::fsync_entry(fd, datasync, id));
-        SlotFuture::new(id)
-    })
+    uring_op(|id| uring::fsync_entry(fd, datasync, id))
 }
 
 /// fallocate through the ring.
 pub fn uring_fallocate(fd: UringFd, mode: i32, off: u64, len: u64) -> SlotFuture {
-    with_current(|r| {
-        let ring = r.ring.as_ref().expect("reactor has no io_uring");
-        let id = r.slots.alloc(None);
-        ring.push(uring::fallocate_entry(fd, mode, off, len, id));
-        SlotFuture::new(id)
-    })
+    uring_op(|id| uring::fallocate_entry(fd, mode, off, len, id))
 }
 
 /// Wait (one-shot) until `fd` is ready for `events` (`libc::POLLIN`, `POLLOUT`...); the slot
 /// completes with the ready mask or a negative errno. Panics when the current reactor has no
 /// ring; check [`uring_features`] first.
 pub fn uring_poll(fd: RawFd, events: u32) -> SlotFuture {
+    uring_op(|id| uring::poll_entry(fd, events, id))
+}
+
+/// Push the ring operation `entry` builds for a new slot (one holding no buffer).
+fn uring_op(entry: impl FnOnce(SlotId) -> io_uring::squeue::Entry) -> SlotFuture {
     with_current(|r| {
         let ring = r.ring.as_ref().expect("reactor has no io_uring");
         let id = r.slots.alloc(None);
-        ring.push(uring::poll_entry(fd, events, id));
+        ring.push(entry(id));
         SlotFuture::new(id)
     })
 }

@@ -27,7 +27,7 @@ use basalt_reactor::IoBuf;
 
 use crate::qcow2::compress;
 use crate::qcow2::entry::{Mapping, COPIED, ZERO};
-use crate::qcow2::meta::{Cached, MResult, MetaIo, Shared};
+use crate::qcow2::meta::{MResult, MetaIo, Shared};
 
 /// A qcow2 node's queue on one reactor.
 pub(crate) struct Qcow2Queue {
@@ -84,14 +84,6 @@ impl Qcow2Queue {
         match self.decode(off, e, b) {
             Ok(m) => Ok(m),
             Err(msg) => Err(self.meta().corrupt(msg).await),
-        }
-    }
-
-    /// The mapping if it is known without I/O.
-    fn mapping_cached(&self, off: u64) -> Option<Mapping> {
-        match self.meta().cached(off >> self.s.cluster_bits) {
-            Ok(Cached::Entry(e, b)) => self.decode(off, e, b).ok(),
-            _ => None,
         }
     }
 
@@ -1083,7 +1075,7 @@ impl NodeQueue for Qcow2NodeQueue {
         let cs = q.s.cs;
         let len = buf.len() as u64;
         if len > 0 && off % cs + len <= cs && q.s.crypt.is_none() {
-            if let Some(Mapping::Data { host, .. }) = q.mapping_cached(off) {
+            if let Some(Mapping::Data { host, .. }) = q.s.mapping_cached(off) {
                 if !q.s.layout.extended_l2 || off % q.s.layout.subcluster_size() + len <= q.s.layout.subcluster_size() {
                     return q.data.read(host + off % cs, buf);
                 }
@@ -1107,7 +1099,7 @@ impl NodeQueue for Qcow2NodeQueue {
         if len > 0 && off % unit + len <= unit && !flags.fua && q.s.crypt.is_none() {
             // Counted before the lookup (see `InFlight`).
             let counted = q.writes.enter();
-            if let Some(Mapping::Data { host, copied: true }) = q.mapping_cached(off) {
+            if let Some(Mapping::Data { host, copied: true }) = q.s.mapping_cached(off) {
                 return q.data.write(host + off % cs, buf, flags).with_guard(counted);
             }
         }

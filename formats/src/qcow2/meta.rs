@@ -292,6 +292,14 @@ impl Shared {
         }
     }
 
+    /// The mapping of the (sub)cluster holding guest byte `off`, if its table is cached.
+    pub(crate) fn mapping_cached(&self, off: u64) -> Option<entry::Mapping> {
+        match self.cached(off / self.cs) {
+            Cached::Entry(e, b) => self.layout.decode(e, b, ((off % self.cs) / self.layout.subcluster_size()) as u32).ok(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn lock_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -367,17 +375,12 @@ impl MetaIo<'_> {
     /// The L2 entry of guest cluster `gc`, loading its table when needed.
     pub(crate) async fn entry(&self, gc: u64) -> MResult<(u64, u64)> {
         loop {
-            match self.cached(gc)? {
+            match self.s.cached(gc) {
                 Cached::Entry(e, b) => return Ok((e, b)),
                 Cached::Load(off) => self.load_l2(off, self.s.split(gc).0).await?,
                 Cached::Bad(m) => return Err(self.corrupt(m).await),
             }
         }
-    }
-
-    /// The entry if its table is cached.
-    pub(crate) fn cached(&self, gc: u64) -> MResult<Cached> {
-        Ok(self.s.cached(gc))
     }
 
     async fn load_l2(&self, off: u64, l1i: usize) -> MResult<()> {

@@ -773,10 +773,7 @@ impl Node for Qcow2Node {
         let mut at = off;
         while at < end {
             // From the cached tables only (a copying read loads them for the next time).
-            let meta::Cached::Entry(e, bitmap) = self.s.cached(at / cs) else { return None };
-            let Ok(entry::Mapping::Data { host, .. }) = self.s.layout.decode(e, bitmap, ((at % cs) / sc) as u32) else {
-                return None;
-            };
+            let Some(entry::Mapping::Data { host, .. }) = self.s.mapping_cached(at) else { return None };
             let here = host + at % cs;
             match start {
                 None => start = Some(here),
