@@ -34,6 +34,14 @@ pub fn peer(name: &str) -> Command {
     Command::new(name)
 }
 
+/// nbdsh, run with Debian's python3 first on PATH (the one with the nbd module): nbdsh runs
+/// the first python3 it finds.
+pub fn nbdsh() -> Command {
+    let mut c = peer("nbdsh");
+    c.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
+    c
+}
+
 /// stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -316,12 +316,7 @@ fn cache_requests_reach_the_server() {
     let opts = format!("driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={}", ks.display());
     let _b = serve(Command::new(tool("basalt-nbd")).args(["-t", "-k", path(&bs), "--image-opts", &opts]), &bs);
     let script = "assert h.can_cache()\nh.cache(65536, 4096)\nh.cache(3 << 20, 1 << 20)\nprint(h.pread(512, 4096)[:2].hex())\n";
-    let o = run(peer("nbdsh").env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default())).args([
-        "-u",
-        &format!("nbd+unix:///?socket={}", bs.display()),
-        "-c",
-        script,
-    ]));
+    let o = run(basalt_tests::nbdsh().args(["-u", &format!("nbd+unix:///?socket={}", bs.display()), "-c", script]));
     must(&o, "nbdsh cache");
     assert_eq!(stdout(&o).trim(), "5a5a");
     let text = std::fs::read_to_string(&log).unwrap();

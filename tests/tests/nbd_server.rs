@@ -248,9 +248,7 @@ print("done")
 "#;
 
 fn nbdsh(uri: &str) -> std::process::Output {
-    // nbdsh runs the python3 first on PATH; Debian's, with the nbd module, is /usr/bin's.
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    run(peer("nbdsh").env("PATH", path).args(["--base-allocation", "-u", uri, "-c", NBDSH_SCRIPT]))
+    run(basalt_tests::nbdsh().args(["--base-allocation", "-u", uri, "-c", NBDSH_SCRIPT]))
 }
 
 fn fio(uri: &str, rw: &str, bs: &str, depth: &str) -> std::process::Output {
@@ -470,8 +468,7 @@ for off, n in ((4 * MiB, 2 * MiB), (5 * MiB, 3 * MiB), (0, 4 * MiB)):
     print(off, n, hashlib.sha256(b).hexdigest(), b[-1000:] == bytes(1000))
 h.shutdown()
 "#;
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let sh = |s: &Path| run(peer("nbdsh").env("PATH", &path).args(["-u", &uri(s), "-c", script]));
+    let sh = |s: &Path| run(basalt_tests::nbdsh().args(["-u", &uri(s), "-c", script]));
     let (qo, bo) = (sh(&q_sock), sh(&b_sock));
     must(&qo, "nbdsh against qemu-nbd");
     must(&bo, "nbdsh against basalt-nbd");
@@ -618,7 +615,6 @@ h.flush()
 assert h.pread(65536, 0) == z
 print("done")
 "#;
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
     let mut maps = Vec::new();
     for (mode, extra) in [("off", None), ("on", None), ("unmap", Some("--discard=unmap"))] {
         let mut pair = Vec::new();
@@ -632,7 +628,7 @@ print("done")
             // qemu-nbd takes `--detect-zeroes=unmap` only after `--discard=unmap`.
             cmd.args(["-t", "-f", "qcow2"]).args(extra).arg(format!("--detect-zeroes={mode}")).arg("-k").arg(&sock).arg(&img);
             let s = start_listening(&mut cmd, &sock);
-            let o = run(peer("nbdsh").env("PATH", &path).args(["-u", &uri(&sock), "-c", script]));
+            let o = run(basalt_tests::nbdsh().args(["-u", &uri(&sock), "-c", script]));
             must(&o, &format!("nbdsh against {server} with --detect-zeroes={mode}"));
             assert_eq!(stdout(&o), "done\n");
             s.stop();
@@ -674,8 +670,7 @@ fn partly_written_qcow2_clusters_map_as_with_qemu_nbd() {
             c
         };
         let s = start_listening(&mut cmd(&[]), &d.join("s.sock"));
-        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-        must(&run(peer("nbdsh").env("PATH", path).args(["-u", &uri(&d.join("s.sock")), "-c", script])), "nbdsh writes");
+        must(&run(basalt_tests::nbdsh().args(["-u", &uri(&d.join("s.sock")), "-c", script])), "nbdsh writes");
         s.stop();
         for (guest, keep) in [(0u64, 4096u64), (1 << 20, 12288)] {
             let o = run(peer("qemu-img").args(["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()]));
