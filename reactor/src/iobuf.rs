@@ -46,6 +46,11 @@ pub struct IoBuf {
 // to another thread moves that ownership. The pool's shared state is itself Sync.
 unsafe impl Send for IoBuf {}
 
+// SAFETY: a shared `&IoBuf` only reads (its bytes, window and pointer); every mutation takes
+// `&mut self`. So threads may read one buffer at once, e.g. compression jobs each reading one
+// cluster of a write in place.
+unsafe impl Sync for IoBuf {}
+
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes from this thread's reactor pool, or the heap.
     pub fn new(len: usize) -> IoBuf {

@@ -2,8 +2,22 @@
 //! Decompression stops once a cluster of output is produced (the compressed data may be
 //! followed by the sector's padding or another cluster's data) and fails cleanly on corrupt
 //! input or input that produces less than a cluster.
+//!
+//! Each thread keeps its (de)compression contexts and resets them between clusters: creating
+//! a zstd context per cluster (hundreds of KiB of tables to allocate and fault in) cost more
+//! than compressing a 64 KiB cluster of incompressible data. A reset context produces the
+//! same bytes as a fresh one.
+
+use std::cell::RefCell;
 
 use crate::qcow2::error::Qcow2Error;
+
+thread_local! {
+    static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
+    static INFLATE: RefCell<Option<flate2::Decompress>> = const { RefCell::new(None) };
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static ZSTD_D: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+}
 
 /// Compression types of the header field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,17 +54,22 @@ fn corrupt(what: &str) -> Qcow2Error {
 /// Decompress `input` into exactly `out.len()` bytes.
 pub fn decompress(t: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), Qcow2Error> {
     match t {
-        CompressionType::Zlib => {
-            let mut d = flate2::Decompress::new(false);
+        CompressionType::Zlib => INFLATE.with_borrow_mut(|slot| {
+            let d = slot.get_or_insert_with(|| flate2::Decompress::new(false));
+            d.reset(false);
             match d.decompress(input, out, flate2::FlushDecompress::Finish) {
                 Ok(_) if d.total_out() as usize == out.len() => Ok(()),
                 Ok(_) => Err(corrupt("short output")),
                 Err(e) => Err(corrupt(&e.to_string())),
             }
-        }
-        CompressionType::Zstd => {
+        }),
+        CompressionType::Zstd => ZSTD_D.with_borrow_mut(|slot| {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let mut d = Decoder::new().map_err(|e| corrupt(&e.to_string()))?;
+            let d = match slot {
+                Some(d) => d,
+                None => slot.insert(Decoder::new().map_err(|e| corrupt(&e.to_string()))?),
+            };
+            d.reinit().map_err(|e| corrupt(&e.to_string()))?;
             let mut inb = InBuffer::around(input);
             let mut outb = OutBuffer::around(out);
             loop {
@@ -63,24 +82,32 @@ pub fn decompress(t: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()
                     return Err(corrupt("short output"));
                 }
             }
-        }
+        }),
     }
 }
 
 /// Compress a cluster; `None` when the result would not be smaller than the input (the
-/// cluster is then written uncompressed, as QEMU does).
+/// cluster is then written uncompressed, as QEMU does). The output buffer is one byte short
+/// of the input, so data that does not shrink fails early instead of being compressed whole.
 pub fn compress(t: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
-    let limit = input.len() - 1;
-    let out = match t {
-        CompressionType::Zlib => {
-            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = Vec::with_capacity(input.len());
+    let limit = input.len().checked_sub(1)?;
+    let mut out = Vec::with_capacity(limit);
+    match t {
+        CompressionType::Zlib => DEFLATE.with_borrow_mut(|slot| {
+            let c = slot.get_or_insert_with(|| flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12));
+            c.reset();
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => out,
-                _ => return None,
+                Ok(flate2::Status::StreamEnd) => Some(()),
+                _ => None,
             }
-        }
-        CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
+        })?,
+        CompressionType::Zstd => ZSTD_C.with_borrow_mut(|slot| {
+            let c = match slot {
+                Some(c) => c,
+                None => slot.insert(zstd::bulk::Compressor::new(0).ok()?),
+            };
+            c.compress_to_buffer(input, &mut out).ok().map(|_| ())
+        })?,
     };
     (out.len() <= limit).then_some(out)
 }

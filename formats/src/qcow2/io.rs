@@ -843,26 +843,34 @@ impl Qcow2Queue {
             return IoDone { buf: Some(buf), res: Err(IoStatus::EINVAL) };
         }
         // Compress every cluster of the request on the blocking pool at once (the reactor stays
-        // free and the clusters compress on several cores), then write them in order.
+        // free and the clusters compress on several cores), then write them in order. The jobs
+        // read the clusters in place; only a short last cluster is copied (zero-padded).
+        let buf = Arc::new(buf);
         let mut jobs = Vec::with_capacity(len.div_ceil(cs) as usize);
         let mut at = 0u64;
         while at < len {
             let n = cs.min(len - at);
-            let mut cluster = vec![0u8; cs as usize];
-            cluster[..n as usize].copy_from_slice(&buf[at as usize..(at + n) as usize]);
-            jobs.push((at, n, basalt_reactor::spawn_local(compress_off_reactor(self.s.compression, cluster))));
+            let src = Source { buf: buf.clone(), at: at as usize, len: n as usize, cluster: cs as usize };
+            jobs.push((at, n, basalt_reactor::spawn_local(compress_off_reactor(self.s.compression, src))));
             at += n;
         }
+        let mut res = Ok(len);
         for (at, n, job) in jobs {
-            let r = match job.await {
+            // Every job is awaited, after a failure too, so that none still reads the buffer.
+            let c = job.await;
+            if res.is_err() {
+                continue;
+            }
+            let r = match c {
                 None => self.write_alloc(off + at, &buf[at as usize..(at + n) as usize]).await,
                 Some(c) => self.write_compressed_cluster((off + at) / cs, &c).await,
             };
             if let Err(e) = r {
-                return IoDone { buf: Some(buf), res: Err(e) };
+                res = Err(e);
             }
         }
-        IoDone { buf: Some(buf), res: Ok(len) }
+        // The jobs dropped their references before they completed.
+        IoDone { buf: Arc::into_inner(buf), res }
     }
 
     async fn write_compressed_cluster(&self, gc: u64, data: &[u8]) -> MResult<()> {
@@ -1020,12 +1028,30 @@ fn chain_reads_zero(q: &Queue, off: u64, len: u64, depth: usize) -> LocalBoxFutu
 }
 
 /// Compress a cluster on the blocking thread pool.
-async fn compress_off_reactor(t: compress::CompressionType, cluster: Vec<u8>) -> Option<Vec<u8>> {
+/// One cluster of a compressed write, read in place by a compression job.
+struct Source {
+    buf: Arc<IoBuf>,
+    at: usize,
+    len: usize,
+    /// The cluster size: a shorter last cluster is compressed zero-padded to it.
+    cluster: usize,
+}
+
+async fn compress_off_reactor(t: compress::CompressionType, src: Source) -> Option<Vec<u8>> {
     let out = std::sync::Arc::new(std::sync::Mutex::new(None));
     let o2 = out.clone();
     let _ = basalt_reactor::blocking(
         move || {
-            let c = compress::compress(t, &cluster);
+            let data = &src.buf[src.at..src.at + src.len];
+            let c = if src.len == src.cluster {
+                compress::compress(t, data)
+            } else {
+                let mut padded = vec![0u8; src.cluster];
+                padded[..src.len].copy_from_slice(data);
+                compress::compress(t, &padded)
+            };
+            // The buffer is given back before the result is published.
+            drop(src);
             *o2.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
             0
         },

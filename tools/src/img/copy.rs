@@ -461,7 +461,8 @@ async fn fill(
 /// the target handed it back.
 /// Without `-W`, `turn` is set while this chunk holds the turn: it is passed on (and cleared)
 /// as soon as the chunk's last request has been issued, so the next chunk's writes are issued
-/// after all of this one's, in order, while the last one is still in flight.
+/// after all of this one's, in order, while the last one is still in flight (a compressed
+/// chunk passes it once written).
 async fn write_runs(
     sh: &Shared,
     target: &Backend,
@@ -490,8 +491,10 @@ async fn write_runs(
         let is_last = Some(j) == last;
         i = j + 1;
         let at = global + s;
-        // The last request passes the turn on once it is issued.
-        let pass = is_last && *turn;
+        // The last request passes the turn on once it is issued. A compressed write is placed
+        // only once its clusters are compressed, so it keeps the turn until it completes: the
+        // next chunk's clusters then land after this one's, as qemu-img lays them out.
+        let pass = is_last && *turn && sh.o.compress.is_none();
         if pass {
             *turn = false;
         }
