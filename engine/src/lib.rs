@@ -38,6 +38,6 @@ pub use node::{
 };
 pub use options::{json_filename, json_filename_of, parse_bool, parse_number, parse_size, OptValue, Opts};
 pub use queue::Queue;
-pub use secret::Secrets;
+pub use secret::{IoThread, Secrets};
 pub use tls_creds::{TlsCreds, TlsCredsKind, TlsEndpoint};
 pub use zero::buffer_is_zero;

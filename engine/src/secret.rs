@@ -3,7 +3,8 @@
 //! `file=PATH`, for LUKS's `key-secret` and qcow2's `encrypt.key-secret`) and TLS credentials
 //! (`tls-creds-x509`, `tls-creds-psk`: [`crate::TlsCreds`], for NBD's `tls-creds`) and
 //! authorization objects (`authz-simple`, `authz-list`, `authz-listfile`: [`crate::Authz`], for
-//! NBD's `tls-authz`). A definition is `key=value,...` or, as QEMU also takes it, a JSON object.
+//! NBD's `tls-authz`) and I/O threads (`iothread`: [`IoThread`], which a storage daemon's
+//! exports run on). A definition is `key=value,...` or, as QEMU also takes it, a JSON object.
 //!
 //! [`Secrets`] is a cheap handle (`Clone` shares it) that is `Send + Sync`; a [`crate::Graph`]
 //! carries one, so a driver finds an object at open or create time through
@@ -36,6 +37,39 @@ pub struct Secrets {
     map: Arc<Mutex<HashMap<String, SecretBytes>>>,
     tls: Arc<Mutex<HashMap<String, TlsCreds>>>,
     authz: Arc<Mutex<HashMap<String, Arc<Authz>>>>,
+    iothreads: Arc<Mutex<HashMap<String, IoThread>>>,
+}
+
+/// An `iothread` object: a reactor of its own for the exports placed on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoThread {
+    /// How long the reactor polls before it sleeps when idle (`poll-max-ns`; QEMU's default
+    /// when not given).
+    pub poll_max_ns: Option<u64>,
+}
+
+impl IoThread {
+    /// The object's options past `qom-type` and `id`. QEMU's adaptive polling (`poll-grow`,
+    /// `poll-shrink`) and its per-thread batch and pool sizes have no counterpart in a reactor
+    /// and are refused by name.
+    fn parse(o: &mut Opts) -> BlockResult<IoThread> {
+        let poll_max_ns = match o.take_str("poll-max-ns") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n >= 0 => Some(n as u64),
+                _ => return Err(BlockError::option("poll-max-ns value must be in range [0, 9223372036854775807]")),
+            },
+        };
+        if let Some(k) = o.keys().next() {
+            return Err(match k {
+                "poll-grow" | "poll-shrink" | "aio-max-batch" | "thread-pool-min" | "thread-pool-max" => {
+                    BlockError::option(format!("Parameter '{k}' is not supported: a reactor polls for poll-max-ns, then sleeps"))
+                }
+                _ => BlockError::option(format!("Parameter '{k}' is unexpected")),
+            });
+        }
+        Ok(IoThread { poll_max_ns })
+    }
 }
 
 impl fmt::Debug for Secrets {
@@ -59,7 +93,10 @@ impl Secrets {
 
     /// Whether `id` names an object of any kind.
     fn defined(&self, id: &str) -> bool {
-        self.lock().contains_key(id) || locked(&self.tls).contains_key(id) || locked(&self.authz).contains_key(id)
+        self.lock().contains_key(id)
+            || locked(&self.tls).contains_key(id)
+            || locked(&self.authz).contains_key(id)
+            || locked(&self.iothreads).contains_key(id)
     }
 
     /// Add an object from its command-line definition (`secret,id=ID,data=...`,
@@ -68,7 +105,9 @@ impl Secrets {
     pub fn add_object(&self, def: &str) -> BlockResult<()> {
         let mut o = object_opts(def)?;
         let ty = o.take_str("qom-type").ok_or_else(|| BlockError::option("Parameter 'qom-type' is missing"))?;
-        if !matches!(ty.as_str(), "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon") && !Authz::is_type(&ty) {
+        if !matches!(ty.as_str(), "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon" | "iothread")
+            && !Authz::is_type(&ty)
+        {
             return Err(BlockError::option(format!("Parameter 'qom-type' does not accept value '{ty}'")));
         }
         let id = o.take_str("id").ok_or_else(|| BlockError::option("Parameter 'id' is missing"))?;
@@ -80,6 +119,12 @@ impl Secrets {
         if ty == "secret" {
             let data = parse_secret(&id, o)?;
             return self.add(&id, data);
+        }
+        if ty == "iothread" {
+            let t = IoThread::parse(&mut o)?;
+            self.check_new_id(&id)?;
+            locked(&self.iothreads).insert(id, t);
+            return Ok(());
         }
         if Authz::is_type(&ty) {
             let a = Authz::parse(&ty, &mut o)?;
@@ -129,6 +174,14 @@ impl Secrets {
             return Err(BlockError::option(format!("Object '{id}' is not a QAuthZ subclass")));
         }
         Err(BlockError::new(ErrorKind::NotFound, format!("Cannot find QAuthZ object ID {id}")))
+    }
+
+    /// The `iothread` object `id` (QEMU's wording when there is none).
+    pub fn iothread(&self, id: &str) -> BlockResult<IoThread> {
+        match locked(&self.iothreads).get(id) {
+            Some(t) => Ok(*t),
+            None => Err(BlockError::new(ErrorKind::NotFound, format!("iothread \"{id}\" not found"))),
+        }
     }
 
     /// The bytes of the secret `id`.
@@ -298,6 +351,21 @@ mod tests {
     }
 
     #[test]
+    fn iothreads() {
+        let s = Secrets::new();
+        s.add_object("iothread,id=io0").unwrap();
+        s.add_object(r#"{"qom-type": "iothread", "id": "io1", "poll-max-ns": 1000}"#).unwrap();
+        assert_eq!(s.iothread("io0").unwrap(), IoThread { poll_max_ns: None });
+        assert_eq!(s.iothread("io1").unwrap(), IoThread { poll_max_ns: Some(1000) });
+        assert_eq!(s.iothread("io2").unwrap_err().msg, "iothread \"io2\" not found");
+        s.add_object("secret,id=sec,data=a").unwrap();
+        let dup = "attempt to add duplicate property 'sec' to object (type 'container')";
+        assert_eq!(s.add_object("iothread,id=sec").unwrap_err().msg, dup);
+        assert!(s.add_object("secret,id=io0,data=a").unwrap_err().msg.contains("duplicate"));
+        assert_eq!(s.iothread("sec").unwrap_err().msg, "iothread \"sec\" not found");
+    }
+
+    #[test]
     fn errors_read_as_qemu() {
         let s = Secrets::new();
         let e = |def: &str| s.add_object(def).unwrap_err().msg;
@@ -308,7 +376,11 @@ mod tests {
         assert_eq!(e("secret,data=a"), "Parameter 'id' is missing");
         assert_eq!(e("secret,id=s,data=a,foo=1"), "Parameter 'foo' is unexpected");
         assert_eq!(e("id=s,data=a"), "Parameter 'qom-type' is missing");
-        assert_eq!(e("iothread,id=s"), "Parameter 'qom-type' does not accept value 'iothread'");
+        assert_eq!(e("throttle-group,id=s"), "Parameter 'qom-type' does not accept value 'throttle-group'");
+        assert_eq!(e("iothread,id=t,poll-max-ns=-1"), "poll-max-ns value must be in range [0, 9223372036854775807]");
+        assert_eq!(e("iothread,id=t,bogus=1"), "Parameter 'bogus' is unexpected");
+        assert!(e("iothread,id=t,poll-grow=2").contains("'poll-grow' is not supported"));
+        assert_eq!(e("iothread"), "Parameter 'id' is missing");
         assert_eq!(e("tls-creds-x509,id=t"), "Missing 'dir' property value");
         assert_eq!(e("tls-creds-x509,id=t,dir=/d,endpoint=middle"), "Parameter 'endpoint' does not accept value 'middle'");
         assert_eq!(e("tls-creds-x509,id=t,dir=/d,username=u"), "Parameter 'username' is unexpected");

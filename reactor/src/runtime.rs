@@ -22,12 +22,14 @@ pub struct RuntimeConfig {
     pub pin: bool,
     /// Settings of every reactor.
     pub reactor: ReactorConfig,
+    /// The threads' name (numbered when there are several); `basalt-reactor-N` by default.
+    pub name: Option<String>,
 }
 
 impl RuntimeConfig {
     /// `n` reactors on cores `0..n`, pinned when `pin`.
     pub fn cores(n: usize, pin: bool) -> RuntimeConfig {
-        RuntimeConfig { cores: (0..n).collect(), pin, reactor: ReactorConfig::default() }
+        RuntimeConfig { cores: (0..n).collect(), pin, reactor: ReactorConfig::default(), name: None }
     }
 }
 
@@ -44,24 +46,29 @@ impl Runtime {
         let pin = config.pin && !config.cores.is_empty();
         let mut handles = Vec::new();
         let mut threads = Vec::new();
+        let several = cores.len() > 1;
         for (i, core) in cores.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let rc = config.reactor.clone();
-            let t =
-                std::thread::Builder::new().name(format!("basalt-reactor-{i}")).stack_size(REACTOR_STACK).spawn(move || {
-                    if pin {
-                        core_affinity::set_for_current(core_affinity::CoreId { id: core });
+            let name = match &config.name {
+                Some(n) if several => format!("{n}-{i}"),
+                Some(n) => n.clone(),
+                None => format!("basalt-reactor-{i}"),
+            };
+            let t = std::thread::Builder::new().name(name).stack_size(REACTOR_STACK).spawn(move || {
+                if pin {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                }
+                match Reactor::new(rc) {
+                    Ok(r) => {
+                        let _ = tx.send(Ok(r.handle()));
+                        r.run();
                     }
-                    match Reactor::new(rc) {
-                        Ok(r) => {
-                            let _ = tx.send(Ok(r.handle()));
-                            r.run();
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
                     }
-                })?;
+                }
+            })?;
             let h = rx.recv().map_err(|_| std::io::Error::other("reactor thread died during start"))??;
             handles.push(h);
             threads.push(t);

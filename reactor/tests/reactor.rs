@@ -37,7 +37,7 @@ fn small() -> ReactorConfig {
 
 /// One unpinned reactor with `reactor` settings.
 fn runtime(reactor: ReactorConfig) -> Runtime {
-    Runtime::new(RuntimeConfig { cores: Vec::new(), pin: false, reactor }).expect("start a reactor")
+    Runtime::new(RuntimeConfig { cores: Vec::new(), pin: false, reactor, name: None }).expect("start a reactor")
 }
 
 /// Run the future made by `make` as a task on reactor `i` and wait (with a deadline) for its
@@ -949,7 +949,9 @@ fn spawn_from_another_thread_and_current_handle() {
 
 #[test]
 fn a_future_run_on_another_reactor_is_awaited_here() {
-    let two = || Runtime::new(RuntimeConfig { cores: vec![0, 1], pin: false, reactor: small() }).expect("start two reactors");
+    let two = || {
+        Runtime::new(RuntimeConfig { cores: vec![0, 1], pin: false, reactor: small(), name: None }).expect("start two reactors")
+    };
     let rt = two();
     let other = rt.handle(1).clone();
     let (on, v) = run_on(&rt, 0, move || async move {

@@ -367,11 +367,14 @@ fn client_over_tls_against_qemu_nbd_and_daemon() {
     let sock = d.join("daemon.sock");
     let daemon = start_listening(
         Command::new(tool("basalt-storage-daemon"))
-            .args(["--object", &creds(&p.server, "server")])
+            .args(["--object", &creds(&p.server, "server"), "--object", "iothread,id=io0"])
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=f,filename={}", d.join("q.raw").display()))
             .args(["--nbd-server", &format!("addr.type=unix,addr.path={},tls-creds=tls0", sock.display())])
-            .args(["--export", "type=nbd,id=e,node-name=f,name=disk,writable=on"]),
+            .args(["--export", "type=nbd,id=e,node-name=f,name=disk,writable=on"])
+            // The same node again, served on an iothread: the connection, TLS session
+            // included, moves there after the handshake.
+            .args(["--export", "type=nbd,id=e2,node-name=f,name=disk-io,writable=on,iothread=io0"]),
         &{
             std::fs::write(d.join("q.raw"), vec![0x66u8; 4 << 20]).unwrap();
             sock.clone()
@@ -379,6 +382,16 @@ fn client_over_tls_against_qemu_nbd_and_daemon() {
     );
     must(&io("qemu-io", &p.client, &unix_opts(&sock, "disk"), &["read -P 0x66 0 4M", "write -P 0x67 1M 4k"]), "daemon over TLS");
     must(&io("basalt-io", &p.client, &unix_opts(&sock, "disk"), &["read -P 0x67 1M 4k"]), "basalt client to daemon");
+    must(
+        &io(
+            "qemu-io",
+            &p.client,
+            &unix_opts(&sock, "disk-io"),
+            &["read -P 0x67 1M 4k", "write -P 0x68 2M 1M", "read -P 0x68 2M 1M"],
+        ),
+        "daemon over TLS, on an iothread",
+    );
+    must(&io("basalt-io", &p.client, &unix_opts(&sock, "disk-io"), &["read -P 0x68 2M 1M"]), "basalt client to the iothread");
     let o =
         run(peer("nbdinfo").arg(format!("nbds+unix:///disk?socket={}&tls-certificates={}", sock.display(), p.client.display())));
     must(&o, "nbdinfo to the daemon");

@@ -10,9 +10,15 @@ use std::time::{Duration, Instant};
 
 use basalt_tests::{must, peer, run, start_listening, stderr, stdout, tool};
 
-fn args(d: &Path, tag: &str) -> Vec<String> {
+/// The daemons' arguments; with `iothreads`, the exports are served on two iothreads.
+fn args(d: &Path, tag: &str, iothreads: bool) -> Vec<String> {
     let p = |n: &str| d.join(format!("{tag}-{n}")).display().to_string();
-    vec![
+    let (on0, on1) = if iothreads { (",iothread=io0", ",iothread=io1,fixed-iothread=on") } else { ("", "") };
+    let mut a: Vec<String> = Vec::new();
+    if iothreads {
+        a.extend(["--object".into(), "iothread,id=io0".into(), "--object".into(), "iothread,id=io1,poll-max-ns=0".into()]);
+    }
+    a.extend([
         "--blockdev".into(),
         format!("driver=file,node-name=f,filename={}", p("disk.qcow2")),
         "--blockdev".into(),
@@ -22,14 +28,42 @@ fn args(d: &Path, tag: &str) -> Vec<String> {
         "--nbd-server".into(),
         format!("addr.type=unix,addr.path={}", p("sock")),
         "--export".into(),
-        "type=nbd,id=e0,node-name=q,name=disk,writable=on,description=the disk".into(),
+        format!("type=nbd,id=e0,node-name=q,name=disk,writable=on,description=the disk{on0}"),
         "--export".into(),
-        "type=nbd,id=e1,node-name=r".into(),
-    ]
+        format!("type=nbd,id=e1,node-name=r{on1}"),
+    ]);
+    a
 }
 
 #[test]
 fn exports_match_qemu_storage_daemon() {
+    exports_match(false);
+}
+
+/// The same, with the exports on iothreads; and the iothread, not the thread that accepted
+/// the connection, serves the requests.
+#[test]
+fn exports_on_iothreads_match_qemu_storage_daemon() {
+    exports_match(true);
+}
+
+/// The name and CPU time (user + system, in ticks) of each of `pid`'s threads, by thread id.
+fn thread_cpu(pid: u32) -> Vec<(u32, String, u64)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+        // The name is between the first '(' and the last ')'; utime and stime are the 12th
+        // and 13th fields after it.
+        let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_string();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let tid = t.file_name().to_str().unwrap().parse().unwrap();
+        v.push((tid, name, f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()));
+    }
+    v
+}
+
+fn exports_match(iothreads: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     for tag in ["q", "b"] {
@@ -39,9 +73,12 @@ fn exports_match_qemu_storage_daemon() {
         std::fs::write(d.join(format!("{tag}-base.raw")), vec![0x5a; 1 << 20]).unwrap();
     }
     let (qs, bs) = (d.join("q-sock"), d.join("b-sock"));
-    let q = start_listening(peer("qemu-storage-daemon").args(args(d, "q")), &qs);
+    let q = start_listening(peer("qemu-storage-daemon").args(args(d, "q", iothreads)), &qs);
     let pid = d.join("b.pid");
-    let b = start_listening(Command::new(tool("basalt-storage-daemon")).args(args(d, "b")).arg("--pidfile").arg(&pid), &bs);
+    let b = start_listening(
+        Command::new(tool("basalt-storage-daemon")).args(args(d, "b", iothreads)).arg("--pidfile").arg(&pid),
+        &bs,
+    );
     // The pid file is written once every option has been carried out (just after the socket).
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&pid).map_or(true, |p| !p.ends_with('\n')) {
@@ -77,6 +114,26 @@ fn exports_match_qemu_storage_daemon() {
     let map = |s: &Path, e: &str| stdout(&run(peer("qemu-img").args(["map", "--output=json", "-f", "raw", &uri(s, e)])));
     assert_eq!(map(&bs, "disk"), map(&qs, "disk"));
     assert_eq!(map(&bs, "r"), map(&qs, "r"));
+    if iothreads {
+        // 20000 requests: the thread that accepted the connection (the process's first) only
+        // negotiated it; an iothread's reactor served them.
+        // The same writes go to qemu-storage-daemon's image, for the comparison below.
+        let bench =
+            |s: &Path| run(peer("qemu-img").args(["bench", "-w", "-c", "20000", "-d", "16", "-f", "raw", &uri(s, "disk")]));
+        must(&bench(&qs), "bench");
+        let before = thread_cpu(b.id());
+        must(&bench(&bs), "bench");
+        let after = thread_cpu(b.id());
+        let used = |tid: u32| {
+            let at = |v: &[(u32, String, u64)]| v.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
+            at(&after) - at(&before)
+        };
+        let (busiest, name) = after.iter().map(|t| (used(t.0), t.1.clone())).max().unwrap();
+        // The export "disk" is on io0; the accepting reactor's thread is a basalt-reactor.
+        assert_eq!(name, "IO io0", "the busiest thread ({busiest} ticks)");
+        let others: u64 = after.iter().filter(|t| t.1 != "IO io0").map(|t| used(t.0)).sum();
+        assert!(busiest > 5 && others * 4 < busiest, "io0 {busiest} ticks, the other threads {others}");
+    }
     q.stop();
     b.stop();
     assert!(!bs.exists(), "socket left behind");
@@ -149,6 +206,19 @@ fn setup_errors_match_qemu_storage_daemon() {
             "--export".into(),
             "type=nbd,id=e,node-name=g".into(),
         ],
+        vec![
+            "--blockdev".into(),
+            file.clone(),
+            "--nbd-server".into(),
+            "addr.type=unix,addr.path=SOCK".into(),
+            "--export".into(),
+            "type=nbd,id=e,node-name=f,iothread=nope".into(),
+        ],
+        vec!["--object".into(), "iothread,id=a".into(), "--object".into(), "iothread,id=a".into()],
+        vec!["--object".into(), "secret,id=a,data=x".into(), "--object".into(), "iothread,id=a".into()],
+        vec!["--object".into(), "iothread,id=a,poll-max-ns=-1".into()],
+        vec!["--object".into(), "iothread,id=a,poll-max-ns=100,bogus=1".into()],
+        vec!["--object".into(), "iothread".into()],
     ]
     .into_iter()
     .enumerate()

@@ -9,9 +9,13 @@
 //!   `authz-*` object defined before it, which the clients' certificate names or PSK usernames
 //!   must pass; an unknown one is an error at start).
 //! - `--export type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on|off]
-//!   [,allocation-depth=on|off][,bitmaps.0=NAME...]`: the export's name is the node-name
-//!   unless given; writable exports pass trims to the node (whose `discard` option decides).
-//! - `--object` (secrets, TLS credentials), `--pidfile=PATH`.
+//!   [,allocation-depth=on|off][,bitmaps.0=NAME...][,iothread=ID][,fixed-iothread=on|off]`:
+//!   the export's name is the node-name unless given; writable exports pass trims to the node
+//!   (whose `discard` option decides). With `iothread`, the export's requests are served on
+//!   that iothread's reactor (`crate::nbd::iothread`); `fixed-iothread` is accepted and always
+//!   holds, since any reactor may serve any node.
+//! - `--object` (secrets, TLS credentials, authorization, `iothread,id=ID[,poll-max-ns=N]`),
+//!   `--pidfile=PATH`.
 //!
 //! It serves until SIGTERM, SIGINT or SIGHUP, then flushes every export and closes every node.
 //! `--daemonize`: the parent exits 0 once the child has set everything up and serves (pid file
@@ -27,6 +31,7 @@ use std::sync::Arc;
 
 use basalt_engine::{Authz, Graph, OpenFlags, Opts};
 
+use crate::nbd::iothread::IoThreads;
 use crate::nbd::{self, server};
 use basalt_drivers::nbd::tls::ServerTls;
 
@@ -41,7 +46,7 @@ Block nodes and NBD exports, as qemu-storage-daemon.
                          start an NBD server for exports
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,description=<text>][,writable=on|off][,allocation-depth=on|off]
-           [,bitmaps.0=<name>...]
+           [,bitmaps.0=<name>...][,iothread=<id>][,fixed-iothread=on|off]
                          export a block node over NBD
   --object secret,id=<id>,data=<data>|file=<file>
                          define a secret
@@ -53,6 +58,8 @@ Block nodes and NBD exports, as qemu-storage-daemon.
            rules.0.policy=allow|deny[,rules.0.format=exact|glob]...
   --object authz-listfile,id=<id>,filename=<file>[,refresh=on|off]
                          define an authorization object (for tls-authz)
+  --object iothread,id=<id>[,poll-max-ns=<ns>]
+                         define an I/O thread (a reactor) for exports
   --daemonize            daemonize the process, and have the parent exit once startup
                          is complete
   --pidfile <path>       write the process ID to a file after startup
@@ -194,7 +201,12 @@ fn nbd_server(graph: &Graph, def: &str) -> Result<NbdServer, String> {
 }
 
 /// An `--export type=nbd`.
-async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<Rc<server::Export>, String> {
+async fn export(
+    graph: &Graph,
+    def: &str,
+    server: Option<&NbdServer>,
+    iothreads: &mut IoThreads,
+) -> Result<Rc<server::Export>, String> {
     let mut o = options(def, Some("type"))?;
     match o.take_str("type").as_deref() {
         Some("nbd") => {}
@@ -211,19 +223,30 @@ async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<
     let writable = take_bool(&mut o, "writable")?;
     let allocation_depth = take_bool(&mut o, "allocation-depth")?;
     let _ = take_bool(&mut o, "writethrough")?;
-    let mut bitmaps = Vec::new();
-    let mut n = 0;
-    while let Some(b) = o.take_str(&format!("bitmaps.{n}")) {
-        bitmaps.push(nbd::export_bitmap(&node, &b).await?);
-        n += 1;
+    let _ = take_bool(&mut o, "fixed-iothread")?;
+    let iothread = o.take_str("iothread");
+    let mut names = Vec::new();
+    while let Some(b) = o.take_str(&format!("bitmaps.{}", names.len())) {
+        names.push(b);
     }
     if let Some(k) = o.keys().next() {
         return Err(format!("Invalid parameter '{k}'"));
     }
+    let home = match iothread {
+        Some(id) => {
+            let t = graph.secrets().iothread(&id).map_err(|e| e.msg)?;
+            Some(iothreads.handle(&id, t)?)
+        }
+        None => None,
+    };
+    let mut bitmaps = Vec::new();
+    for b in &names {
+        bitmaps.push(nbd::export_bitmap(&node, b).await?);
+    }
     if writable && node.read_only() {
         return Err(format!("Block node '{node_name}' is read-only"));
     }
-    server::ExportSpec {
+    let spec = server::ExportSpec {
         node,
         name,
         description,
@@ -234,8 +257,13 @@ async fn export(graph: &Graph, def: &str, server: Option<&NbdServer>) -> Result<
         allocation_depth,
         // QEMU's multi-conn=auto: on unless the server takes a single client.
         multi_conn: max_connections != 1,
+        home,
+    };
+    // This reactor's view negotiates; an iothread's view serves the requests.
+    if let Some(h) = &spec.home {
+        iothreads.place(h, spec.clone(), names).await?;
     }
-    .export(bitmaps)
+    spec.export(bitmaps)
 }
 
 /// The tool's entry point.
@@ -271,6 +299,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::F
     let graph = Graph::new(basalt_formats::registry());
     let mut server: Option<NbdServer> = None;
     let mut exports = Vec::new();
+    let mut iothreads = IoThreads::default();
     let mut code = 0;
     for item in &items {
         let r = match item {
@@ -280,7 +309,7 @@ async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::F
             },
             Item::NbdServer(_) if server.is_some() => Err("Only one --nbd-server is allowed".to_string()),
             Item::NbdServer(def) => nbd_server(&graph, def).map(|s| server = Some(s)),
-            Item::Export(def) => export(&graph, def, server.as_ref()).await.map(|e| exports.push(e)),
+            Item::Export(def) => export(&graph, def, server.as_ref(), &mut iothreads).await.map(|e| exports.push(e)),
             Item::Object(def) => graph.add_object(def).map_err(|e| e.msg),
         };
         if let Err(e) = r {
@@ -320,6 +349,10 @@ async fn run(items: Vec<Item>, pidfile: Option<String>, ready: Option<std::fs::F
             // until the end); it wakes the accept waiting in the blocking pool.
             unsafe { libc::shutdown(s.fd.as_raw_fd(), libc::SHUT_RDWR) };
         }
+    }
+    // The iothreads' connections end before the nodes are flushed and closed.
+    iothreads.stop().await;
+    if code == 0 {
         for e in &exports {
             if let Err(err) = e.queue.flush().await.res {
                 code = fail(format!("flushing export '{}': {err}", e.name));

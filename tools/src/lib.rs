@@ -90,6 +90,19 @@ pub fn server_reactors(n: usize) -> std::io::Result<Runtime> {
     unpinned(n, cfg)
 }
 
+/// One reactor with a server's settings for the `iothread` object `id`, polling for
+/// `poll_max_ns` (the tools' default, QEMU's, when `None`) before it sleeps. Its thread is
+/// named `IO ID`, as QEMU names an iothread's.
+pub fn iothread_reactor(id: &str, poll_max_ns: Option<u64>) -> std::io::Result<Runtime> {
+    let mut cfg = tool_config();
+    cfg.name = Some(format!("IO {id}"));
+    cfg.reactor.pool_size = SERVER_POOL;
+    if let Some(ns) = poll_max_ns {
+        cfg.reactor.idle_spin = Some(std::time::Duration::from_nanos(ns));
+    }
+    unpinned(1, cfg)
+}
+
 /// Start `n` reactors with `cfg`'s settings on threads the system places.
 fn unpinned(n: usize, mut cfg: RuntimeConfig) -> std::io::Result<Runtime> {
     cfg.cores = (0..n).collect();

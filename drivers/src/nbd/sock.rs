@@ -27,6 +27,14 @@ struct TlsState {
     tx: Option<IoBuf>,
 }
 
+/// A socket taken apart to move to another reactor ([`Sock::into_parts`]): the descriptor and
+/// its TLS session with whatever the session holds (ciphertext read ahead, plaintext not yet
+/// taken).
+pub struct SockParts {
+    fd: OwnedFd,
+    tls: Option<TlsState>,
+}
+
 /// A connected stream socket.
 pub struct Sock {
     fd: OwnedFd,
@@ -52,6 +60,19 @@ impl Sock {
     /// Wrap a connected socket (blocking mode).
     pub fn new(fd: OwnedFd) -> Sock {
         Sock { fd, uring: basalt_reactor::uring_features().is_some(), tls: RefCell::new(None) }
+    }
+
+    /// Take the socket apart between operations (none in flight: they borrow it), to carry it
+    /// to another reactor.
+    pub fn into_parts(self) -> SockParts {
+        SockParts { fd: self.fd, tls: self.tls.into_inner() }
+    }
+
+    /// Put a socket back together on the reactor that goes on with it.
+    pub fn from_parts(p: SockParts) -> Sock {
+        let s = Sock::new(p.fd);
+        *s.tls.borrow_mut() = p.tls;
+        s
     }
 
     /// Whether [`super::sendfile::send_file`] may send on this socket: plain (no TLS), on a

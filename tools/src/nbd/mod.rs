@@ -24,6 +24,7 @@
 //! combined with it yet (an exported bitmap records every connection's writes in one place).
 
 pub mod bitmap;
+pub(crate) mod iothread;
 pub mod list;
 pub mod replies;
 pub mod server;
@@ -597,6 +598,7 @@ async fn serve_main(c: Config, lfd: RawFd, mut ready: Option<std::fs::File>) -> 
         detect_zeroes: c.detect_zeroes,
         allocation_depth: c.allocation_depth,
         multi_conn: c.shared > 1,
+        home: None,
     };
     let exp = match spec.export(bitmaps) {
         Ok(e) => e,

@@ -28,7 +28,7 @@ use std::task::{Poll, Waker};
 
 use basalt_drivers::nbd::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, OptionHeader, Request};
 use basalt_engine::{Authz, IoStatus, Queue, WriteFlags, ZeroFlags};
-use basalt_reactor::IoBuf;
+use basalt_reactor::{IoBuf, ReactorHandle};
 
 use crate::img::common::Chain;
 use basalt_drivers::nbd::sock::{RecvBuf, Sock};
@@ -94,6 +94,9 @@ pub struct Export {
     pub multi_conn: bool,
     /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (`-B`).
     pub bitmaps: Vec<ExportBitmap>,
+    /// The reactor that serves the export's transmissions (an `iothread`), when not the one
+    /// that negotiated the connection.
+    pub home: Option<ReactorHandle>,
 }
 
 /// What a reactor needs to build its own view of an export (all of it can cross threads).
@@ -107,6 +110,9 @@ pub struct ExportSpec {
     pub detect_zeroes: DetectZeroes,
     pub allocation_depth: bool,
     pub multi_conn: bool,
+    /// The reactor that serves the export's transmissions, when another one negotiates
+    /// (see [`Export::home`]). That reactor's own view has none.
+    pub home: Option<ReactorHandle>,
 }
 
 impl ExportSpec {
@@ -126,6 +132,7 @@ impl ExportSpec {
             allocation_depth: self.allocation_depth,
             multi_conn: self.multi_conn,
             bitmaps,
+            home: self.home.clone(),
         }))
     }
 }
@@ -217,10 +224,23 @@ fn find<'a>(exports: &'a [Rc<Export>], name: &str) -> Option<&'a Rc<Export>> {
 
 /// Serve one connection to the end.
 pub async fn serve(sock: Rc<Sock>, offer: Rc<Offer>) -> ConnResult {
-    match negotiate(&sock, &offer).await? {
-        Some((neg, exp)) => transmission(sock, exp, neg).await,
-        None => Ok(()),
-    }
+    let Some((neg, exp)) = negotiate(&sock, &offer).await? else { return Ok(()) };
+    let Some(home) = exp.home.clone() else { return transmission(sock, exp, neg).await };
+    // The export is served on another reactor (its iothread): the connection moves there,
+    // TLS session included, and this task waits for it to end (so that the accepting side
+    // counts it until then). That reactor serves it with its own view of the export.
+    let parts = Rc::try_unwrap(sock).map_err(|_| "the connection is still in use".to_string())?.into_parts();
+    let name = exp.name.clone();
+    drop(exp);
+    home.run(move || async move {
+        let exp = super::spread::local_offer()
+            .and_then(|o| find(&o.exports, &name).cloned())
+            .ok_or_else(|| format!("export '{name}': its iothread is stopping"))?;
+        transmission(Rc::new(Sock::from_parts(parts)), exp, neg).await
+    })
+    .await
+    // The iothread stopped under it: the server is shutting down, which ends every connection.
+    .unwrap_or(Ok(()))
 }
 
 /// What negotiation settled.

@@ -8,7 +8,7 @@
 //!
 //! Each helper reactor keeps its [`Offer`] in a thread-local, set when it starts and taken
 //! back before it stops (`Spread::stop`), so nothing of the export outlives the reactor it
-//! belongs to.
+//! belongs to. The storage daemon's iothreads ([`super::iothread`]) keep theirs there too.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
@@ -23,6 +23,17 @@ use super::server::{ExportSpec, Offer};
 
 thread_local! {
     static OFFER: RefCell<Option<Rc<Offer>>> = const { RefCell::new(None) };
+}
+
+/// This reactor's offer, if it has one.
+pub(crate) fn local_offer() -> Option<Rc<Offer>> {
+    OFFER.with(|o| o.borrow().clone())
+}
+
+/// Set (or, with `None`, take back) this reactor's offer.
+pub(crate) fn set_local_offer(offer: Option<Rc<Offer>>) {
+    let old = OFFER.with(|o| std::mem::replace(&mut *o.borrow_mut(), offer));
+    drop(old);
 }
 
 /// The helper reactors, and whose turn the next connection is.
@@ -43,7 +54,7 @@ impl Spread {
                 .handle(i)
                 .run(move || async move {
                     let offer = Rc::new(Offer { exports: vec![spec.export(Vec::new())?], tls, authz });
-                    OFFER.with(|o| *o.borrow_mut() = Some(offer));
+                    set_local_offer(Some(offer));
                     Ok::<(), String>(())
                 })
                 .await;
@@ -65,7 +76,7 @@ impl Spread {
     pub async fn stop(&self) {
         let Some(rt) = self.rt.borrow_mut().take() else { return };
         for h in &self.handles {
-            h.run(|| async { drop(OFFER.with(|o| o.borrow_mut().take())) }).await;
+            h.run(|| async { set_local_offer(None) }).await;
         }
         drop(rt);
     }
@@ -75,7 +86,7 @@ impl Spread {
 /// connection has ended. Client errors are reported with `who`.
 pub(crate) fn serve_on(h: &ReactorHandle, fd: OwnedFd, who: &'static str, done: impl FnOnce() + Send + 'static) {
     h.send(move || {
-        let Some(offer) = OFFER.with(|o| o.borrow().clone()) else {
+        let Some(offer) = local_offer() else {
             // Stopping: the connection is dropped unserved.
             done();
             return;
