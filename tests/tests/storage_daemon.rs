@@ -192,28 +192,18 @@ fn setup_errors_match_qemu_storage_daemon() {
     let img = d.join("d.raw");
     must(&run(peer("qemu-img").args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"])), "create");
     let file = format!("driver=file,node-name=f,filename={}", img.display());
+    // The node, a server, and `export`.
+    let served = |export: &str| -> Vec<String> {
+        ["--blockdev", &file, "--nbd-server", "addr.type=unix,addr.path=SOCK", "--export", export].map(String::from).to_vec()
+    };
     for (i, a) in [
         vec!["--export".to_string(), "type=nbd,id=e,node-name=x".into()],
         vec!["--blockdev".into(), file.clone(), "--export".into(), "type=nbd,id=e,node-name=f".into()],
         vec!["--object".into(), "secret,id=s".into()],
         vec!["--nbd-server".into(), "addr.type=unix".into()],
         vec!["--blockdev".into(), "driver=file,node-name=f,filename=/nonexistent/x".into()],
-        vec![
-            "--blockdev".into(),
-            file.clone(),
-            "--nbd-server".into(),
-            "addr.type=unix,addr.path=SOCK".into(),
-            "--export".into(),
-            "type=nbd,id=e,node-name=g".into(),
-        ],
-        vec![
-            "--blockdev".into(),
-            file.clone(),
-            "--nbd-server".into(),
-            "addr.type=unix,addr.path=SOCK".into(),
-            "--export".into(),
-            "type=nbd,id=e,node-name=f,iothread=nope".into(),
-        ],
+        served("type=nbd,id=e,node-name=g"),
+        served("type=nbd,id=e,node-name=f,iothread=nope"),
         vec!["--object".into(), "iothread,id=a".into(), "--object".into(), "iothread,id=a".into()],
         vec!["--object".into(), "secret,id=a,data=x".into(), "--object".into(), "iothread,id=a".into()],
         vec!["--object".into(), "iothread,id=a,poll-max-ns=-1".into()],
