@@ -1027,7 +1027,6 @@ fn chain_reads_zero(q: &Queue, off: u64, len: u64, depth: usize) -> LocalBoxFutu
     })
 }
 
-/// Compress a cluster on the blocking thread pool.
 /// One cluster of a compressed write, read in place by a compression job.
 struct Source {
     buf: Arc<IoBuf>,
@@ -1037,6 +1036,7 @@ struct Source {
     cluster: usize,
 }
 
+/// Compress a cluster on the blocking thread pool.
 async fn compress_off_reactor(t: compress::CompressionType, src: Source) -> Option<Vec<u8>> {
     let out = std::sync::Arc::new(std::sync::Mutex::new(None));
     let o2 = out.clone();
