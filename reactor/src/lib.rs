@@ -18,13 +18,14 @@ mod slots;
 mod timer;
 mod uring;
 
+pub use blocking::Lane;
 pub use executor::JoinHandle;
 pub use iobuf::{DmaPool, IoBuf, IOBUF_ALIGN};
 pub use reactor::{
-    add_poller, blocking, current_handle, current_id, current_pool, current_stats, live_tasks, register_file, remove_poller,
-    set_idle_spin, slot_alloc, slot_complete, slot_complete_deferred, slot_put_buf, slot_take_buf, slots_pending, spawn_local,
-    unregister_file, uring_fallocate, uring_features, uring_fsync, uring_poll, uring_rw, yield_now, Reactor, ReactorConfig,
-    ReactorHandle, ReactorStats, UringMode,
+    add_poller, blocking, blocking_in, current_handle, current_id, current_pool, current_stats, live_tasks, register_file,
+    remove_poller, set_idle_spin, slot_alloc, slot_complete, slot_complete_deferred, slot_put_buf, slot_take_buf, slots_pending,
+    spawn_local, unregister_file, uring_fallocate, uring_features, uring_fsync, uring_poll, uring_rw, yield_now, Reactor,
+    ReactorConfig, ReactorHandle, ReactorStats, UringMode,
 };
 pub use remote::RemoteJoin;
 pub use runtime::{Runtime, RuntimeConfig};

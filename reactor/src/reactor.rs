@@ -636,11 +636,29 @@ fn uring_op(entry: impl FnOnce(SlotId) -> io_uring::squeue::Entry) -> SlotFuture
 /// Run `job` on the blocking thread pool; the slot completes with its result. `buf` is parked in
 /// the slot while the job runs (the job gets its address and length through closure capture).
 pub fn blocking(job: impl FnOnce() -> i64 + Send + 'static, buf: Option<IoBuf>) -> SlotFuture {
+    blocking_via(job, buf, crate::blocking::submit)
+}
+
+/// [`blocking`], run in `lane`: after the jobs submitted to it before, one at a time.
+pub fn blocking_in(
+    lane: &std::sync::Arc<crate::Lane>,
+    job: impl FnOnce() -> i64 + Send + 'static,
+    buf: Option<IoBuf>,
+) -> SlotFuture {
+    blocking_via(job, buf, |j| lane.submit(j))
+}
+
+/// Park `buf` in a new slot and hand `job` to `submit`, wrapped to complete the slot.
+fn blocking_via(
+    job: impl FnOnce() -> i64 + Send + 'static,
+    buf: Option<IoBuf>,
+    submit: impl FnOnce(Box<dyn FnOnce() + Send>),
+) -> SlotFuture {
     with_current(|r| {
         let id = r.slots.alloc(buf);
         r.blocking_in_flight.set(r.blocking_in_flight.get() + 1);
         let remote = r.remote.clone();
-        crate::blocking::submit(Box::new(move || {
+        submit(Box::new(move || {
             let res = job();
             remote.push_completion(id.0, res);
         }));

@@ -17,10 +17,10 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use basalt_reactor::{
-    add_poller, blocking, complete_at, current_handle, current_id, current_stats, live_tasks, register_file, remove_poller,
-    sleep, sleep_until, slot_alloc, slot_complete, slot_complete_deferred, slots_pending, spawn_local, unregister_file,
-    uring_fallocate, uring_features, uring_fsync, uring_rw, yield_now, IoBuf, Reactor, ReactorConfig, ReactorHandle, Runtime,
-    RuntimeConfig, SlotFuture, UringFd, UringMode, IOBUF_ALIGN,
+    add_poller, blocking, blocking_in, complete_at, current_handle, current_id, current_stats, live_tasks, register_file,
+    remove_poller, sleep, sleep_until, slot_alloc, slot_complete, slot_complete_deferred, slots_pending, spawn_local,
+    unregister_file, uring_fallocate, uring_features, uring_fsync, uring_rw, yield_now, IoBuf, Lane, Reactor, ReactorConfig,
+    ReactorHandle, Runtime, RuntimeConfig, SlotFuture, UringFd, UringMode, IOBUF_ALIGN,
 };
 
 /// How long the test thread waits for a reactor before calling it a hang.
@@ -579,6 +579,47 @@ fn blocking_job_result_wakes_the_task() {
     assert!(buf);
     assert_eq!(on, Some(rt.handle(0).id()));
     assert!(sleeps > 0, "the reactor should sleep while the job runs and be woken by its completion");
+}
+
+#[test]
+fn lane_jobs_run_one_at_a_time_in_order_beside_other_jobs() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let rt = runtime(small());
+    let (order, most, other_done_first) = run_on(&rt, 0, || async {
+        let lane = Arc::new(Lane::new());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut jobs = Vec::new();
+        for i in 0..6i64 {
+            let (order, running, most) = (order.clone(), running.clone(), most.clone());
+            jobs.push(blocking_in(
+                &lane,
+                move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(20));
+                    order.lock().unwrap().push(i);
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    i
+                },
+                None,
+            ));
+        }
+        // A job outside the lane is not held up behind it: the pool has other threads.
+        let other = blocking(|| 7, None).await.0;
+        let other_done_first = order.lock().unwrap().len() < 6;
+        for (i, j) in jobs.into_iter().enumerate() {
+            assert_eq!(j.await.0, i as i64);
+        }
+        assert_eq!(other, 7);
+        let order = order.lock().unwrap().clone();
+        (order, most.load(Ordering::SeqCst), other_done_first)
+    });
+    assert_eq!(order, vec![0, 1, 2, 3, 4, 5], "lane jobs run in submission order");
+    assert_eq!(most, 1, "lane jobs never overlap");
+    assert!(other_done_first, "a job outside the lane finished before the lane's 120 ms of jobs");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ pub(crate) struct FileShared {
     pub(crate) path: String,
     /// A regular file opened without O_DIRECT (writes land in the page cache).
     pub(crate) buffered_file: bool,
+    /// Where the thread pool runs a buffered file's writes and fallocates: one at a time, in
+    /// order, as they hold the inode's lock anyway (see `basalt_reactor::Lane`).
+    pub(crate) lane: Arc<basalt_reactor::Lane>,
 }
 
 impl AsRawFd for FileShared {
@@ -168,6 +171,7 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         discard: discard == "unmap" || discard == "on",
         path,
         buffered_file: !direct && !blockdev,
+        lane: Arc::new(basalt_reactor::Lane::new()),
     });
     Ok(Arc::new(FileNode { driver, name, read_only, align, shared }))
 }

@@ -13,7 +13,7 @@ use basalt_engine::{
     AioMode, BlockError, BlockResult, BlockStatus, ErrorKind, IoDone, IoFuture, IoStatus, LocalBoxFuture, NodeQueue, SlotKind,
     WriteFlags, ZeroFlags,
 };
-use basalt_reactor::{blocking, uring_fallocate, uring_fsync, uring_rw, IoBuf, SlotFuture, UringFd};
+use basalt_reactor::{blocking, blocking_in, uring_fallocate, uring_fsync, uring_rw, IoBuf, Lane, SlotFuture, UringFd};
 
 use super::inline::InlineWrites;
 use super::{sys, FileShared};
@@ -74,7 +74,9 @@ impl FileQueue {
                 let fd = self.s.fd.as_raw_fd();
                 let ptr = buf.as_mut_ptr() as usize;
                 let n = buf.len();
-                let f = blocking(
+                let lane = (write && self.s.buffered_file).then_some(&self.s.lane);
+                let f = blocking_maybe_in(
+                    lane,
                     move || {
                         let mut done = 0usize;
                         while done < n {
@@ -115,7 +117,8 @@ impl FileQueue {
             Some(fd) if self.fallocate_in_ring => uring_fallocate(fd, mode, off, len),
             _ => {
                 let fd = self.s.fd.as_raw_fd();
-                blocking(move || sys::fallocate(fd, mode, off, len).map(|_| 0).unwrap_or_else(|e| neg(&e)), None)
+                let lane = self.s.buffered_file.then_some(&self.s.lane);
+                blocking_maybe_in(lane, move || sys::fallocate(fd, mode, off, len).map(|_| 0).unwrap_or_else(|e| neg(&e)), None)
             }
         }
     }
@@ -129,6 +132,14 @@ impl FileQueue {
                 blocking(move || if unsafe { libc::fdatasync(fd) } < 0 { neg(&std::io::Error::last_os_error()) } else { 0 }, None)
             }
         }
+    }
+}
+
+/// Run `job` on the thread pool, in `lane` when given.
+fn blocking_maybe_in(lane: Option<&Arc<Lane>>, job: impl FnOnce() -> i64 + Send + 'static, buf: Option<IoBuf>) -> SlotFuture {
+    match lane {
+        Some(l) => blocking_in(l, job, buf),
+        None => blocking(job, buf),
     }
 }
 
