@@ -13,6 +13,9 @@
 //!
 //! A buffer has a window (`start..start+len`) inside its capacity, so a request can address a
 //! part of a buffer without copying ([`IoBuf::slice`]) and the owner can widen it again.
+//!
+//! A buffer can also be a file window ([`IoBuf::file_window`], [`crate::window`]), whose pages
+//! are mapped from a file, so a copy reads its source in place.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -31,6 +34,8 @@ const MAX_CLASS_SHIFT: u32 = 21; // 2 MiB
 enum Origin {
     Heap,
     Pool(Arc<PoolShared>),
+    /// A file window ([`crate::window`]): unmapped when the buffer goes.
+    Window(crate::window::Window),
 }
 
 /// An owned, 4 KiB-aligned buffer with a window over its capacity.
@@ -42,8 +47,9 @@ pub struct IoBuf {
     origin: Origin,
 }
 
-// SAFETY: an IoBuf exclusively owns its memory (heap or a pool chunk handed out once); moving it
-// to another thread moves that ownership. The pool's shared state is itself Sync.
+// SAFETY: an IoBuf exclusively owns its memory (heap, a pool chunk handed out once, or a file
+// window's reservation); moving it to another thread moves that ownership. The pool's shared
+// state is itself Sync, and a window's guard slot is atomics.
 unsafe impl Send for IoBuf {}
 
 // SAFETY: a shared `&IoBuf` only reads (its bytes, window and pointer); every mutation takes
@@ -75,6 +81,36 @@ impl IoBuf {
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         IoBuf { ptr, cap, start: 0, len, origin: Origin::Heap }
+    }
+
+    /// A file window of `len` bytes: zeroes until [`IoBuf::map_file`] puts a file's pages in
+    /// it (see [`crate::window`]). `None` when no window can be made; read into an ordinary
+    /// buffer then.
+    pub fn file_window(len: usize) -> Option<IoBuf> {
+        let w = crate::window::Window::new(len)?;
+        let ptr = NonNull::new(w.ptr())?;
+        Some(IoBuf { ptr, cap: w.len(), start: 0, len, origin: Origin::Window(w) })
+    }
+
+    /// Make bytes `at..at+len` of this file window's allocation the file's bytes from `off`,
+    /// read in place (mapped privately: writing to them never reaches the file). `at` and `off`
+    /// must be multiples of 4096; the last page mapped may reach past `len`, so a range mapped
+    /// before inside that page is replaced. Fails on a buffer that is not a file window.
+    pub fn map_file(&mut self, at: usize, fd: std::os::fd::RawFd, off: u64, len: usize) -> std::io::Result<()> {
+        match &self.origin {
+            Origin::Window(w) => w.map(at, fd, off, len),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    /// Whether a page of this file window could not be read since the last call (the file
+    /// was cut short under it, or the disk failed): that page reads as zeroes, and what it
+    /// held must be read the ordinary way. Always false for other buffers.
+    pub fn take_map_fault(&self) -> bool {
+        match &self.origin {
+            Origin::Window(w) => w.take_fault(),
+            _ => false,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -185,6 +221,8 @@ impl Drop for IoBuf {
                 unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
             }
             Origin::Pool(p) => p.give_back(self.ptr, self.cap),
+            // The window unmaps itself.
+            Origin::Window(_) => {}
         }
     }
 }

@@ -17,6 +17,7 @@ mod runtime;
 mod slots;
 mod timer;
 mod uring;
+mod window;
 
 pub use blocking::Lane;
 pub use executor::JoinHandle;

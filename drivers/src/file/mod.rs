@@ -50,6 +50,9 @@ pub(crate) struct FileShared {
     /// Where the thread pool runs a buffered file's writes and fallocates: one at a time, in
     /// order, as they hold the inode's lock anyway (see `basalt_reactor::Lane`).
     pub(crate) lane: Arc<basalt_reactor::Lane>,
+    /// Large pool writes allocate their range first (see `queue::ALLOCATE_FROM`); cleared when
+    /// the filesystem has no fallocate.
+    pub(crate) allocate_first: std::sync::atomic::AtomicBool,
 }
 
 impl AsRawFd for FileShared {
@@ -172,6 +175,7 @@ fn open_file(driver: &'static str, graph: &Graph, mut opts: Opts, flags: OpenFla
         path,
         buffered_file: !direct && !blockdev,
         lane: Arc::new(basalt_reactor::Lane::new()),
+        allocate_first: std::sync::atomic::AtomicBool::new(true),
     });
     Ok(Arc::new(FileNode { driver, name, read_only, align, shared }))
 }

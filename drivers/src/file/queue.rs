@@ -75,9 +75,13 @@ impl FileQueue {
                 let ptr = buf.as_mut_ptr() as usize;
                 let n = buf.len();
                 let lane = (write && self.s.buffered_file).then_some(&self.s.lane);
+                let s = lane.is_some().then(|| self.s.clone());
                 let f = blocking_maybe_in(
                     lane,
                     move || {
+                        if let Some(s) = s.filter(|s| n >= ALLOCATE_FROM && s.allocate_first.load(Ordering::Relaxed)) {
+                            allocate_first(&s, off, n as u64);
+                        }
                         let mut done = 0usize;
                         while done < n {
                             // SAFETY: the buffer is parked in the slot until this job's
@@ -131,6 +135,29 @@ impl FileQueue {
                 // SAFETY: plain syscall on a valid fd.
                 blocking(move || if unsafe { libc::fdatasync(fd) } < 0 { neg(&std::io::Error::last_os_error()) } else { 0 }, None)
             }
+        }
+    }
+}
+
+/// Buffered writes at least this large, in the thread pool, allocate their range first.
+///
+/// A buffered write into a hole makes the filesystem reserve and track every block as it
+/// copies (ext4's delayed allocation: a reservation, quota and an extent-cache insert per
+/// block, under the inode lock); into a range already allocated, even unwritten, it only
+/// copies. One `fallocate` for the whole range costs less than that per-block work: 600 MiB of
+/// 2 MiB writes into a new file took 0.07-0.09 s with it and 0.10-0.14 s without on ext4. The
+/// range is allocated (`FALLOC_FL_KEEP_SIZE`, never past what the write then covers) as the
+/// write would have allocated it, and fallocate never changes data, so nothing a reader can
+/// see differs. Small writes would pay a system call for little; writes through io_uring or
+/// O_DIRECT do not take this path.
+pub(crate) const ALLOCATE_FROM: usize = 1 << 20;
+
+/// Allocate `off..off+len` before a large write (see [`ALLOCATE_FROM`]). A filesystem without
+/// fallocate turns this off for the file; any other failure is left to the write to meet.
+fn allocate_first(s: &FileShared, off: u64, len: u64) {
+    if let Err(e) = sys::fallocate(s.fd.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len) {
+        if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
+            s.allocate_first.store(false, Ordering::Relaxed);
         }
     }
 }

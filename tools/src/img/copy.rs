@@ -264,6 +264,8 @@ impl Shared {
 enum Kind {
     /// Written from the buffer.
     Data,
+    /// Written from the worker's file window, where the source file's pages are mapped.
+    Mapped,
     /// Written as zeroes (skipped when the target already reads as zeroes).
     Zero,
     /// Left alone: unallocated in a source whose target has a backing file (qemu-img's
@@ -274,14 +276,26 @@ enum Kind {
 /// A range of the current chunk: (start, end, what it is), relative to the chunk.
 type Run = (u64, u64, Kind);
 
+/// Where a chunk lies: at `off` of its source, at `global` of the copy (and of the target),
+/// `len` bytes.
+#[derive(Clone, Copy)]
+struct Chunk {
+    off: u64,
+    global: u64,
+    len: u64,
+}
+
 async fn worker(sh: Arc<Shared>, io: Io) {
     let mut buf = Some(IoBuf::new(sh.o.chunk as usize));
+    // Compressed copies read into the buffer: compressing costs far more than the read.
+    let mut window = if sh.o.compress.is_none() { IoBuf::file_window(sh.o.chunk as usize) } else { None };
     let mut runs: Vec<Run> = Vec::new();
     while let Some((seq, idx, off, len)) = sh.claim() {
         let global = sh.bases[idx] + off;
         let mut b = buf.take().expect("worker buffer");
         b.reset(len as usize);
-        let r = fill(&sh, &io.sources[idx], off, global, len, b, &mut runs).await;
+        let c = Chunk { off, global, len };
+        let r = fill(&sh, &io.sources[idx], c, b, window.as_mut(), &mut runs).await;
         let Ok(mut b) = r else { break };
         if !sh.o.out_of_order {
             sh.wait_turn(seq).await;
@@ -290,7 +304,7 @@ async fn worker(sh: Arc<Shared>, io: Io) {
             }
         }
         let mut turn = !sh.o.out_of_order;
-        let r = write_runs(&sh, &io.target, global, len, b, &runs, &mut turn).await;
+        let r = write_runs(&sh, &io.target, c, b, &mut window, &runs, &mut turn).await;
         let failed = r.is_err();
         b = match r {
             Ok(b) | Err(Some(b)) => b,
@@ -315,15 +329,22 @@ async fn worker(sh: Arc<Shared>, io: Io) {
 /// Read what the chunk `off..off+len` of a source (at `global` in the copy) holds into `b`
 /// and decide, as qemu-img does, which runs are data, zeroes, or left alone. On a read error
 /// (without `--salvage`) the copy is failed and `Err` returned.
+///
+/// Data the source keeps verbatim in a buffered host file, page-aligned (raw images, and
+/// allocated clusters of a read-only qcow2), is not read but mapped into `window` at its
+/// place in the chunk: zeroes are looked for and the target is written straight from the
+/// source's page cache, one copy instead of two. Should a mapped page fail to read (the file
+/// was cut short, or the disk failed), the chunk is read again the ordinary way, which
+/// reports the error as a read would.
 async fn fill(
     sh: &Shared,
     chain: &Chain,
-    off: u64,
-    global: u64,
-    len: u64,
+    c: Chunk,
     mut b: IoBuf,
+    mut window: Option<&mut IoBuf>,
     runs: &mut Vec<Run>,
 ) -> Result<IoBuf, ()> {
+    let Chunk { off, global, len } = c;
     let src = chain.top();
     // What the source holds, relative to the chunk.
     let mut pieces: Vec<Run> = Vec::new();
@@ -387,9 +408,46 @@ async fn fill(
         }
         pieces = full;
     }
-    for &(s, e, kind) in &pieces {
+    loop {
+        b = read_pieces(sh, src, c, b, window.as_deref_mut(), &mut pieces).await?;
+        classify(sh, c, &b, window.as_deref(), &pieces, runs);
+        match window.as_deref() {
+            Some(w) if w.take_map_fault() => {
+                // Read it all the ordinary way: what it returns (or the error) is the truth.
+                window = None;
+                for p in pieces.iter_mut().filter(|p| p.2 == Kind::Mapped) {
+                    p.2 = Kind::Data;
+                }
+            }
+            _ => return Ok(b),
+        }
+    }
+}
+
+/// Read the data pieces of a chunk into `b`, or map them into `window` where the source keeps
+/// them in a host file (those become [`Kind::Mapped`]); zero-fill holes whose bytes are used.
+async fn read_pieces(
+    sh: &Shared,
+    src: &Backend,
+    c: Chunk,
+    mut b: IoBuf,
+    mut window: Option<&mut IoBuf>,
+    pieces: &mut [Run],
+) -> Result<IoBuf, ()> {
+    let Chunk { off, global, len } = c;
+    for p in pieces.iter_mut() {
+        let (s, e, kind) = *p;
+        if kind == Kind::Data {
+            if let Some(w) = window.as_deref_mut() {
+                if map_piece(src, w, off + s, s, e - s) {
+                    p.2 = Kind::Mapped;
+                    continue;
+                }
+            }
+        }
         match kind {
             Kind::Skip if sh.o.compress.is_none() => {}
+            Kind::Mapped => {}
             Kind::Zero | Kind::Skip => {
                 // A hole's bytes are used only when compressing (whole clusters around data)
                 // or writing everything (`-S 0`).
@@ -414,6 +472,23 @@ async fn fill(
             }
         }
     }
+    Ok(b)
+}
+
+/// Map `len` bytes of the source from `off` at `at` of `window`, if the source keeps them in a
+/// host file at a page-aligned offset; whether it did.
+fn map_piece(src: &Backend, window: &mut IoBuf, off: u64, at: u64, len: u64) -> bool {
+    const PAGE: u64 = 4096;
+    if !at.is_multiple_of(PAGE) {
+        return false;
+    }
+    let Some(ext) = src.node().host_extent(off, len) else { return false };
+    ext.offset.is_multiple_of(PAGE) && window.map_file(at as usize, ext.file.as_raw_fd(), ext.offset, len as usize).is_ok()
+}
+
+/// Decide, as qemu-img does, which runs of a read chunk are data, zeroes, or left alone.
+fn classify(sh: &Shared, c: Chunk, b: &IoBuf, window: Option<&IoBuf>, pieces: &[Run], runs: &mut Vec<Run>) {
+    let Chunk { global, len, .. } = c;
     runs.clear();
     if let Some(cs) = sh.o.compress {
         // Per cluster: left alone, zeroes, or data (all-zero data is zeroes, as qemu-img).
@@ -434,11 +509,15 @@ async fn fill(
             c = e;
         }
     } else {
-        for &(p, e, kind) in &pieces {
+        for &(p, e, kind) in pieces {
             match kind {
-                Kind::Data if sh.o.sparse_size > 0 => {
-                    sparse_runs(&b[p as usize..e as usize], global + p, sh.o.sparse_size, |s, t, z| {
-                        runs.push((p + s, p + t, if z { Kind::Zero } else { Kind::Data }))
+                Kind::Data | Kind::Mapped if sh.o.sparse_size > 0 => {
+                    let bytes = match (kind, window) {
+                        (Kind::Mapped, Some(w)) => &w[p as usize..e as usize],
+                        _ => &b[p as usize..e as usize],
+                    };
+                    sparse_runs(bytes, global + p, sh.o.sparse_size, |s, t, z| {
+                        runs.push((p + s, p + t, if z { Kind::Zero } else { kind }))
                     })
                 }
                 // `-S 0`: zeroes are written out as data.
@@ -452,13 +531,12 @@ async fn fill(
             r.2 = Kind::Skip;
         }
     }
-    Ok(b)
 }
 
 /// Write the runs of a chunk at `global` of the target: data from `b` (compressed when asked,
-/// one request per run of clusters so the format compresses them in parallel), zeroes with
-/// `write_zeroes` (unmap allowed). On error the copy is failed; the buffer comes back when
-/// the target handed it back.
+/// one request per run of clusters so the format compresses them in parallel) or from the
+/// file `window`, zeroes with `write_zeroes` (unmap allowed). On error the copy is failed; the
+/// buffer comes back when the target handed it back (a window not handed back is gone).
 /// Without `-W`, `turn` is set while this chunk holds the turn: it is passed on (and cleared)
 /// as soon as the chunk's last request has been issued, so the next chunk's writes are issued
 /// after all of this one's, in order, while the last one is still in flight (a compressed
@@ -466,12 +544,13 @@ async fn fill(
 async fn write_runs(
     sh: &Shared,
     target: &Backend,
-    global: u64,
-    len: u64,
+    c: Chunk,
     mut b: IoBuf,
+    window: &mut Option<IoBuf>,
     runs: &[Run],
     turn: &mut bool,
 ) -> Result<IoBuf, Option<IoBuf>> {
+    let Chunk { global, len, .. } = c;
     let last = runs.iter().rposition(|r| r.2 != Kind::Skip);
     if last.is_none() && *turn {
         *turn = false;
@@ -482,7 +561,7 @@ async fn write_runs(
         let (s, _, kind) = runs[i];
         // Data runs go out as one request; zero runs one by one as qemu-img writes them (a
         // partial-cluster zero write may allocate where a merged one would not).
-        let merge = kind == Kind::Data || kind == Kind::Skip || sh.o.compress.is_some();
+        let merge = matches!(kind, Kind::Data | Kind::Mapped | Kind::Skip) || sh.o.compress.is_some();
         let mut j = i;
         while merge && j + 1 < runs.len() && runs[j + 1].2 == kind {
             j += 1;
@@ -522,6 +601,22 @@ async fn write_runs(
                 };
                 b = back;
                 b.reset(len as usize);
+                d.res
+            }
+            Kind::Mapped => {
+                let mut w = window.take().expect("a mapped run has its window");
+                w.set_window(s as usize, (e - s) as usize);
+                let d = after_issue(target.write(at, w, WriteFlags::default()), hook).await;
+                if let Some(mut back) = d.buf {
+                    back.reset(len as usize);
+                    *window = Some(back);
+                }
+                // The kernel's copy out of a mapped page that cannot be read fails with EFAULT:
+                // a read error of the source.
+                if d.res.is_err_and(|e| e.0 == libc::EFAULT) {
+                    sh.fail(CopyError::Read(at, IoStatus::EIO));
+                    return Err(Some(b));
+                }
                 d.res
             }
         };
