@@ -12,6 +12,8 @@
 //!   zeroes and flags the window ([`crate::IoBuf::take_map_fault`]), so the owner can read that
 //!   range the ordinary way and report what that returns. A `SIGBUS` at any other address goes
 //!   to the disposition that was there before (by default, the process ends as it would have).
+//!   A program embedding Basalt that installs its own `SIGBUS` handler afterwards should pass
+//!   faults it does not recognise on to the one it replaced, as this one does.
 //!
 //! memmap2 cannot place a mapping at a chosen address (`MAP_FIXED`), so this uses libc
 //! directly. At most [`SLOTS`] windows exist at once (the handler looks them up in a fixed

@@ -4,7 +4,10 @@
 //!
 //! Each worker claims the next chunk (up to the buffer size, never across two sources), asks
 //! the source what it holds, reads only the data parts into its buffer, and writes the runs of
-//! data and zeroes it finds. Zero runs are skipped when the target is known to read as zeroes,
+//! data and zeroes it finds. Data the source keeps verbatim in a buffered host file (a raw
+//! image, the allocated clusters of a read-only qcow2) is not read at all: its pages are
+//! mapped into the worker's file window (`IoBuf::file_window`), scanned for zeroes there and
+//! written to the target from the page cache, one copy where a read and a write make two. Zero runs are skipped when the target is known to read as zeroes,
 //! else written with `write_zeroes` (unmap allowed). Without `-W` the writes are issued in
 //! order: a worker waits until every earlier chunk's writes have been issued (handed to the
 //! target, which allocates in that order) before issuing its own, so the target is laid out as
