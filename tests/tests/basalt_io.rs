@@ -698,8 +698,9 @@ fn aio_requests_are_in_flight_together() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).matches("read 512/512 bytes").count(), 3, "{}", stdout(&o));
     assert!(took < std::time::Duration::from_millis(3000), "took {took:?}");
-    // Each report measured its own latency.
-    assert_eq!(stdout(&o).matches("1 ops; 0:00:01.0").count(), 3, "{}", stdout(&o));
+    // Each report measured its own latency: 1 s and a bit on a loaded machine (1.23 s seen),
+    // where times counted from the first request would read 1, 2 and 3 s.
+    assert_eq!(stdout(&o).matches("1 ops; 0:00:01.").count(), 3, "{}", stdout(&o));
     // Requests still in flight at exit complete and report.
     let mut c = Command::new(tool("basalt-io"));
     c.args(["-c", "aio_read 0 512", "--image-opts", "driver=null-co,latency-ns=100000000"]);
