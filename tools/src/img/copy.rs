@@ -7,8 +7,9 @@
 //! data and zeroes it finds. Data the source keeps verbatim in a buffered host file (a raw
 //! image, the allocated clusters of a read-only qcow2) is not read at all: its pages are
 //! mapped into the worker's file window (`IoBuf::file_window`), scanned for zeroes there and
-//! written to the target from the page cache, one copy where a read and a write make two. Zero runs are skipped when the target is known to read as zeroes,
-//! else written with `write_zeroes` (unmap allowed). Without `-W` the writes are issued in
+//! written to the target from the page cache, one copy where a read and a write make two.
+//! Zero runs are skipped when the target is known to read as zeroes, else written with
+//! `write_zeroes` (unmap allowed). Without `-W` the writes are issued in
 //! order: a worker waits until every earlier chunk's writes have been issued (handed to the
 //! target, which allocates in that order) before issuing its own, so the target is laid out as
 //! qemu-img lays it out while the last write of a chunk overlaps the next chunk's.
@@ -610,10 +611,12 @@ async fn write_runs(
                 let mut w = window.take().expect("a mapped run has its window");
                 w.set_window(s as usize, (e - s) as usize);
                 let d = after_issue(target.write(at, w, WriteFlags::default()), hook).await;
-                if let Some(mut back) = d.buf {
-                    back.reset(len as usize);
-                    *window = Some(back);
-                }
+                let Some(mut back) = d.buf else {
+                    sh.fail(CopyError::Write(at, d.res.err().unwrap_or(IoStatus::EIO)));
+                    return Err(Some(b));
+                };
+                back.reset(len as usize);
+                *window = Some(back);
                 // The kernel's copy out of a mapped page that cannot be read fails with EFAULT:
                 // a read error of the source.
                 if d.res.is_err_and(|e| e.0 == libc::EFAULT) {
