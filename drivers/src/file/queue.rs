@@ -75,11 +75,12 @@ impl FileQueue {
                 let ptr = buf.as_mut_ptr() as usize;
                 let n = buf.len();
                 let lane = (write && self.s.buffered_file).then_some(&self.s.lane);
-                let s = lane.is_some().then(|| self.s.clone());
+                // Only a large write in the lane holds the file's state, to allocate first.
+                let s = (lane.is_some() && n >= ALLOCATE_FROM).then(|| self.s.clone());
                 let f = blocking_maybe_in(
                     lane,
                     move || {
-                        if let Some(s) = s.filter(|s| n >= ALLOCATE_FROM && s.allocate_first.load(Ordering::Relaxed)) {
+                        if let Some(s) = s.filter(|s| s.allocate_first.load(Ordering::Relaxed)) {
                             allocate_first(&s, off, n as u64);
                         }
                         let mut done = 0usize;
